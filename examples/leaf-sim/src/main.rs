@@ -1,0 +1,239 @@
+//! `leaf-sim`: runs one simulated leaf device on a pty or a TCP port until SIGINT/SIGTERM.
+//!
+//! Only argument parsing and the run loop live here; the device is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use otagw_leaf_sim::{Faults, Mode, Protocol, PtySim, SimHandle, TcpSim, XmodemSimConfig};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser, Debug)]
+#[command(name = "leaf-sim", about = "Simulated leaf devices for otagw")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The device side of XMODEM / XMODEM-1K / YMODEM.
+    Xmodem(XmodemArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct XmodemArgs {
+    /// Serve on a new pseudo-terminal (prints `pty: /dev/pts/N`).
+    #[arg(long, conflicts_with = "tcp", required_unless_present = "tcp")]
+    pty: bool,
+    /// Serve on a TCP address (prints `tcp: ADDR`), e.g. 127.0.0.1:0.
+    #[arg(long)]
+    tcp: Option<String>,
+    #[arg(long, value_enum, default_value = "xmodem")]
+    protocol: ProtocolArg,
+    #[arg(long, value_enum, default_value = "crc")]
+    mode: ModeArg,
+    /// Bytes that enter the bootloader from application mode (escapes: \r \n \xNN \\).
+    #[arg(long)]
+    enter_command: Option<String>,
+    /// The running firmware version.
+    #[arg(long, default_value = "1.0.0")]
+    version: String,
+    /// Bytes that make the application answer its version (escapes as above).
+    #[arg(long)]
+    version_command: Option<String>,
+    /// A fault: drop=K:N, corrupt=K, nak=K, stall=K, disconnect=K, cancel=K (repeatable).
+    #[arg(long = "fault")]
+    faults: Vec<String>,
+    /// Milliseconds between start polls.
+    #[arg(long, default_value_t = 500)]
+    poll_ms: u64,
+    /// Milliseconds the receiver waits inside or for a block before NAKing.
+    #[arg(long, default_value_t = 1000)]
+    block_timeout_ms: u64,
+    /// Write each received image here (overwritten by the next one).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ProtocolArg {
+    Xmodem,
+    Ymodem,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModeArg {
+    Crc,
+    Crc128,
+    Checksum,
+}
+
+/// Decodes `\r`, `\n`, `\t`, `\\`, `\0` and `\xNN` in a command-line byte string.
+fn unescape(s: &str) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            let mut buf = [0; 4];
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            continue;
+        }
+        match chars.next() {
+            Some('r') => out.push(b'\r'),
+            Some('n') => out.push(b'\n'),
+            Some('t') => out.push(b'\t'),
+            Some('0') => out.push(0),
+            Some('\\') => out.push(b'\\'),
+            Some('x') => {
+                let hex: String = chars.by_ref().take(2).collect();
+                let byte = u8::from_str_radix(&hex, 16)
+                    .with_context(|| format!("bad \\x escape `\\x{hex}` in `{s}`"))?;
+                out.push(byte);
+            }
+            other => anyhow::bail!("unknown escape `\\{}` in `{s}`", other.unwrap_or(' ')),
+        }
+    }
+    Ok(out)
+}
+
+fn config(args: &XmodemArgs) -> anyhow::Result<XmodemSimConfig> {
+    let mut faults = Faults::default();
+    for spec in &args.faults {
+        faults.add(spec)?;
+    }
+    Ok(XmodemSimConfig {
+        protocol: match args.protocol {
+            ProtocolArg::Xmodem => Protocol::Xmodem,
+            ProtocolArg::Ymodem => Protocol::Ymodem,
+        },
+        mode: match args.mode {
+            ModeArg::Crc => Mode::Crc,
+            ModeArg::Crc128 => Mode::Crc128,
+            ModeArg::Checksum => Mode::Checksum,
+        },
+        enter_command: args.enter_command.as_deref().map(unescape).transpose()?,
+        version: args.version.clone(),
+        version_command: args.version_command.as_deref().map(unescape).transpose()?,
+        poll_interval: Duration::from_millis(args.poll_ms),
+        block_timeout: Duration::from_millis(args.block_timeout_ms),
+        faults,
+        ..XmodemSimConfig::default()
+    })
+}
+
+async fn run(args: XmodemArgs) -> anyhow::Result<()> {
+    let cfg = config(&args)?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let (pty, tcp) = match &args.tcp {
+        Some(addr) => {
+            let sim = TcpSim::bind(addr.as_str(), cfg)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            println!("tcp: {}", sim.local_addr());
+            (None, Some(sim))
+        }
+        None => {
+            let sim = PtySim::spawn(cfg).context("opening a pty")?;
+            println!("pty: {}", sim.path().display());
+            (Some(sim), None)
+        }
+    };
+    let handle: SimHandle = match (&pty, &tcp) {
+        (Some(p), _) => p.handle().clone(),
+        (_, Some(t)) => t.handle().clone(),
+        _ => unreachable!("one transport is always set"),
+    };
+    serve_until_signal(&handle, pty.as_ref(), args.out.as_deref(), &mut sigterm).await?;
+    if let Some(p) = pty {
+        p.shutdown().await;
+    }
+    if let Some(t) = tcp {
+        t.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Logs (and writes) images until a signal arrives or the pty device dies.
+async fn serve_until_signal(
+    handle: &SimHandle,
+    pty: Option<&PtySim>,
+    out: Option<&std::path::Path>,
+    sigterm: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
+    let dead = async {
+        match pty {
+            Some(p) => p.dead().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(dead);
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            () = &mut dead => {
+                tracing::warn!("the pty device stopped");
+                break;
+            }
+            image = handle.next_image() => {
+                tracing::info!(
+                    bytes = image.data.len(), name = ?image.name, blocks = image.blocks,
+                    naks = image.naks, version = %handle.version(), "image received"
+                );
+                if let Some(out) = out {
+                    tokio::fs::write(out, &image.data)
+                        .await
+                        .with_context(|| format!("writing {}", out.display()))?;
+                }
+            }
+            reason = handle.next_abort() => tracing::warn!(%reason, "transfer aborted"),
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Command::Xmodem(args) = cli.command;
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescape_decodes_escapes() {
+        assert_eq!(unescape(r"update\r").unwrap(), b"update\r");
+        assert_eq!(unescape(r"a\x1bb\n\\").unwrap(), b"a\x1bb\n\\");
+        assert!(unescape(r"\xZZ").is_err());
+        assert!(unescape(r"\q").is_err());
+    }
+}

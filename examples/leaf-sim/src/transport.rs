@@ -1,0 +1,297 @@
+//! Links a simulated device is reachable on: a real pseudo-terminal ([`PtySim`], the gateway
+//! opens its slave path like any serial port) and a TCP port ([`TcpSim`], like a ser2net serial
+//! device server in raw mode). Each runs the device of [`crate::xmodem`] in one tokio task that
+//! stops on [`PtySim::shutdown`] / [`TcpSim::shutdown`] or when the value is dropped.
+//!
+//! This module moves bytes and owns link lifetimes; it holds no protocol logic. It needs a
+//! tokio runtime (with I/O and time enabled) to construct.
+
+use std::ffi::OsString;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::pty::OpenptFlags;
+use rustix::termios::OptionalActions;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::unix::pipe;
+use tokio::net::{TcpListener, ToSocketAddrs};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::xmodem::device_serve_with;
+use crate::xmodem::{SessionEnd, SimHandle, XmodemSimConfig, serve};
+
+/// The task of a running simulator and how to stop it.
+#[derive(Debug)]
+struct Running {
+    device: SimHandle,
+    cancel: CancellationToken,
+    /// Cancelled when the task has ended (shutdown, or the link died).
+    ended: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    fn spawn<F>(device: SimHandle, run: impl FnOnce(SimHandle, CancellationToken) -> F) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let cancel = CancellationToken::new();
+        let ended = CancellationToken::new();
+        let fut = run(device.clone(), cancel.clone());
+        let guard = ended.clone().drop_guard();
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            fut.await;
+        });
+        Self {
+            device,
+            cancel,
+            ended,
+            task: Some(task),
+        }
+    }
+
+    async fn shutdown(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            // A panic of the device task is reported here rather than lost.
+            if let Err(e) = task.await
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A device on a pseudo-terminal. The device owns the master side; [`PtySim::path`] is the
+/// slave, which any number of openers (one at a time, as with a real port) can open, close and
+/// open again.
+///
+/// The pty is set raw (8 bit, no echo, no CR/NL translation). The simulator keeps one slave
+/// descriptor of its own open for its whole life, never reads it and never sets it exclusive:
+/// without it the master reads EIO whenever no one has the slave open. Because that keeps the
+/// tty alive, an exclusive flag (TIOCEXCL) left by an opener that died without clearing it would
+/// lock out every later non-root opener; the simulator clears it whenever bytes arrive.
+#[derive(Debug)]
+pub struct PtySim {
+    path: PathBuf,
+    running: Running,
+}
+
+impl PtySim {
+    /// Opens a pty pair and runs a device with `config` on its master side.
+    pub fn spawn(config: XmodemSimConfig) -> io::Result<Self> {
+        let master =
+            rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+        rustix::pty::grantpt(&master)?;
+        rustix::pty::unlockpt(&master)?;
+        let name = rustix::pty::ptsname(&master, Vec::new())?;
+        let path = PathBuf::from(OsString::from_vec(name.into_bytes()));
+        let slave = rustix::fs::open(
+            &path,
+            OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        )?;
+        let mut termios = rustix::termios::tcgetattr(&slave)?;
+        termios.make_raw();
+        rustix::termios::tcsetattr(&slave, OptionalActions::Now, &termios)?;
+        rustix::fs::fcntl_setfl(
+            &master,
+            rustix::fs::fcntl_getfl(&master)? | OFlags::NONBLOCK,
+        )?;
+        let slave = Arc::new(slave);
+        let link = PtyMaster::new(master, Arc::clone(&slave))?;
+        let log_path = path.display().to_string();
+        let running = Running::spawn(SimHandle::new(config), move |device, cancel| async move {
+            let unread = move || {
+                rustix::io::ioctl_fionread(&*slave)
+                    .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
+            };
+            let end = device_serve_with(&device, link, &cancel, Some(&unread)).await;
+            // `link` (the master) and the held slave are closed here.
+            tracing::info!(pty = %log_path, ?end, "pty device stopped");
+        });
+        tracing::info!(pty = %path.display(), "pty device started");
+        Ok(Self { path, running })
+    }
+
+    /// The slave device path, e.g. `/dev/pts/7`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The link URL the gateway's config takes, e.g. `serial:///dev/pts/7`.
+    pub fn url(&self) -> String {
+        format!("serial://{}", self.path.display())
+    }
+
+    /// What tests observe of the device.
+    pub fn handle(&self) -> &SimHandle {
+        &self.running.device
+    }
+
+    /// Whether the device has stopped (a `disconnect_after` fault closed the master, the link
+    /// failed, or it was shut down).
+    pub fn is_dead(&self) -> bool {
+        self.running.ended.is_cancelled()
+    }
+
+    /// Waits until the device has stopped (see [`PtySim::is_dead`]).
+    pub async fn dead(&self) {
+        self.running.ended.cancelled().await;
+    }
+
+    /// Stops the device and closes the pty.
+    pub async fn shutdown(self) {
+        self.running.shutdown().await;
+    }
+}
+
+/// The master side of the pty as an async byte stream: two descriptors of the master, one
+/// registered for reading and one for writing (tokio's pipe types drive any non-blocking fd).
+struct PtyMaster {
+    reader: pipe::Receiver,
+    writer: pipe::Sender,
+    slave: Arc<OwnedFd>,
+}
+
+impl PtyMaster {
+    fn new(master: OwnedFd, slave: Arc<OwnedFd>) -> io::Result<Self> {
+        let writer = pipe::Sender::from_owned_fd_unchecked(master.try_clone()?)?;
+        let reader = pipe::Receiver::from_owned_fd_unchecked(master)?;
+        Ok(Self {
+            reader,
+            writer,
+            slave,
+        })
+    }
+}
+
+impl AsyncRead for PtyMaster {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match ready!(Pin::new(&mut self.reader).poll_read(cx, buf)) {
+            Ok(()) => {
+                if buf.filled().len() > before {
+                    // See `PtySim`: a stale exclusive flag must not lock out the next opener.
+                    let _ = rustix::termios::ioctl_tiocnxcl(&*self.slave);
+                }
+                Poll::Ready(Ok(()))
+            }
+            // The slave side hung up: end of file.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => {
+                Poll::Ready(Ok(()))
+            }
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for PtyMaster {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.writer).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.writer).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A device behind a TCP port, like a serial device server in raw mode: each accepted
+/// connection is one device session, one at a time (later connections wait in the backlog).
+/// The device's one-shot faults and version persist across connections; each connection starts
+/// in application mode (or the bootloader when there is no enter command).
+#[derive(Debug)]
+pub struct TcpSim {
+    local_addr: SocketAddr,
+    running: Running,
+}
+
+impl TcpSim {
+    /// Binds `addr` (e.g. `127.0.0.1:0`) and serves a device with `config` there.
+    pub async fn bind(addr: impl ToSocketAddrs, config: XmodemSimConfig) -> io::Result<Self> {
+        Self::from_listener(TcpListener::bind(addr).await?, config)
+    }
+
+    /// Serves a device with `config` on an already bound listener.
+    pub fn from_listener(listener: TcpListener, config: XmodemSimConfig) -> io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        let running = Running::spawn(SimHandle::new(config), move |device, cancel| async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = cancel.cancelled() => break,
+                    r = listener.accept() => r,
+                };
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                tracing::info!(%peer, "tcp device session started");
+                let end = serve(&device, stream, &cancel).await;
+                tracing::info!(%peer, ?end, "tcp device session ended");
+                if matches!(end, SessionEnd::Shutdown) {
+                    break;
+                }
+            }
+        });
+        tracing::info!(%local_addr, "tcp device listening");
+        Ok(Self {
+            local_addr,
+            running,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The link URL the gateway's config takes, e.g. `tcp://127.0.0.1:4001`.
+    pub fn url(&self) -> String {
+        format!("tcp://{}", self.local_addr)
+    }
+
+    /// What tests observe of the device.
+    pub fn handle(&self) -> &SimHandle {
+        &self.running.device
+    }
+
+    /// Stops listening and ends the current session.
+    pub async fn shutdown(self) {
+        self.running.shutdown().await;
+    }
+}

@@ -1,0 +1,39 @@
+//! `otagw identify`: read the running version of one leaf.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::{PluginArgs, parse_option};
+
+#[derive(Debug, Args)]
+pub struct IdentifyArgs {
+    /// Device family (the plugin's name).
+    #[arg(long)]
+    pub family: String,
+    /// Link to the device: serial:///dev/ttyUSB0?baud=115200 or tcp://host:port.
+    #[arg(long)]
+    pub link: String,
+    /// Device option for the plugin, key=value (repeatable).
+    #[arg(long = "option", short = 'o', value_parser = parse_option)]
+    pub options: Vec<(String, String)>,
+    #[command(flatten)]
+    pub plugins: PluginArgs,
+}
+
+pub async fn run(a: IdentifyArgs) -> anyhow::Result<ExitCode> {
+    let host = a.plugins.load().await?;
+    match crate::flash::identify(&host, &a.family, &a.link, &a.options).await {
+        Ok(d) => {
+            println!("version {}", d.version);
+            if let Some(m) = d.model {
+                println!("model {m}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: identify {} failed: {e}", a.link);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The `otagw` command line: one file per subcommand (CONVENTIONS 14).
+
+pub mod flash;
+pub mod identify;
+pub mod plugins;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::plugin::{Limits, PluginHost};
+
+/// otagw: OTA edge gateway for leaf devices behind serial, TCP and BLE links.
+#[derive(Debug, Parser)]
+#[command(name = "otagw", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Flash one leaf by hand, without any cloud.
+    Flash(flash::FlashArgs),
+    /// Read the running version of one leaf.
+    Identify(identify::IdentifyArgs),
+    /// List the plugins in a directory and what is wrong with the broken ones.
+    Plugins(plugins::PluginsArgs),
+}
+
+/// Where plugins live and how they are bounded: shared by every subcommand
+/// that runs plugins.
+#[derive(Debug, Args)]
+pub struct PluginArgs {
+    /// Directory of device-family plugins (*.wasm).
+    #[arg(long, env = "OTAGW_PLUGINS_DIR", default_value = "/etc/otagw/plugins")]
+    pub plugins_dir: PathBuf,
+    /// Directory for compiled plugins; compiling again is skipped when it holds them.
+    #[arg(
+        long,
+        env = "OTAGW_CACHE_DIR",
+        default_value = "/var/lib/otagw/compiled"
+    )]
+    pub cache_dir: PathBuf,
+    /// Memory one plugin instance may use, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub plugin_memory_mib: usize,
+    /// Seconds a plugin may compute without calling the host.
+    #[arg(long, default_value_t = 5)]
+    pub plugin_cpu_secs: u64,
+    /// Seconds a whole job may take.
+    #[arg(long, default_value_t = 3600)]
+    pub job_deadline_secs: u64,
+}
+
+impl PluginArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            memory: self.plugin_memory_mib << 20,
+            cpu: std::time::Duration::from_secs(self.plugin_cpu_secs),
+            job: std::time::Duration::from_secs(self.job_deadline_secs),
+            ..Limits::default()
+        }
+    }
+
+    /// Build the host and load the plugins directory, reporting broken plugins.
+    pub async fn load(&self) -> anyhow::Result<PluginHost> {
+        let cache = match std::fs::create_dir_all(&self.cache_dir) {
+            Ok(()) => Some(self.cache_dir.clone()),
+            Err(e) => {
+                tracing::warn!(dir = %self.cache_dir.display(), "no compile cache ({e}); plugins are compiled on every start");
+                None
+            }
+        };
+        let host = PluginHost::new(self.limits(), cache)?;
+        let report = host.load_dir(&self.plugins_dir).await?;
+        for e in &report.failed {
+            eprintln!("warning: {e}");
+        }
+        Ok(host)
+    }
+}
+
+/// Parse `key=value` (values may contain '=').
+pub fn parse_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+/// The whole `otagw` program after the runtime is up: parse `args`, run,
+/// and map the outcome to an exit status (64 for a usage or setup error).
+pub async fn main_with_args<I, T>(args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                std::process::ExitCode::from(64)
+            } else {
+                std::process::ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(64)
+        }
+    }
+}
+
+/// Run a parsed command; the process exit status is the result.
+pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Flash(a) => flash::run(a).await,
+        Command::Identify(a) => identify::run(a).await,
+        Command::Plugins(a) => plugins::run(a).await,
+    }
+}

@@ -1,0 +1,68 @@
+//! One flashing job on one leaf: verify the image, open the link, flash, read
+//! the version back. `otagw flash` runs exactly this, and so will the daemon.
+//!
+//! The image is verified before the link is opened, so a rejected image never
+//! touches the device.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::link::Link;
+use crate::plugin::{
+    DeviceInfo, FlashError, FlashReport, ImageInfo, ImageSource, JobMeta, PluginError, PluginHost,
+};
+use crate::progress::JobEvent;
+
+/// What a successful job did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlashOutcome {
+    pub image: ImageInfo,
+    pub report: FlashReport,
+    /// The version read back from the device; `None` when the family cannot
+    /// read versions (`identify` answered unsupported).
+    pub device: Option<DeviceInfo>,
+}
+
+/// Run verify → flash → identify with `family`'s plugin on the device at `link_url`.
+pub async fn flash(
+    host: &PluginHost,
+    family: &str,
+    link_url: &str,
+    image: Arc<dyn ImageSource>,
+    meta: &JobMeta,
+    events: Option<mpsc::UnboundedSender<JobEvent>>,
+) -> Result<FlashOutcome, PluginError> {
+    let mut session = host.session(family, events).await?;
+    let info = session.verify(image.clone(), meta).await?;
+    let link = Link::open(link_url).await?;
+    let (link, report) = session.flash(link, image, meta).await;
+    let report = report?;
+    let (_link, identified) = session.identify(link, &meta.options).await;
+    let device = match identified {
+        Ok(d) => Some(d),
+        Err(PluginError::Failed {
+            error: FlashError::Unsupported(_),
+            ..
+        }) => None,
+        Err(e) => return Err(e),
+    };
+    Ok(FlashOutcome {
+        image: info,
+        report,
+        device,
+    })
+}
+
+/// Read the running version of the device at `link_url`.
+pub async fn identify(
+    host: &PluginHost,
+    family: &str,
+    link_url: &str,
+    options: &[(String, String)],
+) -> Result<DeviceInfo, PluginError> {
+    let mut session = host.session(family, None).await?;
+    let link = Link::open(link_url).await?;
+    let (_link, r) = session.identify(link, options).await;
+    r
+}

@@ -1,0 +1,482 @@
+//! Links: the byte pipes between the gateway and its leaf devices.
+//!
+//! A [`Link`] is opened from a URL (`serial:///dev/ttyUSB0?baud=115200`,
+//! `tcp://10.0.0.7:4001`) and offers what the plugin contract's `link` resource
+//! offers: write, read with a timeout, drain, serial settings, modem lines. It
+//! knows no device protocol. A transport that cannot honour a setting answers
+//! [`LinkError::Unsupported`], never a panic: plugins decide whether that matters.
+//!
+//! Each transport implements [`Transport`]; a Bluetooth LE transport (or a fake
+//! of one, where no radio exists) plugs in behind the same trait.
+
+mod serial;
+mod tcp;
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The physical kind of a link, as the contract names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    Serial,
+    Tcp,
+    Ble,
+}
+
+/// Parity of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parity {
+    None,
+    Odd,
+    Even,
+}
+
+/// Stop bits of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopBits {
+    One,
+    Two,
+}
+
+/// Line settings of a serial port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SerialConfig {
+    pub baud: u32,
+    pub data_bits: u8,
+    pub parity: Parity,
+    pub stop_bits: StopBits,
+}
+
+impl Default for SerialConfig {
+    fn default() -> Self {
+        Self {
+            baud: 115_200,
+            data_bits: 8,
+            parity: Parity::None,
+            stop_bits: StopBits::One,
+        }
+    }
+}
+
+/// Why a link could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("bad link URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot open {link}: {source}")]
+    Open {
+        link: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{link}: {what} is not supported on this link ({reason})")]
+    Unsupported {
+        link: String,
+        what: String,
+        reason: String,
+    },
+    #[error("{link}: connection closed by the device")]
+    Closed { link: String },
+    #[error("{link}: {op} failed: {source}")]
+    Io {
+        link: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One transport's side of a link: a byte stream plus the line controls it has.
+///
+/// Implementations must not block in `configure`/`set_lines` for long; they are
+/// `ioctl`s on a serial port and refusals elsewhere.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Apply serial settings. Default: not a serial port.
+    fn configure(&mut self, _config: &SerialConfig) -> Result<(), String> {
+        Err("not a serial port".into())
+    }
+    /// Set the DTR and RTS lines. Default: there are none.
+    fn set_lines(&mut self, _dtr: bool, _rts: bool) -> Result<(), String> {
+        Err("the link has no modem lines".into())
+    }
+}
+
+/// A link to one leaf device.
+pub struct Link {
+    name: String,
+    kind: LinkKind,
+    mtu: u32,
+    io: Box<dyn Transport>,
+    /// Bytes read from the transport and not yet handed out.
+    pending: Vec<u8>,
+    /// Settings from the URL: these win over a plugin's defaults.
+    url_serial: Option<PartialSerial>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serial settings named in a link URL; each absent one falls back to the
+/// plugin's default and then to 115200 8N1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartialSerial {
+    pub baud: Option<u32>,
+    pub data_bits: Option<u8>,
+    pub parity: Option<Parity>,
+    pub stop_bits: Option<StopBits>,
+}
+
+impl PartialSerial {
+    /// Fill the gaps from `base`.
+    pub fn over(&self, base: SerialConfig) -> SerialConfig {
+        SerialConfig {
+            baud: self.baud.unwrap_or(base.baud),
+            data_bits: self.data_bits.unwrap_or(base.data_bits),
+            parity: self.parity.unwrap_or(base.parity),
+            stop_bits: self.stop_bits.unwrap_or(base.stop_bits),
+        }
+    }
+}
+
+/// A parsed link URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkUrl {
+    Serial {
+        path: String,
+        settings: PartialSerial,
+    },
+    Tcp {
+        host: String,
+        port: u16,
+    },
+}
+
+/// The largest chunk handed to a byte-stream transport in one write.
+const STREAM_MTU: u32 = 4096;
+/// The largest read the contract allows in one call.
+pub const MAX_READ: usize = 65_536;
+
+impl LinkUrl {
+    /// Parse `serial:///dev/ttyUSB0?baud=115200&parity=even&data_bits=8&stop_bits=1`
+    /// or `tcp://host:port`.
+    pub fn parse(s: &str) -> Result<Self, LinkError> {
+        let bad = |reason: String| LinkError::BadUrl {
+            url: s.to_string(),
+            reason,
+        };
+        let url = url::Url::parse(s).map_err(|e| bad(e.to_string()))?;
+        match url.scheme() {
+            "serial" => {
+                let path = url.path().to_string();
+                if path.is_empty() || path == "/" {
+                    return Err(bad("no device path (serial:///dev/ttyUSB0)".into()));
+                }
+                let mut settings = PartialSerial::default();
+                for (k, v) in url.query_pairs() {
+                    match &*k {
+                        "baud" => {
+                            settings.baud = Some(v.parse().map_err(|_| {
+                                bad(format!("baud {v:?} is not a number of bits per second"))
+                            })?)
+                        }
+                        "data_bits" => {
+                            settings.data_bits = Some(match &*v {
+                                "5" => 5,
+                                "6" => 6,
+                                "7" => 7,
+                                "8" => 8,
+                                _ => return Err(bad(format!("data_bits {v:?} is not 5..8"))),
+                            })
+                        }
+                        "parity" => {
+                            settings.parity = Some(match &*v {
+                                "none" | "n" | "N" => Parity::None,
+                                "odd" | "o" | "O" => Parity::Odd,
+                                "even" | "e" | "E" => Parity::Even,
+                                _ => {
+                                    return Err(bad(format!(
+                                        "parity {v:?} is not none, odd or even"
+                                    )));
+                                }
+                            })
+                        }
+                        "stop_bits" => {
+                            settings.stop_bits = Some(match &*v {
+                                "1" => StopBits::One,
+                                "2" => StopBits::Two,
+                                _ => return Err(bad(format!("stop_bits {v:?} is not 1 or 2"))),
+                            })
+                        }
+                        other => {
+                            return Err(bad(format!(
+                                "unknown setting {other:?} (baud, data_bits, parity, stop_bits)"
+                            )));
+                        }
+                    }
+                }
+                Ok(LinkUrl::Serial { path, settings })
+            }
+            "tcp" => {
+                let host = url
+                    .host_str()
+                    .ok_or_else(|| bad("no host (tcp://host:port)".into()))?
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string();
+                let port = url
+                    .port()
+                    .ok_or_else(|| bad("no port (tcp://host:port)".into()))?;
+                if url.query().is_some() || !matches!(url.path(), "" | "/") {
+                    return Err(bad("a tcp link takes no path or settings".into()));
+                }
+                Ok(LinkUrl::Tcp { host, port })
+            }
+            other => Err(bad(format!(
+                "unknown scheme {other:?} (serial:// or tcp://)"
+            ))),
+        }
+    }
+}
+
+impl Link {
+    /// Open the link a URL names.
+    pub async fn open(url: &str) -> Result<Link, LinkError> {
+        match LinkUrl::parse(url)? {
+            LinkUrl::Serial { path, settings } => {
+                let initial = settings.over(SerialConfig::default());
+                let t = serial::open(&path, &initial).map_err(|source| LinkError::Open {
+                    link: url.to_string(),
+                    source,
+                })?;
+                let mut link =
+                    Link::new(url.to_string(), LinkKind::Serial, STREAM_MTU, Box::new(t));
+                link.url_serial = Some(settings);
+                Ok(link)
+            }
+            LinkUrl::Tcp { host, port } => {
+                let t = tcp::connect(&host, port)
+                    .await
+                    .map_err(|source| LinkError::Open {
+                        link: url.to_string(),
+                        source,
+                    })?;
+                Ok(Link::new(
+                    url.to_string(),
+                    LinkKind::Tcp,
+                    STREAM_MTU,
+                    Box::new(t),
+                ))
+            }
+        }
+    }
+
+    /// Wrap a transport (also how tests and a BLE adapter build links).
+    pub fn new(name: String, kind: LinkKind, mtu: u32, io: Box<dyn Transport>) -> Link {
+        Link {
+            name,
+            kind,
+            mtu,
+            io,
+            pending: Vec::new(),
+            url_serial: None,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn kind(&self) -> LinkKind {
+        self.kind
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    /// Apply a plugin's default serial settings, with the URL's settings winning.
+    /// A no-op on links that are not serial ports.
+    pub fn apply_defaults(&mut self, defaults: SerialConfig) -> Result<(), LinkError> {
+        match self.url_serial {
+            Some(url) => self.configure(&url.over(defaults)),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), LinkError> {
+        let r = async {
+            self.io.write_all(data).await?;
+            self.io.flush().await
+        }
+        .await;
+        r.map_err(|e| self.io_error("write", e))
+    }
+
+    /// Read at most `max` bytes, waiting at most `timeout` for the first.
+    /// Empty when nothing arrived in time.
+    pub async fn read(&mut self, max: usize, timeout: Duration) -> Result<Vec<u8>, LinkError> {
+        let max = max.clamp(1, MAX_READ);
+        if self.pending.is_empty() {
+            let mut buf = vec![0u8; max];
+            match tokio::time::timeout(timeout, self.io.read(&mut buf)).await {
+                Err(_elapsed) => return Ok(Vec::new()),
+                Ok(Ok(0)) => {
+                    return Err(LinkError::Closed {
+                        link: self.name.clone(),
+                    });
+                }
+                Ok(Ok(n)) => {
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+                Ok(Err(e)) => return Err(self.io_error("read", e)),
+            }
+        }
+        let n = max.min(self.pending.len());
+        Ok(self.pending.drain(..n).collect())
+    }
+
+    /// Discard every byte received and not yet read; returns how many.
+    pub async fn drain(&mut self) -> Result<u32, LinkError> {
+        let mut dropped = self.pending.len();
+        self.pending.clear();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            // Whatever is already buffered by the OS is returned at once; a short
+            // grace lets bytes in flight on a fast line land too.
+            match tokio::time::timeout(Duration::from_millis(5), self.io.read(&mut buf)).await {
+                Err(_) => break,
+                Ok(Ok(0)) => {
+                    return Err(LinkError::Closed {
+                        link: self.name.clone(),
+                    });
+                }
+                Ok(Ok(n)) => dropped += n,
+                Ok(Err(e)) => return Err(self.io_error("drain", e)),
+            }
+        }
+        Ok(u32::try_from(dropped).unwrap_or(u32::MAX))
+    }
+
+    pub fn configure(&mut self, config: &SerialConfig) -> Result<(), LinkError> {
+        self.io
+            .configure(config)
+            .map_err(|reason| LinkError::Unsupported {
+                link: self.name.clone(),
+                what: format!(
+                    "serial settings {} {}{}{}",
+                    config.baud,
+                    config.data_bits,
+                    match config.parity {
+                        Parity::None => 'N',
+                        Parity::Odd => 'O',
+                        Parity::Even => 'E',
+                    },
+                    match config.stop_bits {
+                        StopBits::One => '1',
+                        StopBits::Two => '2',
+                    }
+                ),
+                reason,
+            })
+    }
+
+    pub fn set_lines(&mut self, dtr: bool, rts: bool) -> Result<(), LinkError> {
+        self.io
+            .set_lines(dtr, rts)
+            .map_err(|reason| LinkError::Unsupported {
+                link: self.name.clone(),
+                what: format!("DTR={} RTS={}", dtr as u8, rts as u8),
+                reason,
+            })
+    }
+
+    fn io_error(&self, op: &'static str, e: std::io::Error) -> LinkError {
+        use std::io::ErrorKind::*;
+        // A pty whose other side went away answers EIO; sockets say reset/broken pipe.
+        let gone = matches!(
+            e.kind(),
+            BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof | NotConnected
+        ) || e.raw_os_error() == Some(5);
+        if gone {
+            LinkError::Closed {
+                link: self.name.clone(),
+            }
+        } else {
+            LinkError::Io {
+                link: self.name.clone(),
+                op,
+                source: e,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_serial_urls_with_settings() {
+        let u = LinkUrl::parse("serial:///dev/ttyUSB0?baud=57600&parity=even&stop_bits=2").unwrap();
+        assert_eq!(
+            u,
+            LinkUrl::Serial {
+                path: "/dev/ttyUSB0".into(),
+                settings: PartialSerial {
+                    baud: Some(57600),
+                    data_bits: None,
+                    parity: Some(Parity::Even),
+                    stop_bits: Some(StopBits::Two),
+                }
+            }
+        );
+        let LinkUrl::Serial { settings, .. } = u else {
+            unreachable!()
+        };
+        let full = settings.over(SerialConfig::default());
+        assert_eq!(full.data_bits, 8);
+        assert_eq!(full.baud, 57600);
+    }
+
+    #[test]
+    fn parses_tcp_urls() {
+        assert_eq!(
+            LinkUrl::parse("tcp://127.0.0.1:4001").unwrap(),
+            LinkUrl::Tcp {
+                host: "127.0.0.1".into(),
+                port: 4001
+            }
+        );
+        assert_eq!(
+            LinkUrl::parse("tcp://[::1]:23").unwrap(),
+            LinkUrl::Tcp {
+                host: "::1".into(),
+                port: 23
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_bad_urls_with_a_reason() {
+        for (url, needle) in [
+            ("serial:///dev/ttyS0?baud=fast", "baud"),
+            ("serial:///dev/ttyS0?parity=mark", "parity"),
+            ("serial:///dev/ttyS0?flow=hw", "unknown setting"),
+            ("serial://", "no device path"),
+            ("tcp://host", "no port"),
+            ("ble://aa:bb", "unknown scheme"),
+            ("/dev/ttyUSB0", "bad link URL"),
+        ] {
+            let err = LinkUrl::parse(url).unwrap_err().to_string();
+            assert!(err.contains(needle), "{url}: {err}");
+        }
+    }
+}

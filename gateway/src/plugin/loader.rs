@@ -1,0 +1,291 @@
+//! Loading plugins: read a `*.wasm`, compile it (or load the compiled form
+//! from the on-disk cache), check the contract it was built for and what it
+//! imports, pre-link it, ask it to `describe` itself, and register it by family.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+use wasmtime::component::{Component, types::ComponentItem};
+
+use super::bindings::{self, CONTRACT_VERSION, PLUGIN_EXPORT};
+use super::{LoadedPlugin, PluginError, PluginHost, family_from_wit};
+
+/// Where a plugin's machine code came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadedFrom {
+    /// Compiled now (and written to the cache, when there is one).
+    Compiled,
+    /// Loaded from the compile cache.
+    Cache,
+}
+
+/// What loading a plugins directory did.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub loaded: Vec<Arc<LoadedPlugin>>,
+    pub failed: Vec<PluginError>,
+}
+
+/// Interfaces a plugin may import: the contract's and those Rust std pulls in.
+const ALLOWED_IMPORTS: &[&str] = &[
+    "otagw:plugin/types@0.1.0",
+    "otagw:plugin/host@0.1.0",
+    "wasi:io/",
+    "wasi:cli/",
+];
+
+/// How long `describe` may take at load time.
+const DESCRIBE_DEADLINE: Duration = Duration::from_secs(5);
+
+impl PluginHost {
+    /// Load every `*.wasm` in `dir` (not recursive), in name order. Broken
+    /// plugins are reported and skipped; the others load.
+    pub async fn load_dir(&self, dir: &Path) -> Result<LoadReport, PluginError> {
+        let mut paths = Vec::new();
+        let entries = std::fs::read_dir(dir).map_err(|source| PluginError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| PluginError::Read {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "wasm") && path.is_file() {
+                paths.push(path);
+            }
+        }
+        paths.sort();
+        let mut report = LoadReport::default();
+        for path in paths {
+            match self.load_file(&path).await {
+                Ok(p) => {
+                    tracing::info!(
+                        family = %p.info.name,
+                        version = %p.info.version,
+                        path = %p.path.display(),
+                        from = ?p.loaded_from,
+                        ms = p.load_time.as_secs_f64() * 1e3,
+                        "plugin loaded"
+                    );
+                    report.loaded.push(p);
+                }
+                Err(e) => {
+                    tracing::error!("{e}; skipped");
+                    report.failed.push(e);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Load one plugin file and register it under the family it describes.
+    pub async fn load_file(&self, path: &Path) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let started = Instant::now();
+        let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let (component, loaded_from) = self.component(path, &bytes, &sha256).await?;
+        self.check_contract(path, &component)?;
+
+        let pre = self
+            .linker()
+            .instantiate_pre(&component)
+            .and_then(bindings::DeviceFamilyPre::new)
+            .map_err(|e| PluginError::Instantiate {
+                path: path.to_path_buf(),
+                reason: format!("{e:#}"),
+            })?;
+
+        let info = self.describe(path, &pre).await?;
+        let plugin = LoadedPlugin {
+            info,
+            path: path.to_path_buf(),
+            sha256,
+            loaded_from,
+            load_time: started.elapsed(),
+            pre,
+        };
+        self.register(plugin)
+    }
+
+    /// The compiled component, from the cache when it is there.
+    async fn component(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        sha256: &str,
+    ) -> Result<(Component, LoadedFrom), PluginError> {
+        let cached = self.cache_dir().map(|d| d.join(self.cache_name(sha256)));
+        if let Some(file) = cached.as_ref().filter(|f| f.is_file()) {
+            match load_precompiled(self.engine(), file) {
+                Ok(c) => return Ok((c, LoadedFrom::Cache)),
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), "compile cache entry unusable ({e:#}); recompiling");
+                    let _ = std::fs::remove_file(file);
+                }
+            }
+        }
+        let engine = self.engine().clone();
+        let owned = bytes.to_vec();
+        let compiled = tokio::task::spawn_blocking(move || {
+            let c = Component::new(&engine, &owned)?;
+            let serialized = c.serialize()?;
+            wasmtime::Result::<(Component, Vec<u8>)>::Ok((c, serialized))
+        })
+        .await
+        .map_err(|e| PluginError::Engine(e.to_string()))?;
+        let (component, serialized) = compiled.map_err(|e| PluginError::Malformed {
+            path: path.to_path_buf(),
+            reason: format!("{e:#}"),
+        })?;
+        if let Some(file) = cached
+            && let Err(e) = write_atomically(&file, &serialized)
+        {
+            tracing::warn!(file = %file.display(), "cannot write the compile cache: {e}");
+        }
+        Ok((component, LoadedFrom::Compiled))
+    }
+
+    /// Cache file name: the wasm's digest and the engine's compatibility hash,
+    /// so a different wasmtime or different settings never load stale code.
+    fn cache_name(&self, sha256: &str) -> String {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine().precompile_compatibility_hash().hash(&mut h);
+        format!("{sha256}-{:016x}.cwasm", h.finish())
+    }
+
+    /// Check, before instantiating anything, that the component exports this
+    /// contract version and imports nothing outside it.
+    fn check_contract(&self, path: &Path, component: &Component) -> Result<(), PluginError> {
+        let engine = self.engine();
+        let ty = component.component_type();
+        let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+        if !exports.iter().any(|n| n == PLUGIN_EXPORT) {
+            let other = exports
+                .iter()
+                .find(|n| n.starts_with("otagw:plugin/plugin"));
+            return Err(match other {
+                Some(found) => PluginError::Contract {
+                    path: path.to_path_buf(),
+                    found: found
+                        .trim_start_matches("otagw:plugin/plugin")
+                        .trim_start_matches('@')
+                        .to_string(),
+                    expected: CONTRACT_VERSION,
+                },
+                None => PluginError::Malformed {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "it exports no {PLUGIN_EXPORT} (exports: {})",
+                        if exports.is_empty() {
+                            "none".into()
+                        } else {
+                            exports.join(", ")
+                        }
+                    ),
+                },
+            });
+        }
+        let mut forbidden = Vec::new();
+        for (name, item) in ty.imports(engine) {
+            let allowed = matches!(item.ty, ComponentItem::ComponentInstance(_))
+                && ALLOWED_IMPORTS.iter().any(|a| name.starts_with(a));
+            if allowed {
+                continue;
+            }
+            if let Some(found) = name.strip_prefix("otagw:plugin/") {
+                return Err(PluginError::Contract {
+                    path: path.to_path_buf(),
+                    found: found.split('@').nth(1).unwrap_or(found).to_string(),
+                    expected: CONTRACT_VERSION,
+                });
+            }
+            forbidden.push(name.to_string());
+        }
+        if !forbidden.is_empty() {
+            return Err(PluginError::ForbiddenImport {
+                path: path.to_path_buf(),
+                imports: forbidden,
+            });
+        }
+        Ok(())
+    }
+
+    async fn describe(
+        &self,
+        path: &Path,
+        pre: &bindings::DeviceFamilyPre<super::PluginState>,
+    ) -> Result<super::FamilyInfo, PluginError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut store = self.new_store(&name, None);
+        let bad = |reason: String| PluginError::Describe {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let run = async {
+            let inst = pre.instantiate_async(&mut store).await?;
+            inst.otagw_plugin_plugin().call_describe(&mut store).await
+        };
+        let info = match tokio::time::timeout(DESCRIBE_DEADLINE, run).await {
+            Err(_) => {
+                return Err(bad(format!(
+                    "describe did not return within {DESCRIBE_DEADLINE:?}"
+                )));
+            }
+            Ok(Err(e)) => return Err(bad(format!("describe failed: {e:#}"))),
+            Ok(Ok(info)) => family_from_wit(info),
+        };
+        if info.contract != CONTRACT_VERSION {
+            return Err(PluginError::Contract {
+                path: path.to_path_buf(),
+                found: info.contract,
+                expected: CONTRACT_VERSION,
+            });
+        }
+        let valid = !info.name.is_empty()
+            && info.name.len() <= 64
+            && info
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !valid {
+            return Err(bad(format!(
+                "family name {:?} must be 1-64 lowercase letters, digits or '-'",
+                info.name
+            )));
+        }
+        Ok(info)
+    }
+}
+
+/// Load a component this gateway compiled into its own cache directory.
+#[allow(unsafe_code)]
+fn load_precompiled(engine: &wasmtime::Engine, file: &PathBuf) -> wasmtime::Result<Component> {
+    // SAFETY: `deserialize_file` trusts the file to be wasmtime's own output.
+    // Only this module writes the cache directory, always through a temporary
+    // file renamed into place (so a file is never seen half-written), and the
+    // name carries the engine's compatibility hash; wasmtime also checks the
+    // header against the engine. Whoever can write this directory can replace
+    // the plugins themselves, so the cache grants no new power.
+    unsafe { Component::deserialize_file(engine, file) }
+}
+
+fn write_atomically(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, file)
+}

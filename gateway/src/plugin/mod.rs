@@ -1,0 +1,737 @@
+//! The plugin host: runs device-family plugins (WebAssembly components) in a
+//! sandbox on wasmtime.
+//!
+//! - [`PluginHost`] owns the engine, the linker (the contract's `host` interface
+//!   and the bare `wasi:io`/`wasi:cli` std needs, nothing else) and the registry
+//!   of loaded families. Loading compiles a component once and caches the result
+//!   on disk, keyed by the wasm's sha256 and the engine's compatibility hash.
+//! - [`PluginSession`] is one job: a fresh Store from the family's cached
+//!   `InstancePre`, bounded in memory (a limiter), CPU (an epoch deadline that
+//!   the guest renews by calling the host) and wall time (a job deadline). A trap,
+//!   a limit or a deadline fails that session with a [`PluginError`] naming the
+//!   plugin and the reason; nothing else is affected.
+//!
+//! This module does not know where images come from or where links lead.
+
+pub mod bindings;
+pub mod host;
+mod loader;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use wasmtime::component::{Linker, Resource};
+use wasmtime::{Engine, Store, UpdateDeadline};
+
+use crate::link::{Link, LinkKind, SerialConfig};
+use crate::progress::JobEvent;
+use bindings::types as wit;
+pub use host::{FileImage, ImageHandle, ImageSource, PluginState};
+use host::{Stop, human_bytes};
+pub use loader::{LoadReport, LoadedFrom};
+
+/// Resource bounds of every plugin job. Each has a default fit for a gateway.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Linear memory one plugin instance may grow to.
+    pub memory: usize,
+    /// How long a plugin may compute without calling the host before it is
+    /// stopped (a spinning plugin is caught within this plus one tick).
+    pub cpu: Duration,
+    /// Wall time for a whole job (verify + flash + identify).
+    pub job: Duration,
+    /// Plugin instances alive at once (the pooling allocator's size).
+    pub max_instances: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory: 64 << 20,
+            cpu: Duration::from_secs(5),
+            job: Duration::from_secs(3600),
+            max_instances: 256,
+        }
+    }
+}
+
+/// How often the epoch ticks; the CPU limit is counted in these.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Why a plugin could not be loaded or a plugin job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("cannot read plugin {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("plugin {path} is not a valid component: {reason}")]
+    Malformed { path: PathBuf, reason: String },
+    #[error(
+        "plugin {path} is built for contract {found}, this gateway speaks otagw:plugin@{expected}"
+    )]
+    Contract {
+        path: PathBuf,
+        found: String,
+        expected: &'static str,
+    },
+    #[error("plugin {path} imports {}, which plugins may not use (only otagw:plugin/host, wasi:io and wasi:cli)", imports.join(", "))]
+    ForbiddenImport { path: PathBuf, imports: Vec<String> },
+    #[error("plugin {path} failed to start: {reason}")]
+    Instantiate { path: PathBuf, reason: String },
+    #[error("plugin {path} describes itself badly: {reason}")]
+    Describe { path: PathBuf, reason: String },
+    #[error("plugins {first} and {second} both claim family {family:?}")]
+    Duplicate {
+        family: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("no plugin for device family {0:?}")]
+    UnknownFamily(String),
+    #[error("the plugin engine could not be set up: {0}")]
+    Engine(String),
+    #[error(
+        "plugin {plugin} exceeded its memory limit of {limit} in {call} (it asked for {wanted} bytes)"
+    )]
+    Memory {
+        plugin: String,
+        call: &'static str,
+        limit: String,
+        wanted: usize,
+    },
+    #[error(
+        "plugin {plugin} ran for over {limit:?} without calling the host in {call}: stopped (CPU limit)"
+    )]
+    Cpu {
+        plugin: String,
+        call: &'static str,
+        limit: Duration,
+    },
+    #[error("plugin {plugin} did not finish {call} within the job deadline of {limit:?}")]
+    Deadline {
+        plugin: String,
+        call: &'static str,
+        limit: Duration,
+    },
+    #[error("plugin {plugin} trapped in {call}: {reason}")]
+    Trap {
+        plugin: String,
+        call: &'static str,
+        reason: String,
+    },
+    #[error("plugin {plugin} {call}: {error}")]
+    Failed {
+        plugin: String,
+        call: &'static str,
+        error: FlashError,
+    },
+    #[error("{0}")]
+    Link(#[from] crate::link::LinkError),
+}
+
+/// The plugin's own account of a failure (the contract's `flash-error`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlashError {
+    #[error("image rejected: {0}")]
+    Verify(String),
+    #[error("transfer failed: {0}")]
+    Transfer(String),
+    #[error("device error: {0}")]
+    Device(String),
+    #[error("device timeout: {0}")]
+    Timeout(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<wit::FlashError> for FlashError {
+    fn from(e: wit::FlashError) -> Self {
+        match e {
+            wit::FlashError::Verify(s) => FlashError::Verify(s),
+            wit::FlashError::Transfer(s) => FlashError::Transfer(s),
+            wit::FlashError::Device(s) => FlashError::Device(s),
+            wit::FlashError::Timeout(s) => FlashError::Timeout(s),
+            wit::FlashError::Unsupported(s) => FlashError::Unsupported(s),
+            wit::FlashError::Other(s) => FlashError::Other(s),
+        }
+    }
+}
+
+impl PluginError {
+    /// The upstream OTA step code this failure is reported with: -3 for an
+    /// image the plugin rejected, -4 for a device or transfer failure, -1 for
+    /// anything else (including a broken plugin).
+    pub fn step_code(&self) -> i32 {
+        match self {
+            PluginError::Failed { error, .. } => match error {
+                FlashError::Verify(_) => -3,
+                FlashError::Transfer(_) | FlashError::Device(_) | FlashError::Timeout(_) => -4,
+                FlashError::Unsupported(_) | FlashError::Other(_) => -1,
+            },
+            PluginError::Link(_) => -4,
+            _ => -1,
+        }
+    }
+}
+
+/// What a plugin says about itself (`describe`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyInfo {
+    pub name: String,
+    pub version: String,
+    pub contract: String,
+    pub description: String,
+    pub transports: Vec<LinkKind>,
+    pub default_serial: Option<SerialConfig>,
+}
+
+/// A loaded plugin: its description and a pre-linked, ready-to-instantiate component.
+pub struct LoadedPlugin {
+    pub info: FamilyInfo,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub loaded_from: LoadedFrom,
+    pub load_time: Duration,
+    pre: bindings::DeviceFamilyPre<PluginState>,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("info", &self.info)
+            .field("path", &self.path)
+            .field("loaded_from", &self.loaded_from)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Owns the engine and the registry of loaded plugins.
+pub struct PluginHost {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    limits: Limits,
+    cache_dir: Option<PathBuf>,
+    plugins: RwLock<BTreeMap<String, Arc<LoadedPlugin>>>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHost")
+            .field("limits", &self.limits)
+            .field("cache_dir", &self.cache_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PluginHost {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl PluginHost {
+    /// Set up the engine. `cache_dir` holds compiled plugins (created if
+    /// missing); `None` compiles every time.
+    pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        // Host calls are ~2.5x cheaper without the component-model-async machinery.
+        config.concurrency_support(false);
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        let n = limits.max_instances.max(1);
+        pool.total_component_instances(n)
+            .total_core_instances(n * 4)
+            .total_memories(n * 2)
+            .total_tables(n * 4)
+            .max_memories_per_component(4)
+            .max_tables_per_component(8)
+            .max_memory_size(limits.memory)
+            .total_stacks(n);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+
+        let mut linker = Linker::new(&engine);
+        add_wasi_std_interfaces(&mut linker).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        bindings::DeviceFamily::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir).map_err(|source| PluginError::Read {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = ticker_stop.clone();
+            std::thread::Builder::new()
+                .name("otagw-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| PluginError::Engine(format!("epoch thread: {e}")))?;
+        }
+
+        Ok(Self {
+            engine,
+            linker,
+            limits,
+            cache_dir,
+            plugins: RwLock::new(BTreeMap::new()),
+            ticker_stop,
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The plugin of a family.
+    pub fn get(&self, family: &str) -> Option<Arc<LoadedPlugin>> {
+        self.plugins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(family)
+            .cloned()
+    }
+
+    /// Every loaded plugin, by family name.
+    pub fn families(&self) -> Vec<Arc<LoadedPlugin>> {
+        self.plugins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Start a job with a family's plugin: a fresh, bounded Store and instance.
+    pub async fn session(
+        &self,
+        family: &str,
+        events: Option<mpsc::UnboundedSender<JobEvent>>,
+    ) -> Result<PluginSession, PluginError> {
+        let plugin = self
+            .get(family)
+            .ok_or_else(|| PluginError::UnknownFamily(family.to_string()))?;
+        PluginSession::start(self, plugin, events).await
+    }
+
+    fn new_store(
+        &self,
+        plugin: &str,
+        events: Option<mpsc::UnboundedSender<JobEvent>>,
+    ) -> Store<PluginState> {
+        let state = PluginState::new(
+            plugin.to_string(),
+            self.limits.memory,
+            events,
+            self.limits.job,
+        );
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s);
+        let cpu_ticks = (self.limits.cpu.as_millis() / TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut ctx| {
+            let st = ctx.data_mut();
+            st.ticks_without_host += 1;
+            if st.ticks_without_host > cpu_ticks {
+                st.stop = Some(Stop::Cpu);
+                return Err(wasmtime::Error::msg("CPU limit"));
+            }
+            // Yield so a busy plugin never holds a runtime thread for long.
+            Ok(UpdateDeadline::Yield(1))
+        });
+        store
+    }
+}
+
+/// Link exactly the `wasi:io` and `wasi:cli` interfaces a std guest imports,
+/// over an empty context. No filesystem, sockets, clocks or random: a plugin
+/// importing those fails to load.
+fn add_wasi_std_interfaces(l: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
+    use wasmtime_wasi::p2::bindings::cli;
+
+    struct Io;
+    impl wasmtime::component::HasData for Io {
+        type Data<'a> = &'a mut wasmtime::component::ResourceTable;
+    }
+    fn io(s: &mut PluginState) -> &mut wasmtime::component::ResourceTable {
+        &mut s.table
+    }
+    wasmtime_wasi_io::bindings::wasi::io::error::add_to_linker::<PluginState, Io>(l, io)?;
+    wasmtime_wasi_io::bindings::wasi::io::poll::add_to_linker::<PluginState, Io>(l, io)?;
+    wasmtime_wasi_io::bindings::wasi::io::streams::add_to_linker::<PluginState, Io>(l, io)?;
+    let c = <PluginState as WasiCliView>::cli;
+    cli::exit::add_to_linker::<PluginState, WasiCli>(l, c)?;
+    cli::environment::add_to_linker::<PluginState, WasiCli>(l, c)?;
+    cli::stdin::add_to_linker::<PluginState, WasiCli>(l, c)?;
+    cli::stdout::add_to_linker::<PluginState, WasiCli>(l, c)?;
+    cli::stderr::add_to_linker::<PluginState, WasiCli>(l, c)?;
+    cli::terminal_input::add_to_linker::<PluginState, WasiCli>(l, c)?;
+    cli::terminal_output::add_to_linker::<PluginState, WasiCli>(l, c)?;
+    cli::terminal_stdin::add_to_linker::<PluginState, WasiCli>(l, c)?;
+    cli::terminal_stdout::add_to_linker::<PluginState, WasiCli>(l, c)?;
+    cli::terminal_stderr::add_to_linker::<PluginState, WasiCli>(l, c)?;
+    Ok(())
+}
+
+/// What the gateway tells a plugin about a job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobMeta {
+    pub version: Option<String>,
+    pub module: String,
+    pub options: Vec<(String, String)>,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub version: Option<String>,
+    pub payload_size: u64,
+    pub summary: String,
+}
+
+/// What `flash` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlashReport {
+    pub bytes_sent: u64,
+    pub retries: u32,
+    pub summary: String,
+}
+
+/// What `identify` read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub version: String,
+    pub model: Option<String>,
+}
+
+/// One job's instance of a plugin.
+pub struct PluginSession {
+    plugin: Arc<LoadedPlugin>,
+    store: Store<PluginState>,
+    bindings: bindings::DeviceFamily,
+    deadline: tokio::time::Instant,
+    limits: Limits,
+    /// Set once a call failed in a way that leaves the instance unusable.
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for PluginSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginSession")
+            .field("plugin", &self.plugin.info.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginSession {
+    async fn start(
+        host: &PluginHost,
+        plugin: Arc<LoadedPlugin>,
+        events: Option<mpsc::UnboundedSender<JobEvent>>,
+    ) -> Result<Self, PluginError> {
+        let mut store = host.new_store(&plugin.info.name, events);
+        let bindings = plugin
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| PluginError::Instantiate {
+                path: plugin.path.clone(),
+                reason: format!("{e:#}"),
+            })?;
+        Ok(Self {
+            deadline: tokio::time::Instant::now() + host.limits.job,
+            limits: host.limits.clone(),
+            plugin,
+            store,
+            bindings,
+            poisoned: false,
+        })
+    }
+
+    pub fn plugin(&self) -> &LoadedPlugin {
+        &self.plugin
+    }
+
+    /// Give this job a deadline of its own, `limit` from now (e.g. a slow
+    /// link's longer one), instead of the host's default.
+    pub fn set_deadline(&mut self, limit: Duration) {
+        self.deadline = tokio::time::Instant::now() + limit;
+        self.limits.job = limit;
+    }
+
+    /// Run one export under the job deadline and turn every way it can end
+    /// into a typed result.
+    async fn call<R, F>(&mut self, call: &'static str, f: F) -> Result<R, PluginError>
+    where
+        F: AsyncFnOnce(
+            &bindings::DeviceFamily,
+            &mut Store<PluginState>,
+        ) -> wasmtime::Result<Result<R, wit::FlashError>>,
+    {
+        let name = self.plugin.info.name.clone();
+        if self.poisoned {
+            return Err(PluginError::Trap {
+                plugin: name,
+                call,
+                reason: "the instance is unusable after an earlier failure".into(),
+            });
+        }
+        let bindings = &self.bindings;
+        let store = &mut self.store;
+        let outcome = tokio::time::timeout_at(self.deadline, f(bindings, store)).await;
+        match outcome {
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err(e))) => Err(PluginError::Failed {
+                plugin: name,
+                call,
+                error: e.into(),
+            }),
+            Ok(Err(trap)) => {
+                self.poisoned = true;
+                Err(self.classify(call, trap))
+            }
+            Err(_elapsed) => {
+                self.poisoned = true;
+                Err(PluginError::Deadline {
+                    plugin: name,
+                    call,
+                    limit: self.limits.job,
+                })
+            }
+        }
+    }
+
+    fn classify(&self, call: &'static str, err: wasmtime::Error) -> PluginError {
+        let st = self.store.data();
+        let plugin = st.plugin.clone();
+        match st.stop.clone() {
+            Some(Stop::Memory { wanted }) => PluginError::Memory {
+                plugin,
+                call,
+                limit: human_bytes(self.limits.memory),
+                wanted,
+            },
+            Some(Stop::Cpu) => PluginError::Cpu {
+                plugin,
+                call,
+                limit: self.limits.cpu,
+            },
+            None => {
+                let mut reason = match err.downcast_ref::<wasmtime::Trap>() {
+                    Some(t) => t.to_string(),
+                    None => format!("{err:#}"),
+                };
+                let said = st.captured_tail();
+                if !said.is_empty() {
+                    reason = format!("{reason}; the plugin said: {said}");
+                }
+                PluginError::Trap {
+                    plugin,
+                    call,
+                    reason,
+                }
+            }
+        }
+    }
+
+    fn push_image(
+        &mut self,
+        image: Arc<dyn ImageSource>,
+    ) -> Result<Resource<ImageHandle>, PluginError> {
+        self.store
+            .data_mut()
+            .table
+            .push(ImageHandle(image))
+            .map_err(|e| PluginError::Engine(e.to_string()))
+    }
+
+    /// Check an image before any device is touched.
+    pub async fn verify(
+        &mut self,
+        image: Arc<dyn ImageSource>,
+        meta: &JobMeta,
+    ) -> Result<ImageInfo, PluginError> {
+        let img = self.push_image(image)?;
+        let meta = wit_meta(meta);
+        let r = self
+            .call("verify", async |b, s| {
+                b.otagw_plugin_plugin()
+                    .call_verify(s, Resource::new_borrow(img.rep()), &meta)
+                    .await
+            })
+            .await;
+        let _ = self.store.data_mut().table.delete(img);
+        r.map(|i| ImageInfo {
+            version: i.version,
+            payload_size: i.payload_size,
+            summary: i.summary,
+        })
+    }
+
+    /// Put an image on the device behind `link`. The link comes back whatever happens.
+    pub async fn flash(
+        &mut self,
+        link: Link,
+        image: Arc<dyn ImageSource>,
+        meta: &JobMeta,
+    ) -> (Link, Result<FlashReport, PluginError>) {
+        let link_res = self.push_link(link);
+        let img = match self.push_image(image) {
+            Ok(i) => i,
+            Err(e) => return (self.take_link(link_res), Err(e)),
+        };
+        let meta = wit_meta(meta);
+        let r = self
+            .call("flash", async |b, s| {
+                b.otagw_plugin_plugin()
+                    .call_flash(
+                        s,
+                        Resource::new_borrow(link_res.rep()),
+                        Resource::new_borrow(img.rep()),
+                        &meta,
+                    )
+                    .await
+            })
+            .await;
+        let _ = self.store.data_mut().table.delete(img);
+        let link = self.take_link(link_res);
+        (
+            link,
+            r.map(|f| FlashReport {
+                bytes_sent: f.bytes_sent,
+                retries: f.retries,
+                summary: f.summary,
+            }),
+        )
+    }
+
+    /// Read the running version from the device.
+    pub async fn identify(
+        &mut self,
+        link: Link,
+        options: &[(String, String)],
+    ) -> (Link, Result<DeviceInfo, PluginError>) {
+        let link_res = self.push_link(link);
+        let options = options.to_vec();
+        let r = self
+            .call("identify", async |b, s| {
+                b.otagw_plugin_plugin()
+                    .call_identify(s, Resource::new_borrow(link_res.rep()), &options)
+                    .await
+            })
+            .await;
+        let link = self.take_link(link_res);
+        (
+            link,
+            r.map(|d| DeviceInfo {
+                version: d.version,
+                model: d.model,
+            }),
+        )
+    }
+
+    /// Apply the plugin's default serial settings (the URL's win), then put the
+    /// link in the table.
+    fn push_link(&mut self, mut link: Link) -> Resource<Link> {
+        if let Some(defaults) = self.plugin.info.default_serial {
+            // A refusal here (parity on a pty) is not fatal: the plugin may
+            // try other settings itself and handles the refusal then.
+            if let Err(e) = link.apply_defaults(defaults) {
+                tracing::warn!(plugin = %self.plugin.info.name, "{e}");
+            }
+        }
+        match self.store.data_mut().table.push(link) {
+            Ok(r) => r,
+            Err(e) => unreachable_table(e),
+        }
+    }
+
+    fn take_link(&mut self, r: Resource<Link>) -> Link {
+        match self.store.data_mut().table.delete(r) {
+            Ok(l) => l,
+            Err(e) => unreachable_table(e),
+        }
+    }
+}
+
+/// The resource table of a fresh job store holds a handful of entries; a
+/// failure to push or take back our own entry is a bug in this module.
+fn unreachable_table(e: wasmtime::component::ResourceTableError) -> ! {
+    panic!("plugin resource table: {e}")
+}
+
+fn wit_meta(m: &JobMeta) -> wit::JobMeta {
+    wit::JobMeta {
+        version: m.version.clone(),
+        module: m.module.clone(),
+        options: m.options.clone(),
+    }
+}
+
+pub(crate) fn family_from_wit(f: wit::FamilyInfo) -> FamilyInfo {
+    FamilyInfo {
+        name: f.name,
+        version: f.version,
+        contract: f.contract,
+        description: f.description,
+        transports: f
+            .transports
+            .into_iter()
+            .map(|t| match t {
+                wit::LinkKind::Serial => LinkKind::Serial,
+                wit::LinkKind::Tcp => LinkKind::Tcp,
+                wit::LinkKind::Ble => LinkKind::Ble,
+            })
+            .collect(),
+        default_serial: f.default_serial.map(host::serial_from_wit),
+    }
+}
+
+impl PluginHost {
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+    pub(crate) fn linker(&self) -> &Linker<PluginState> {
+        &self.linker
+    }
+    pub(crate) fn cache_dir(&self) -> Option<&Path> {
+        self.cache_dir.as_deref()
+    }
+    pub(crate) fn register(&self, plugin: LoadedPlugin) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let mut map = self.plugins.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = map.get(&plugin.info.name)
+            && existing.path != plugin.path
+        {
+            return Err(PluginError::Duplicate {
+                family: plugin.info.name.clone(),
+                first: existing.path.clone(),
+                second: plugin.path.clone(),
+            });
+        }
+        let p = Arc::new(plugin);
+        map.insert(p.info.name.clone(), p.clone());
+        Ok(p)
+    }
+}

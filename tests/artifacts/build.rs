@@ -1,0 +1,73 @@
+//! Build every plugin the tests use as a real WebAssembly component, the way
+//! wasmtime builds its test programs: run cargo for `wasm32-wasip2` into a
+//! target directory of its own and export the paths as constants. So `cargo
+//! build` never touches wasm and `cargo test` always tests current plugins.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// (constant name, package, artifact file stem)
+const PLUGINS: &[(&str, &str)] = &[
+    ("XMODEM", "otagw-plugin-xmodem"),
+    ("HOSTILE", "otagw-test-plugin-hostile"),
+    ("FS_IMPORT", "otagw-test-plugin-fs-import"),
+    ("FUTURE_CONTRACT", "otagw-test-plugin-future-contract"),
+];
+
+fn main() {
+    let manifest = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+    );
+    let root = manifest
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root");
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("wasm-plugins");
+
+    for dir in ["wit", "plugins", "tests/plugins"] {
+        println!("cargo:rerun-if-changed={}", root.join(dir).display());
+    }
+
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+        ])
+        .arg(&target_dir)
+        // Flags meant for the host build must not leak into the wasm build.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_PROFILE_RELEASE_DEBUG");
+    for (_, pkg) in PLUGINS {
+        cmd.args(["-p", pkg]);
+    }
+    let status = cmd.status().expect("run cargo to build the wasm plugins");
+    assert!(
+        status.success(),
+        "building the plugins for wasm32-wasip2 failed; is the target installed? (rustup target add wasm32-wasip2)"
+    );
+
+    let mut consts = String::new();
+    for (name, pkg) in PLUGINS {
+        let file = target_dir
+            .join("wasm32-wasip2/release")
+            .join(format!("{}.wasm", pkg.replace('-', "_")));
+        assert!(file.is_file(), "{} was not built", file.display());
+        consts.push_str(&format!(
+            "/// The `{pkg}` component.\npub const {name}: &str = {:?};\n",
+            file.display().to_string()
+        ));
+    }
+    std::fs::write(out.join("artifacts.rs"), consts).expect("write artifacts.rs");
+}

@@ -1,0 +1,6 @@
+//! otagw's end-to-end tests: one binary, one harness (`harness.rs`).
+
+mod cli;
+mod links;
+mod plugin_host;
+mod xmodem;
