@@ -556,6 +556,10 @@ mod tests {
     }
 
     fn start(cfg: XmodemSimConfig) -> (SimHandle, DuplexStream, CancellationToken) {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("debug")
+            .try_init();
         let device = SimHandle::new(cfg);
         let (ours, theirs) = tokio::io::duplex(8192);
         let cancel = CancellationToken::new();
