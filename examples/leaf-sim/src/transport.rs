@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use rustix::fs::{Mode, OFlags};
 use rustix::pty::OpenptFlags;
@@ -89,7 +90,8 @@ impl Drop for Running {
 /// descriptor of its own open for its whole life, never reads it and never sets it exclusive:
 /// without it the master reads EIO whenever no one has the slave open. Because that keeps the
 /// tty alive, an exclusive flag (TIOCEXCL) left by an opener that died without clearing it would
-/// lock out every later non-root opener; the simulator clears it whenever bytes arrive.
+/// lock out every later opener but root; the simulator clears it whenever bytes arrive and
+/// every `poll_interval`.
 #[derive(Debug)]
 pub struct PtySim {
     path: PathBuf,
@@ -119,13 +121,19 @@ impl PtySim {
         )?;
         let slave = Arc::new(slave);
         let link = PtyMaster::new(master, Arc::clone(&slave))?;
+        let exclusive_holder = Arc::clone(&slave);
+        let poll_interval = config.poll_interval;
         let log_path = path.display().to_string();
         let running = Running::spawn(SimHandle::new(config), move |device, cancel| async move {
             let unread = move || {
                 rustix::io::ioctl_fionread(&*slave)
                     .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
             };
-            let end = device_serve_with(&device, link, &cancel, Some(&unread)).await;
+            let serve = device_serve_with(&device, link, &cancel, Some(&unread));
+            let end = tokio::select! {
+                end = serve => end,
+                never = clear_exclusive(&exclusive_holder, poll_interval) => match never {},
+            };
             // `link` (the master) and the held slave are closed here.
             tracing::info!(pty = %log_path, ?end, "pty device stopped");
         });
@@ -162,6 +170,17 @@ impl PtySim {
     /// Stops the device and closes the pty.
     pub async fn shutdown(self) {
         self.running.shutdown().await;
+    }
+}
+
+/// Clears a stale exclusive flag on the slave now and then, for openers that set it and closed
+/// the port without sending a byte (see [`PtySim`]).
+async fn clear_exclusive(slave: &OwnedFd, every: Duration) -> std::convert::Infallible {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let _ = rustix::termios::ioctl_tiocnxcl(slave);
     }
 }
 

@@ -472,7 +472,7 @@ mod tests {
             ("serial:///dev/ttyS0?flow=hw", "unknown setting"),
             ("serial://", "no device path"),
             ("tcp://host", "no port"),
-            ("ble://aa:bb", "unknown scheme"),
+            ("ble://aa-bb-cc", "unknown scheme"),
             ("/dev/ttyUSB0", "bad link URL"),
         ] {
             let err = LinkUrl::parse(url).unwrap_err().to_string();

@@ -77,8 +77,10 @@ where
                 }
                 return end;
             }
-            Err(Fail::Abort(reason)) => {
+            Err(Fail::Abort(reason)) => device.record_abort(reason),
+            Err(Fail::Cancelled(reason)) => {
                 device.record_abort(reason);
+                // The sender may still be sending the rest of a block.
                 if let Err(end) = conn.purge(device.config().block_timeout).await {
                     return end;
                 }
@@ -213,7 +215,10 @@ where
 /// Why a transfer did not complete.
 enum Fail {
     End(SessionEnd),
+    /// Given up without sending CAN (the peer is silent or cancelled itself).
     Abort(String),
+    /// Given up after sending CAN: the input is purged before going on.
+    Cancelled(String),
     Stall(u32),
     Disconnect(u32),
 }
@@ -314,12 +319,10 @@ where
                 SOH => break 128,
                 STX => break 1024,
                 EOT => return Ok(Packet::Eot),
-                CAN => {
-                    if self.conn.byte(Some(cfg.block_timeout)).await? == Some(CAN) {
-                        return Err(Fail::Abort("cancelled by the sender (CAN CAN)".into()));
-                    }
+                CAN if self.conn.byte(Some(cfg.block_timeout)).await? == Some(CAN) => {
+                    return Err(Fail::Abort("cancelled by the sender (CAN CAN)".into()));
                 }
-                _ => {} // line noise between blocks
+                _ => {} // line noise between blocks, or a lone CAN
             }
         };
         self.started = true;
@@ -376,7 +379,7 @@ where
         *errors += 1;
         if *errors >= self.device.config().max_errors {
             self.conn.send(&[CAN, CAN, CAN]).await?;
-            return Err(Fail::Abort(format!("too many errors, last: {reason}")));
+            return Err(Fail::Cancelled(format!("too many errors, last: {reason}")));
         }
         tracing::debug!(%reason, "NAK");
         self.naks += 1;
@@ -386,7 +389,7 @@ where
 
     async fn cancel(&mut self, reason: String) -> Result<(), Fail> {
         self.conn.send(&[CAN, CAN]).await?;
-        Err(Fail::Abort(reason))
+        Err(Fail::Cancelled(reason))
     }
 
     /// Waits for YMODEM block 0 and ACKs it. The first header of a batch is polled for as long
@@ -465,7 +468,7 @@ where
                     polls += 1;
                     if !first && polls >= cfg.max_errors {
                         self.conn.send(&[CAN, CAN, CAN]).await?;
-                        return Err(Fail::Abort("no data block after YMODEM block 0".into()));
+                        return Err(Fail::Cancelled("no data block after YMODEM block 0".into()));
                     }
                     if first && cfg.start_timeout.is_some_and(|t| begun.elapsed() >= t) {
                         return Err(Fail::Abort("no transfer started".into()));
