@@ -16,3 +16,5 @@ pub mod flash;
 pub mod link;
 pub mod plugin;
 pub mod progress;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,141 @@
+//! The gateway's persistent store: one sled database, opened here and nowhere
+//! else, handed out as named trees to the few modules that persist state, each
+//! through a small typed wrapper of its own (`cache/`, `ota/` persistence, the
+//! `upstream/` outbox). Keep sled behind this module so it can be replaced.
+//!
+//! sled 0.34 has open reports of corruption after abrupt stops, so its loss must
+//! be survivable: writers `flush` after every journal or outbox write, and a
+//! database that fails to open is moved aside (loudly) and rebuilt empty.
+//! Images are content-addressed and can be downloaded again; pending upgrades
+//! come back from the platform through `firmware/get`.
+
+use std::path::{Path, PathBuf};
+
+/// Why the store could not be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("cannot move the broken store {path} aside: {source}")]
+    MoveAside {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store tree {tree}: {source}")]
+    Tree {
+        tree: &'static str,
+        #[source]
+        source: sled::Error,
+    },
+}
+
+/// The open database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Open (or create) the database at `path`. A database that cannot be
+    /// opened is renamed to `{path}.broken-{unix seconds}` and a new one is
+    /// created; the returned flag says that happened.
+    pub fn open(path: &Path) -> Result<(Store, bool), StoreError> {
+        match sled::open(path) {
+            Ok(db) => Ok((
+                Store {
+                    db,
+                    path: path.to_path_buf(),
+                },
+                false,
+            )),
+            Err(first) => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or_default();
+                let aside = path.with_extension(format!("broken-{stamp}"));
+                tracing::error!(
+                    path = %path.display(),
+                    aside = %aside.display(),
+                    "the store does not open ({first}); moving it aside and starting empty: \
+                     cached images will be downloaded again and pending upgrades asked for again"
+                );
+                std::fs::rename(path, &aside).map_err(|source| StoreError::MoveAside {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let db = sled::open(path).map_err(|source| StoreError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Ok((
+                    Store {
+                        db,
+                        path: path.to_path_buf(),
+                    },
+                    true,
+                ))
+            }
+        }
+    }
+
+    /// A named tree; the name is a constant of the module that owns it.
+    pub fn tree(&self, name: &'static str) -> Result<sled::Tree, StoreError> {
+        self.db
+            .open_tree(name)
+            .map_err(|source| StoreError::Tree { tree: name, source })
+    }
+
+    /// Make every write so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|source| StoreError::Tree { tree: "*", source })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_that_does_not_open_is_moved_aside_and_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let (store, rebuilt) = Store::open(&path).unwrap();
+            assert!(!rebuilt);
+            store.tree("t").unwrap().insert(b"k", b"v").unwrap();
+            store.db.flush().unwrap();
+        }
+        // Damage it: sled's config file says the database is something else.
+        std::fs::write(path.join("conf"), b"not a sled config").unwrap();
+        let (store, rebuilt) = Store::open(&path).unwrap();
+        assert!(rebuilt);
+        assert!(store.tree("t").unwrap().get(b"k").unwrap().is_none());
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("db.broken-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "the broken store is kept for inspection");
+    }
+}
