@@ -9,9 +9,17 @@
 //! - [`flash`]: one job on one leaf (verify, flash, identify), the path both
 //!   the CLI and the daemon take.
 //! - [`cli`]: one file per `otagw` subcommand.
+//! - [`config`]: the typed TOML configuration (binds and opens nothing).
+//! - [`store`]: the one sled database, handed out as named trees.
+//! - [`broker`]: the embedded MQTT broker (rumqttd), confined.
+//! - [`api`]: the local HTTP status API.
+//! - [`tls`]: the process's rustls crypto provider.
 #![deny(unsafe_code)]
 
+pub mod api;
+pub mod broker;
 pub mod cli;
+pub mod config;
 pub mod flash;
 pub mod link;
 pub mod plugin;

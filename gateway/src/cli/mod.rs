@@ -1,8 +1,10 @@
 //! The `otagw` command line: one file per subcommand (CONVENTIONS 14).
 
+pub mod config;
 pub mod flash;
 pub mod identify;
 pub mod plugins;
+pub mod status;
 
 use std::path::PathBuf;
 
@@ -26,6 +28,12 @@ pub enum Command {
     Identify(identify::IdentifyArgs),
     /// List the plugins in a directory and what is wrong with the broken ones.
     Plugins(plugins::PluginsArgs),
+    /// Print the default configuration.
+    Config(config::ConfigArgs),
+    /// Validate a configuration file.
+    Check(config::CheckArgs),
+    /// Show every leaf's family, version, state, progress and last error.
+    Status(status::StatusArgs),
 }
 
 /// Where plugins live and how they are bounded: shared by every subcommand
@@ -122,5 +130,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Flash(a) => flash::run(a).await,
         Command::Identify(a) => identify::run(a).await,
         Command::Plugins(a) => plugins::run(a).await,
+        Command::Status(a) => status::run(a).await,
+        Command::Config(a) => config::run(a).await,
+        Command::Check(a) => config::check(a).await,
     }
 }

@@ -1,0 +1,80 @@
+//! The local HTTP status API: `GET /api/devices` and `GET /api/jobs`, JSON.
+//! The platform console's upgrading / succeeded / failed views, at the edge.
+//!
+//! It reads a [`StatusSource`] and changes nothing; it binds nothing itself
+//! (the caller hands it a listener, so tests use port 0).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// One leaf as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub product_key: String,
+    pub device_name: String,
+    pub module: String,
+    pub family: String,
+    pub link: String,
+    /// The version last read back from the leaf (or configured).
+    pub version: String,
+    /// idle, queued, downloading, verifying, flashing, identifying, succeeded, failed.
+    pub state: String,
+    /// Overall percent of the current or last job.
+    pub progress: Option<u8>,
+    /// The version the current or last job installs.
+    pub target_version: Option<String>,
+    /// Why the last job failed.
+    pub last_error: Option<String>,
+}
+
+/// One job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub device: String,
+    pub module: String,
+    pub version: String,
+    pub state: String,
+    pub progress: u8,
+    /// The upstream step code of a failure.
+    pub step: Option<i32>,
+    pub desc: Option<String>,
+    pub updated_ms: u64,
+}
+
+/// Where the API gets its answers.
+pub trait StatusSource: Send + Sync + 'static {
+    fn devices(&self) -> Vec<DeviceStatus>;
+    fn jobs(&self) -> Vec<JobStatus>;
+}
+
+/// The API's routes over a source.
+pub fn router(source: Arc<dyn StatusSource>) -> Router {
+    Router::new()
+        .route("/api/devices", get(devices))
+        .route("/api/jobs", get(jobs))
+        .with_state(source)
+}
+
+async fn devices(State(s): State<Arc<dyn StatusSource>>) -> Json<Vec<DeviceStatus>> {
+    Json(s.devices())
+}
+
+async fn jobs(State(s): State<Arc<dyn StatusSource>>) -> Json<Vec<JobStatus>> {
+    Json(s.jobs())
+}
+
+/// Serve the API on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    source: Arc<dyn StatusSource>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(source))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

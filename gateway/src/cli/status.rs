@@ -1,0 +1,116 @@
+//! `otagw status`: the local API's device view as a table.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::api::DeviceStatus;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The gateway's local API.
+    #[arg(long, env = "OTAGW_API", default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+}
+
+pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    crate::tls::init();
+    let url = format!("{}/api/devices", a.api.trim_end_matches('/'));
+    let devices: Vec<DeviceStatus> = reqwest::get(&url)
+        .await
+        .with_context(|| format!("cannot reach the gateway at {url}"))?
+        .error_for_status()?
+        .json()
+        .await
+        .with_context(|| format!("{url} did not answer with a device list"))?;
+    print!("{}", table(&devices));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Render devices as an aligned text table.
+pub fn table(devices: &[DeviceStatus]) -> String {
+    let header = [
+        "DEVICE",
+        "MODULE",
+        "FAMILY",
+        "VERSION",
+        "STATE",
+        "PROGRESS",
+        "TARGET",
+        "LAST ERROR",
+    ];
+    let rows: Vec<[String; 8]> = devices
+        .iter()
+        .map(|d| {
+            [
+                format!("{}/{}", d.product_key, d.device_name),
+                d.module.clone(),
+                d.family.clone(),
+                d.version.clone(),
+                d.state.clone(),
+                d.progress
+                    .map(|p| format!("{p}%"))
+                    .unwrap_or_else(|| "-".into()),
+                d.target_version.clone().unwrap_or_else(|| "-".into()),
+                d.last_error.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut width = header.map(str::len);
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec(), &mut out);
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_an_aligned_table() {
+        let d = DeviceStatus {
+            product_key: "pk".into(),
+            device_name: "leaf-1".into(),
+            module: "default".into(),
+            family: "xmodem".into(),
+            link: "serial:///dev/pts/3".into(),
+            version: "1.0.0".into(),
+            state: "failed".into(),
+            progress: Some(40),
+            target_version: Some("2.0.0".into()),
+            last_error: Some("device timeout".into()),
+        };
+        let t = table(&[d]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("DEVICE"));
+        assert!(lines[1].starts_with("pk/leaf-1"));
+        assert!(lines[1].contains("40%") && lines[1].ends_with("device timeout"));
+        assert_eq!(
+            lines[0].find("STATE"),
+            lines[1].find("failed"),
+            "columns align"
+        );
+    }
+}

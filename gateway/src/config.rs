@@ -1,0 +1,402 @@
+//! The typed configuration: TOML, unknown keys rejected, validated as a whole
+//! when loaded. Loading binds and opens nothing.
+//!
+//! `gateway/config/default.toml` is the commented default (`otagw config
+//! default`); it parses into the same types, which a test checks.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::link::LinkUrl;
+
+/// The commented default configuration.
+pub const DEFAULT: &str = include_str!("../config/default.toml");
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub upstream: Option<UpstreamConfig>,
+    #[serde(default)]
+    pub local_broker: LocalBrokerConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub jobs: JobsConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub plugins: PluginLimitsConfig,
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub product_key: String,
+    pub device_name: String,
+    pub device_secret: Option<String>,
+    pub data_dir: PathBuf,
+    pub plugins_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthKind {
+    None,
+    Password,
+    Aliyun,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub url: String,
+    pub auth: AuthKind,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub client_id: Option<String>,
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(60)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalBrokerConfig {
+    /// `None` (the key absent in a present section is not allowed; leave the
+    /// section out for the default) disables the broker where allowed.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for LocalBrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    #[serde(default = "default_parallel")]
+    pub max_parallel: usize,
+}
+
+fn default_parallel() -> usize {
+    8
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            max_parallel: default_parallel(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    #[serde(default = "default_cache_mib")]
+    pub max_size_mib: u64,
+}
+
+fn default_cache_mib() -> u64 {
+    1024
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_size_mib: default_cache_mib(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimitsConfig {
+    #[serde(default = "default_plugin_memory")]
+    pub memory_mib: usize,
+    #[serde(default = "default_plugin_cpu", with = "humantime_serde")]
+    pub cpu: Duration,
+    #[serde(default = "default_job_deadline", with = "humantime_serde")]
+    pub job_deadline: Duration,
+}
+
+fn default_plugin_memory() -> usize {
+    64
+}
+fn default_plugin_cpu() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_job_deadline() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl Default for PluginLimitsConfig {
+    fn default() -> Self {
+        Self {
+            memory_mib: default_plugin_memory(),
+            cpu: default_plugin_cpu(),
+            job_deadline: default_job_deadline(),
+        }
+    }
+}
+
+impl PluginLimitsConfig {
+    pub fn limits(&self, max_parallel: usize) -> crate::plugin::Limits {
+        crate::plugin::Limits {
+            memory: self.memory_mib << 20,
+            cpu: self.cpu,
+            job: self.job_deadline,
+            // Room for every running job plus loading and identify sessions.
+            max_instances: (max_parallel as u32).saturating_mul(2).max(8),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub product_key: String,
+    pub device_name: String,
+    pub device_secret: Option<String>,
+    pub family: String,
+    pub link: String,
+    pub version: String,
+    #[serde(default = "default_module")]
+    pub module: String,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+fn default_module() -> String {
+    "default".into()
+}
+
+impl DeviceConfig {
+    pub fn options_vec(&self) -> Vec<(String, String)> {
+        self.options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+impl Config {
+    /// Read, parse and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate configuration text; `path` is only for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate().map_err(|what| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            what,
+        })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let g = &self.gateway;
+        if g.product_key.is_empty() || g.device_name.is_empty() {
+            return Err("[gateway] product_key and device_name must not be empty".into());
+        }
+        match &self.upstream {
+            None => {
+                if self.local_broker.listen.is_none() {
+                    return Err(
+                        "standalone mode (no [upstream]) needs [local_broker] listen: the embedded broker is the upstream"
+                            .into(),
+                    );
+                }
+            }
+            Some(u) => {
+                let url = url::Url::parse(&u.url)
+                    .map_err(|e| format!("[upstream] url {:?}: {e}", u.url))?;
+                if !matches!(url.scheme(), "mqtt" | "mqtts") || url.host_str().is_none() {
+                    return Err(format!(
+                        "[upstream] url {:?} must be mqtt://host[:port] or mqtts://host[:port]",
+                        u.url
+                    ));
+                }
+                let ka = u.keep_alive.as_secs();
+                if !(30..=1200).contains(&ka) {
+                    return Err(format!(
+                        "[upstream] keep_alive {ka}s must be within 30s..1200s"
+                    ));
+                }
+                match u.auth {
+                    AuthKind::Password if u.username.is_none() || u.password.is_none() => {
+                        return Err(
+                            "[upstream] auth = \"password\" needs username and password".into()
+                        );
+                    }
+                    AuthKind::Aliyun => {
+                        if g.device_secret.is_none() {
+                            return Err(
+                                "[upstream] auth = \"aliyun\" needs [gateway] device_secret".into(),
+                            );
+                        }
+                        if let Some(d) = self.devices.iter().find(|d| d.device_secret.is_none()) {
+                            return Err(format!(
+                                "[upstream] auth = \"aliyun\" needs device_secret for every device; {}/{} has none",
+                                d.product_key, d.device_name
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if self.jobs.max_parallel == 0 {
+            return Err("[jobs] max_parallel must be at least 1".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for d in &self.devices {
+            let who = format!("{}/{}", d.product_key, d.device_name);
+            if d.product_key.is_empty() || d.device_name.is_empty() {
+                return Err(format!(
+                    "device {who:?}: product_key and device_name must not be empty"
+                ));
+            }
+            if !seen.insert((
+                d.product_key.clone(),
+                d.device_name.clone(),
+                d.module.clone(),
+            )) {
+                return Err(format!(
+                    "device {who} module {} is configured twice",
+                    d.module
+                ));
+            }
+            if d.product_key == g.product_key && d.device_name == g.device_name {
+                return Err(format!("device {who} is the gateway itself"));
+            }
+            LinkUrl::parse(&d.link).map_err(|e| format!("device {who}: {e}"))?;
+            if d.family.is_empty() {
+                return Err(format!("device {who}: family must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+[gateway]
+product_key = "gwpk"
+device_name = "gw"
+data_dir = "/tmp/x"
+plugins_dir = "/tmp/p"
+"#;
+
+    #[test]
+    fn the_default_config_parses() {
+        let cfg = parse(DEFAULT).expect("default config");
+        assert!(cfg.upstream.is_none(), "standalone by default");
+        assert_eq!(cfg.devices.len(), 1);
+        assert_eq!(cfg.devices[0].options["enter_command"], "update\r");
+        assert_eq!(cfg.plugins.cpu, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_keys_are_an_error() {
+        let err = parse(&format!("{MINIMAL}\nbogus = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}\n[api]\nlisten = \"127.0.0.1:1\"\nport = 3\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let dev = |link: &str| {
+            format!(
+                "{MINIMAL}\n[[device]]\nproduct_key=\"p\"\ndevice_name=\"d\"\nfamily=\"xmodem\"\nlink=\"{link}\"\nversion=\"1\"\n"
+            )
+        };
+        assert!(parse(&dev("serial:///dev/ttyS0")).is_ok());
+        let err = parse(&dev("com1")).unwrap_err().to_string();
+        assert!(err.contains("p/d") && err.contains("bad link URL"), "{err}");
+        let twice = format!("{}{}", dev("tcp://h:1"), &dev("tcp://h:2")[MINIMAL.len()..]);
+        assert!(parse(&twice).unwrap_err().to_string().contains("twice"));
+        let aliyun = format!(
+            "{}\n[upstream]\nurl=\"mqtt://h:1883\"\nauth=\"aliyun\"\n",
+            dev("tcp://h:1")
+        );
+        assert!(
+            parse(&aliyun)
+                .unwrap_err()
+                .to_string()
+                .contains("device_secret")
+        );
+        let ka =
+            format!("{MINIMAL}\n[upstream]\nurl=\"mqtt://h\"\nauth=\"none\"\nkeep_alive=\"5s\"\n");
+        assert!(parse(&ka).unwrap_err().to_string().contains("keep_alive"));
+        let scheme = format!("{MINIMAL}\n[upstream]\nurl=\"http://h\"\nauth=\"none\"\n");
+        assert!(parse(&scheme).unwrap_err().to_string().contains("mqtt://"));
+    }
+}
