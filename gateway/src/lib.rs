@@ -8,21 +8,32 @@
 //! - [`progress`]: the typed event stream of a running job.
 //! - [`flash`]: one job on one leaf (verify, flash, identify), the path both
 //!   the CLI and the daemon take.
+//! - [`ota`]: the upstream OTA protocol (topics, payloads) and the job state
+//!   machine, sans-I/O; its `journal` persists jobs in sled.
 //! - [`cli`]: one file per `otagw` subcommand.
 //! - [`config`]: the typed TOML configuration (binds and opens nothing).
 //! - [`store`]: the one sled database, handed out as named trees.
 //! - [`broker`]: the embedded MQTT broker (rumqttd), confined.
 //! - [`api`]: the local HTTP status API.
 //! - [`tls`]: the process's rustls crypto provider.
+//! - [`cache`]: firmware images in sled: content-addressed, one resumable,
+//!   verified download per image, LRU eviction that spares images in use.
+//! - [`upstream`]: the MQTT session to the cloud: auth modes, TLS, reconnects,
+//!   subscriptions, the aliyun sub-device handshake, the durable outbox.
 #![deny(unsafe_code)]
 
 pub mod api;
 pub mod broker;
+pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod devices;
 pub mod flash;
 pub mod link;
+pub mod ota;
 pub mod plugin;
 pub mod progress;
 pub mod store;
 pub mod tls;
+pub mod upstream;

@@ -121,3 +121,196 @@ pub fn assert_padded(received: &[u8], image: &[u8], pad: u8) {
         "padding is not all {pad:#04x}"
     );
 }
+
+pub use otagw_testkit::{Fault, FileServer, Message, Mosquitto, MqttProbe};
+
+/// A leaf for the daemon's configuration.
+#[derive(Debug, Clone)]
+pub struct LeafSpec {
+    pub device_name: String,
+    pub link: String,
+    pub version: String,
+    pub options: Vec<(String, String)>,
+}
+
+/// The product key of every test leaf.
+pub const LEAF_PK: &str = "a1LeafPK";
+/// The gateway's identity in tests.
+pub const GW_PK: &str = "a1GwPK";
+pub const GW_DN: &str = "gw-test";
+
+impl LeafSpec {
+    /// A leaf behind a simulated XMODEM device with enter/version commands.
+    pub fn xmodem(device_name: &str, sim_url: &str) -> LeafSpec {
+        LeafSpec {
+            device_name: device_name.into(),
+            link: sim_url.into(),
+            version: "1.0.0".into(),
+            options: opts(&[
+                ("enter_command", "update\\r"),
+                ("version_command", "version\\r"),
+            ]),
+        }
+    }
+}
+
+/// A simulated XMODEM device that enters its bootloader on "update\r" and
+/// answers "version\r", as [`LeafSpec::xmodem`] expects.
+pub fn xmodem_device() -> XmodemSimConfig {
+    XmodemSimConfig {
+        enter_command: Some(b"update\r".to_vec()),
+        version_command: Some(b"version\r".to_vec()),
+        version: "1.0.0".into(),
+        ..Default::default()
+    }
+}
+
+/// The configuration of a gateway under test, as TOML (what an operator writes).
+pub fn gateway_config(
+    data_dir: &Path,
+    plugins_dir: &Path,
+    upstream: Option<&str>,
+    leaves: &[LeafSpec],
+) -> String {
+    let mut c = format!(
+        "[gateway]\nproduct_key = \"{GW_PK}\"\ndevice_name = \"{GW_DN}\"\ndata_dir = {:?}\nplugins_dir = {:?}\n\n\
+         [local_broker]\nlisten = \"127.0.0.1:0\"\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n\
+         [plugins]\ncpu = \"2s\"\njob_deadline = \"2m\"\n\n",
+        data_dir.display().to_string(),
+        plugins_dir.display().to_string()
+    );
+    if let Some(url) = upstream {
+        c.push_str(&format!(
+            "[upstream]\nurl = {url:?}\nauth = \"none\"\nkeep_alive = \"30s\"\n\n"
+        ));
+    }
+    for l in leaves {
+        c.push_str(&format!(
+            "[[device]]\nproduct_key = \"{LEAF_PK}\"\ndevice_name = {:?}\nfamily = \"xmodem\"\nlink = {:?}\nversion = {:?}\n",
+            l.device_name, l.link, l.version
+        ));
+        let o: Vec<String> = l
+            .options
+            .iter()
+            .map(|(k, v)| format!("{k} = {v:?}"))
+            .collect();
+        c.push_str(&format!("options = {{ {} }}\n\n", o.join(", ")));
+    }
+    c
+}
+
+/// A gateway running in this process.
+#[derive(Debug)]
+pub struct Daemon {
+    pub api: std::net::SocketAddr,
+    pub broker: Option<std::net::SocketAddr>,
+    stop: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Build and run a gateway from configuration text.
+    pub async fn start(config: &str) -> Daemon {
+        let cfg =
+            otagw::config::Config::parse(config, Path::new("test.toml")).expect("test config");
+        let gw = otagw::daemon::Gateway::build(cfg)
+            .await
+            .expect("gateway builds");
+        let api = gw.api_addr().expect("api bound");
+        let broker = gw.broker_addr();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            gw.run(s, Duration::from_secs(5))
+                .await
+                .expect("gateway runs");
+        });
+        Daemon {
+            api,
+            broker,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Stop and wait for the drain.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// GET a JSON document from the status API.
+    pub async fn api_get(&self, path: &str) -> serde_json::Value {
+        http_get_json(self.api, path).await
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A minimal HTTP/1.1 GET (the API is plain JSON over loopback).
+pub async fn http_get_json(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the API");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.expect("read");
+    let text = String::from_utf8_lossy(&resp);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("API {path} answered {text:?}: {e}"))
+}
+
+/// The md5 of an image, lowercase hex (the notice's `sign`).
+pub fn md5_hex(bytes: &[u8]) -> String {
+    otagw_testkit::md5_hex(bytes)
+}
+
+/// An upgrade notice as the platform sends it (MD5 signed).
+pub fn notice(id: u64, version: &str, url: &str, image: &[u8]) -> String {
+    let md5 = md5_hex(image);
+    serde_json::json!({
+        "code": "1000", "message": "success", "id": id,
+        "data": {"size": image.len(), "version": version, "url": url,
+                 "md5": md5, "sign": md5, "signMethod": "Md5"}
+    })
+    .to_string()
+}
+
+/// The JSON payloads on `topic`, parsed.
+pub fn payloads(probe: &MqttProbe, topic: &str) -> Vec<serde_json::Value> {
+    probe
+        .on(topic)
+        .iter()
+        .map(|m| {
+            serde_json::from_slice(&m.payload)
+                .unwrap_or_else(|e| panic!("{topic}: {} is not JSON: {e}", m.text()))
+        })
+        .collect()
+}
+
+/// Whether `topic` carried an inform with `version`.
+pub fn has_inform(messages: &[Message], topic: &str, version: &str) -> bool {
+    messages.iter().any(|m| {
+        m.topic == topic
+            && serde_json::from_slice::<serde_json::Value>(&m.payload)
+                .is_ok_and(|v| v["params"]["version"] == version)
+    })
+}
+
+/// Whether `topic` carried a progress message with `step`.
+pub fn has_step(messages: &[Message], topic: &str, step: &str) -> bool {
+    messages.iter().any(|m| {
+        m.topic == topic
+            && serde_json::from_slice::<serde_json::Value>(&m.payload)
+                .is_ok_and(|v| v["params"]["step"] == step)
+    })
+}

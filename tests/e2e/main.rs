@@ -1,6 +1,7 @@
 //! otagw's end-to-end tests: one binary, one harness (`harness.rs`).
 
 mod cli;
+mod daemon;
 mod links;
 mod plugin_host;
 mod xmodem;

@@ -4,6 +4,7 @@ pub mod config;
 pub mod flash;
 pub mod identify;
 pub mod plugins;
+pub mod run;
 pub mod status;
 
 use std::path::PathBuf;
@@ -22,6 +23,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the gateway daemon.
+    Run(run::RunArgs),
     /// Flash one leaf by hand, without any cloud.
     Flash(flash::FlashArgs),
     /// Read the running version of one leaf.
@@ -97,6 +100,25 @@ pub fn parse_option(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The whole `otagw` program: logging, the runtime, [`main_with_args`].
+/// `main.rs` calls only this.
+pub fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(main_with_args(std::env::args_os())),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The whole `otagw` program after the runtime is up: parse `args`, run,
 /// and map the outcome to an exit status (64 for a usage or setup error).
 pub async fn main_with_args<I, T>(args: I) -> std::process::ExitCode
@@ -127,6 +149,7 @@ where
 /// Run a parsed command; the process exit status is the result.
 pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
+        Command::Run(a) => run::run(a).await,
         Command::Flash(a) => flash::run(a).await,
         Command::Identify(a) => identify::run(a).await,
         Command::Plugins(a) => plugins::run(a).await,

@@ -30,6 +30,8 @@ pub enum Fault {
     /// Send only the first `n` bytes of the body and then close, once; later
     /// requests are served whole.
     TruncateOnce(usize),
+    /// Send only the first `n` bytes of the body and then close, every time.
+    Truncate(usize),
     /// Send the first `n` bytes and then stall forever (until the client gives up).
     StallAfter(usize),
     /// Ignore Range headers (always 200 with the whole file).
@@ -186,7 +188,7 @@ async fn serve(
     record(status.as_u16());
     let full_len = body.len();
     let stream_body = match fault {
-        Some(Fault::TruncateOnce(n)) => {
+        Some(Fault::TruncateOnce(n)) | Some(Fault::Truncate(n)) => {
             // Promise the full length, send less, close: a truncated download.
             let part = body.slice(..n.min(full_len));
             Body::from_stream(futures_once(part, false))

@@ -1,0 +1,72 @@
+//! `otagw run --config FILE`: the daemon. Prints the addresses it bound
+//! (`api: ADDR`, `broker: ADDR`) on stdout, serves until SIGINT or SIGTERM,
+//! then drains for up to `--grace` seconds.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::daemon::Gateway;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The configuration file (`otagw config default` prints one).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Seconds running jobs get to finish at shutdown.
+    #[arg(long, default_value_t = 10)]
+    pub grace: u64,
+}
+
+pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    // A bad configuration is a usage error (64, from main_with_args).
+    let cfg = Config::load(&a.config)?;
+    let gw = match Gateway::build(cfg).await {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if let Some(addr) = gw.broker_addr() {
+        println!("broker: {addr}");
+    }
+    if let Some(addr) = gw.api_addr() {
+        println!("api: {addr}");
+    }
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received");
+            shutdown.cancel();
+        });
+    }
+    match gw.run(shutdown, Duration::from_secs(a.grace)).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

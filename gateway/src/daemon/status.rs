@@ -1,0 +1,71 @@
+//! The daemon's answers to the status API.
+
+use std::sync::Arc;
+
+use super::{Core, lock};
+use crate::api::{DeviceStatus, JobStatus, StatusSource};
+use crate::ota::job::State;
+
+pub(super) struct Status(pub Arc<Core>);
+
+fn step_desc(state: &State) -> (Option<i32>, Option<String>) {
+    match state {
+        State::Failed { step, desc } => (Some(step.code()), Some(desc.clone())),
+        _ => (None, None),
+    }
+}
+
+impl StatusSource for Status {
+    fn devices(&self) -> Vec<DeviceStatus> {
+        let core = &self.0;
+        let jobs = lock(&core.jobs);
+        core.devices
+            .all()
+            .iter()
+            .map(|leaf| {
+                let live = jobs.get(&(leaf.id.clone(), leaf.module.clone()));
+                let job = live.map(|l| &l.record.job);
+                DeviceStatus {
+                    product_key: leaf.id.product_key.clone(),
+                    device_name: leaf.id.device_name.clone(),
+                    module: leaf.module.clone(),
+                    family: leaf.family.clone(),
+                    link: leaf.link.clone(),
+                    version: core.devices.version(leaf),
+                    state: job.map_or("idle", |j| j.state().name()).to_string(),
+                    progress: job.and_then(|j| match j.state() {
+                        State::Succeeded { .. } => Some(100),
+                        _ => j.percent(),
+                    }),
+                    target_version: job.map(|j| j.version().to_string()),
+                    last_error: job
+                        .and_then(|j| step_desc(j.state()).1)
+                        .or_else(|| live.and_then(|l| l.last_error.clone())),
+                }
+            })
+            .collect()
+    }
+
+    fn jobs(&self) -> Vec<JobStatus> {
+        lock(&self.0.jobs)
+            .values()
+            .map(|l| {
+                let job = &l.record.job;
+                let (step, desc) = step_desc(job.state());
+                JobStatus {
+                    device: l.record.leaf.to_string(),
+                    module: l.record.module.clone(),
+                    version: job.version().to_string(),
+                    state: job.state().name().to_string(),
+                    progress: match job.state() {
+                        State::Succeeded { .. } => 100,
+                        s => crate::ota::job::overall_percent(s).unwrap_or(0),
+                    },
+                    step,
+                    desc,
+                    updated_ms: job.history().last().map_or(0, |t| t.at_ms),
+                }
+            })
+            .collect()
+    }
+}
