@@ -48,9 +48,11 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Open (or create) the database at `path`. A database that cannot be
-    /// opened is renamed to `{path}.broken-{unix seconds}` and a new one is
-    /// created; the returned flag says that happened.
+    /// Open (or create) the database at `path`. A database that does not
+    /// open for any reason but I/O (corruption, an unreadable configuration)
+    /// is renamed to `{path}.broken-{unix seconds}` and a new one is created;
+    /// the returned flag says that happened. I/O errors, a lock held by
+    /// another process among them, are returned as they are.
     pub fn open(path: &Path) -> Result<(Store, bool), StoreError> {
         match sled::open(path) {
             Ok(db) => Ok((
@@ -60,6 +62,12 @@ impl Store {
                 },
                 false,
             )),
+            // Not ours to fix: another process holds the lock, or the disk
+            // refuses us. Moving a live database aside would be a disaster.
+            Err(sled::Error::Io(source)) => Err(StoreError::Open {
+                path: path.to_path_buf(),
+                source: sled::Error::Io(source),
+            }),
             Err(first) => {
                 let stamp = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -115,6 +123,48 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_locked_by_another_process_is_left_alone() {
+        use std::io::{BufRead, BufReader};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let (store, _) = Store::open(&path).unwrap();
+        store.tree("t").unwrap().insert(b"k", b"v").unwrap();
+        store.db.flush().unwrap();
+        drop(store);
+        // sled takes an OS file lock on `db/db`; another process holding it
+        // is what a second gateway on the same data_dir looks like. `flock`
+        // blocks until sled's threads have let go, then says so and holds it.
+        let mut holder = std::process::Command::new("flock")
+            .arg(path.join("db"))
+            .args(["-c", "echo locked; exec cat"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run flock (util-linux)");
+        let mut line = String::new();
+        BufReader::new(holder.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "locked");
+
+        let err = Store::open(&path).expect_err("the lock is held");
+        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["db"], "nothing was moved aside");
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
+        let (store, rebuilt) = Store::open(&path).unwrap();
+        assert!(!rebuilt);
+        assert!(
+            store.tree("t").unwrap().get(b"k").unwrap().is_some(),
+            "the data is intact"
+        );
+    }
 
     #[test]
     fn a_store_that_does_not_open_is_moved_aside_and_rebuilt() {

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use otagw_e2e::*;
 
+/// `otagw`, as a program of this test package.
+const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_otagw-e2e-gateway");
+
 /// Upper bound for a whole upgrade in these tests (never a synchronisation).
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -140,4 +143,245 @@ async fn three_leaves_upgrade_through_a_real_broker() {
     for sim in sims {
         sim.shutdown().await;
     }
+}
+
+/// The last progress message on a leaf's topic, parsed.
+fn last_progress(probe: &MqttProbe, dn: &str) -> serde_json::Value {
+    payloads(probe, &topic("progress", dn))
+        .pop()
+        .expect("a progress message")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_the_right_step_code_and_the_gateway_keeps_serving() {
+    let s = setup().await;
+    let good_sim = PtySim::spawn(xmodem_device()).unwrap();
+    let silent_sim = PtySim::spawn(xmodem_device()).unwrap();
+    let mut leaves = vec![LeafSpec::xmodem("good", &good_sim.url())];
+    // Never enters its bootloader (no enter_command): it never answers.
+    let mut silent = LeafSpec::xmodem("silent", &silent_sim.url());
+    silent.options = opts(&[("handshake_timeout_ms", "1000")]);
+    leaves.push(silent);
+    let gw = Daemon::start(&s.config(&leaves)).await;
+    s.probe
+        .wait_until(LIMIT, "informs", |m| {
+            has_inform(m, &topic("inform", "good"), "1.0.0")
+        })
+        .await;
+
+    let img = versioned_image(30_000, "2.0.0");
+    let url = s.files.add("fw.bin", img.clone());
+    let truncated = s.files.add("truncated.bin", img.clone());
+    s.files.fault("truncated.bin", Fault::Truncate(5_000));
+    let unreachable = format!("http://127.0.0.1:{}/fw.bin", otagw_testkit::free_port());
+
+    // Each bad notice in turn, on the good leaf: (payload, step, words in desc).
+    let other = md5_hex(b"some other image");
+    let wrong_md5 =
+        serde_json::json!({"code":"1000","id":1,"data":{"size":img.len(),"version":"2.0.3",
+        "url":url,"md5":other,"sign":other,"signMethod":"Md5"}})
+        .to_string();
+    let mqtt_download =
+        serde_json::json!({"code":"1000","id":2,"data":{"size":30000,"version":"2.0.0",
+        "dProtocol":"mqtt","streamId":7,"streamFileId":1,"sign":md5_hex(&img),"signMethod":"Md5"}})
+        .to_string();
+    let other_module =
+        serde_json::json!({"code":"1000","id":3,"data":{"size":30000,"version":"2.0.0",
+        "url":url,"sign":md5_hex(&img),"signMethod":"Md5","module":"MCU"}})
+        .to_string();
+    let cases: Vec<(String, &str, &[&str])> = vec![
+        ("{not json".into(), "-1", &["not JSON"]),
+        (
+            r#"{"code":"1000","id":4,"data":{"version":"2.0.0"}}"#.into(),
+            "-1",
+            &["size"],
+        ),
+        (other_module, "-1", &["MCU", "not managed"]),
+        (mqtt_download, "-2", &["MQTT"]),
+        (notice(5, "2.0.1", &unreachable, &img), "-2", &[]),
+        (notice(6, "2.0.2", &truncated, &img), "-2", &[]),
+        (wrong_md5, "-3", &["md5"]),
+    ];
+    for (payload, step, words) in &cases {
+        let before = s.probe.on(&topic("progress", "good")).len();
+        s.probe
+            .publish(&topic("upgrade", "good"), payload.as_str())
+            .await;
+        s.probe
+            .wait_until(LIMIT, &format!("step {step} for {payload}"), |m| {
+                m.iter()
+                    .filter(|m| m.topic == topic("progress", "good"))
+                    .skip(before)
+                    .any(|m| {
+                        serde_json::from_slice::<serde_json::Value>(&m.payload).is_ok_and(|v| {
+                            v["params"]["step"]
+                                .as_str()
+                                .is_some_and(|st| st.starts_with('-'))
+                        })
+                    })
+            })
+            .await;
+        let p = last_progress(&s.probe, "good");
+        assert_eq!(p["params"]["step"], *step, "{payload}: {p}");
+        let desc = p["params"]["desc"].as_str().unwrap();
+        assert!(!desc.is_empty() && desc.len() < 128, "{desc:?}");
+        for w in *words {
+            assert!(
+                desc.to_lowercase().contains(&w.to_lowercase()),
+                "{payload}: desc {desc:?} lacks {w:?}"
+            );
+        }
+    }
+    // A leaf that never answers: -4.
+    s.probe
+        .publish(&topic("upgrade", "silent"), notice(7, "2.0.0", &url, &img))
+        .await;
+    s.probe
+        .wait_until(LIMIT, "the silent leaf fails", |m| {
+            has_step(m, &topic("progress", "silent"), "-4")
+        })
+        .await;
+    let p = last_progress(&s.probe, "silent");
+    assert!(
+        p["params"]["desc"].as_str().unwrap().contains("timeout"),
+        "{p}"
+    );
+
+    // Still serving: a good notice succeeds.
+    s.probe
+        .publish(&topic("upgrade", "good"), notice(8, "2.0.0", &url, &img))
+        .await;
+    s.probe
+        .wait_until(LIMIT, "the good upgrade", |m| {
+            has_inform(m, &topic("inform", "good"), "2.0.0")
+        })
+        .await;
+    let devices = gw.api_get("/api/devices").await;
+    let silent = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_name"] == "silent")
+        .unwrap();
+    assert_eq!(silent["state"], "failed");
+    assert!(
+        silent["last_error"].as_str().unwrap().contains("timeout"),
+        "{silent}"
+    );
+    gw.stop().await;
+    good_sim.shutdown().await;
+    silent_sim.shutdown().await;
+}
+
+/// Kill the gateway (SIGKILL) while it downloads and, on a second leaf, while
+/// it flashes; start it again: the download resumes with a Range request, and
+/// every job ends in success, reported upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_resumes_downloads_and_flashes() {
+    let s = setup().await;
+    let config_path = s.data.path().join("otagw.toml");
+    // 3 MiB: big enough that a kill lands mid-way in either phase.
+    let img = versioned_image(3 << 20, "3.0.0");
+
+    // --- during a download: the server stalls after 2 MiB.
+    let sim = PtySim::spawn(xmodem_device()).unwrap();
+    let leaves = vec![LeafSpec::xmodem("dl", &sim.url())];
+    let url = s.files.add("big.bin", img.clone());
+    s.files.fault("big.bin", Fault::StallAfter(2 << 20));
+    let gw = GatewayProcess::start(GATEWAY_BIN, &s.config(&leaves), &config_path).await;
+    s.probe
+        .wait_until(LIMIT, "informs", |m| {
+            has_inform(m, &topic("inform", "dl"), "1.0.0")
+        })
+        .await;
+    s.probe
+        .publish(&topic("upgrade", "dl"), notice(1, "3.0.0", &url, &img))
+        .await;
+    // Download progress is 0-30 % of the job: 15 % means over 1.5 MiB stored.
+    s.probe
+        .wait_until(LIMIT, "download progress", |m| {
+            progress_at_least(m, "dl", 15)
+        })
+        .await;
+    gw.kill().await;
+    s.files.clear_fault("big.bin");
+    let gw = GatewayProcess::start(GATEWAY_BIN, &s.config(&leaves), &config_path).await;
+    s.probe
+        .wait_until(LIMIT, "the resumed upgrade", |m| {
+            has_inform(m, &topic("inform", "dl"), "3.0.0")
+        })
+        .await;
+    let reqs = s.files.requests("big.bin");
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    let range = reqs[1]
+        .range
+        .as_deref()
+        .expect("the second request resumes with Range");
+    let from: u64 = range
+        .trim_start_matches("bytes=")
+        .trim_end_matches('-')
+        .parse()
+        .unwrap();
+    assert!(from >= 1 << 20, "resumed from {from}");
+    assert_eq!(reqs[1].status, 206);
+    assert_padded(&sim.handle().next_image().await.data, &img, 0x1a);
+    gw.kill().await;
+
+    // --- during a flash.
+    let sim2 = PtySim::spawn(xmodem_device()).unwrap();
+    let leaves = vec![
+        LeafSpec::xmodem("dl", &sim.url()),
+        LeafSpec::xmodem("fl", &sim2.url()),
+    ];
+    let gw = GatewayProcess::start(GATEWAY_BIN, &s.config(&leaves), &config_path).await;
+    s.probe
+        .wait_until(LIMIT, "informs", |m| {
+            has_inform(m, &topic("inform", "fl"), "1.0.0")
+        })
+        .await;
+    s.probe
+        .publish(&topic("upgrade", "fl"), notice(2, "3.0.0", &url, &img))
+        .await;
+    // Flashing is 35-95 %.
+    s.probe
+        .wait_until(LIMIT, "flash progress", |m| progress_at_least(m, "fl", 50))
+        .await;
+    gw.kill().await;
+    let before = s.files.requests("big.bin").len();
+    let gw = GatewayProcess::start(GATEWAY_BIN, &s.config(&leaves), &config_path).await;
+    s.probe
+        .wait_until(LIMIT, "the resumed flash", |m| {
+            has_inform(m, &topic("inform", "fl"), "3.0.0")
+        })
+        .await;
+    assert_eq!(
+        s.files.requests("big.bin").len(),
+        before,
+        "the image came from the cache"
+    );
+    assert_padded(&sim2.handle().next_image().await.data, &img, 0x1a);
+    // The job's terminal report reached the broker.
+    assert!(has_step(
+        &s.probe.messages(),
+        &topic("progress", "fl"),
+        "100"
+    ));
+    gw.kill().await;
+    sim.shutdown().await;
+    sim2.shutdown().await;
+}
+
+/// Whether a leaf reported progress of at least `percent`.
+fn progress_at_least(messages: &[Message], dn: &str, percent: i64) -> bool {
+    messages.iter().any(|m| {
+        m.topic == topic("progress", dn)
+            && serde_json::from_slice::<serde_json::Value>(&m.payload)
+                .ok()
+                .and_then(|v| {
+                    v["params"]["step"]
+                        .as_str()
+                        .and_then(|s| s.parse::<i64>().ok())
+                })
+                .is_some_and(|s| s >= percent)
+    })
 }

@@ -314,3 +314,48 @@ pub fn has_step(messages: &[Message], topic: &str, step: &str) -> bool {
                 .is_ok_and(|v| v["params"]["step"] == step)
     })
 }
+
+/// A gateway running as its own process (`otagw run`), for tests that kill it.
+#[derive(Debug)]
+pub struct GatewayProcess {
+    child: tokio::process::Child,
+    pub api: std::net::SocketAddr,
+}
+
+impl GatewayProcess {
+    /// Write `config` to `path` and start `otagw run --config path` (`bin` is
+    /// the test package's `otagw-e2e-gateway`, whose path only the test target
+    /// knows); returns once the gateway printed its API address.
+    pub async fn start(bin: &str, config: &str, path: &Path) -> GatewayProcess {
+        use tokio::io::AsyncBufReadExt;
+        std::fs::write(path, config).expect("write the config");
+        let mut child = tokio::process::Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(path)
+            .env("RUST_LOG", "otagw=info")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the gateway process");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let api = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await.expect("read the gateway's stdout") {
+                if let Some(a) = line.strip_prefix("api: ") {
+                    return a.parse().expect("an address");
+                }
+            }
+            panic!("the gateway exited before printing its API address")
+        })
+        .await
+        .expect("the gateway starts within 60 s");
+        // Keep draining stdout so the gateway never blocks on it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        GatewayProcess { child, api }
+    }
+
+    /// SIGKILL: no drain, no goodbye.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill the gateway");
+    }
+}

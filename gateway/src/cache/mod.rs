@@ -240,11 +240,23 @@ impl Cache {
                 }
             }
         };
+        let mut last = None;
         loop {
             let state = rx.borrow_and_update().clone();
             match state {
-                FlightState::Progress { done, total } => progress(done, total),
-                FlightState::Done(result) => return result,
+                FlightState::Progress { done, total } => {
+                    last = Some(done);
+                    progress(done, total);
+                }
+                FlightState::Done(result) => {
+                    // Updates are coalesced: make sure every caller sees the end.
+                    if let Ok(image) = &result
+                        && last != Some(image.size())
+                    {
+                        progress(image.size(), image.size());
+                    }
+                    return result;
+                }
             }
             if rx.changed().await.is_err() {
                 // The task ended; its last word is still in the channel.

@@ -115,7 +115,7 @@ pub(super) async fn run(core: Arc<Core>, key: JobKey, generation: u64, first: Op
         }
     };
     if terminal {
-        mark_reported(&core, &key);
+        mark_reported(&core, &key).await;
         core.finished(&key, succeeded).await;
     } else if awaiting {
         lock(&core.queue).awaiting_notice(&key.0, &key.1);
@@ -483,12 +483,16 @@ fn reported_mark(r: &JobRecord) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Remember that a terminal job's reports are in the outbox.
-fn mark_reported(core: &Core, key: &JobKey) {
+/// Remember (durably) that a terminal job's reports are in the outbox.
+async fn mark_reported(core: &Core, key: &JobKey) {
     let Some(r) = lock(&core.jobs).get(key).map(|l| l.record.clone()) else {
         return;
     };
-    if let Err(e) = core.reported.insert(reported_key(key), reported_mark(&r)) {
+    let stored = match core.reported.insert(reported_key(key), reported_mark(&r)) {
+        Ok(_) => core.reported.flush_async().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = stored {
         tracing::error!("cannot record a terminal report: {e}");
     }
 }
@@ -540,5 +544,5 @@ pub(super) async fn ensure_terminal_reported(core: &Arc<Core>, key: &JobKey) {
         }
         _ => return,
     }
-    mark_reported(core, key);
+    mark_reported(core, key).await;
 }

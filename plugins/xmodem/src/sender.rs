@@ -164,24 +164,52 @@ enum Reply {
     Silence,
 }
 
+/// How long the line must stay quiet before a second start after a stale
+/// session (receivers discard input for about a block timeout after a cancel).
+pub const STALE_QUIET_MS: u32 = 1_500;
+/// The longest wait for that quiet.
+const STALE_WAIT_MAX_MS: u64 = 20_000;
+
 /// Send the image: the whole `flash` of this family.
+///
+/// A receiver still inside an earlier, interrupted session (the gateway
+/// restarted mid-transfer, a technician pulled a cable) cancels our first
+/// block as out of sequence. Then, once, wait for the line to go quiet and
+/// start over from the enter-bootloader command.
 pub fn flash<P: Port, S: Source>(
     port: &mut P,
     image: &mut S,
     settings: &Settings,
 ) -> Result<Report, Error> {
-    let mut sender = Sender {
-        port,
-        image,
-        s: settings,
-        rx: VecDeque::new(),
-        crc: true,
-        block_size: settings.block_size,
-        retries: 0,
-        blocks: 0,
-        started: false,
-    };
-    sender.run()
+    let mut sender = Sender::new(port, image, settings);
+    match sender.run() {
+        Err(e) if sender.cancelled_at_start => {
+            let retries = sender.retries;
+            sender.log(
+                Level::Warn,
+                &format!("{e}: the receiver was in a stale session; starting over once"),
+            );
+            let t0 = sender.port.now_ms();
+            loop {
+                let got = sender
+                    .port
+                    .read(256, STALE_QUIET_MS)
+                    .map_err(|e| link_error("prepare: waiting for a quiet line", e))?;
+                if got.is_empty() || sender.port.now_ms() - t0 > STALE_WAIT_MAX_MS {
+                    break;
+                }
+            }
+            let mut again = Sender::new(port, image, settings);
+            again.retries = retries + 1;
+            again.run().map_err(|e2| {
+                Error::Transfer(format!(
+                    "{}; starting over failed too: {e2}",
+                    e.to_string().trim_start_matches("transfer: ")
+                ))
+            })
+        }
+        r => r,
+    }
 }
 
 struct Sender<'a, P: Port, S: Source> {
@@ -196,6 +224,25 @@ struct Sender<'a, P: Port, S: Source> {
     blocks: u32,
     /// The receiver has started: giving up now sends CAN CAN.
     started: bool,
+    /// The receiver cancelled the very first frame (a stale session).
+    cancelled_at_start: bool,
+}
+
+impl<'a, P: Port, S: Source> Sender<'a, P, S> {
+    fn new(port: &'a mut P, image: &'a mut S, s: &'a Settings) -> Self {
+        Sender {
+            port,
+            image,
+            s,
+            rx: VecDeque::new(),
+            crc: true,
+            block_size: s.block_size,
+            retries: 0,
+            blocks: 0,
+            started: false,
+            cancelled_at_start: false,
+        }
+    }
 }
 
 impl<P: Port, S: Source> Sender<'_, P, S> {
@@ -318,6 +365,7 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
                 match self.wait_reply(self.s.block_timeout_ms, first)? {
                     Reply::Ack => break,
                     Reply::Cancel => {
+                        self.cancelled_at_start = first && self.blocks == 0;
                         return Err(Error::Transfer(format!(
                             "transfer: block {index} (offset {offset}): the receiver cancelled \
                              the transfer (CAN CAN)"
