@@ -89,9 +89,9 @@ impl EmbeddedBroker {
             })
             .map_err(|source| BrokerError::Bind { addr, source })?;
 
-        // rumqttd does not say when it is listening: try to connect, bounded.
+        // rumqttd does not say when it is listening: ask it, bounded.
         for _ in 0..500 {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            if answers_mqtt(addr).await {
                 tracing::info!(%addr, "embedded MQTT broker listening");
                 return Ok(EmbeddedBroker { addr });
             }
@@ -108,6 +108,30 @@ impl EmbeddedBroker {
     pub fn url(&self) -> String {
         format!("mqtt://{}", self.addr)
     }
+}
+
+/// Whether an MQTT 3.1.1 broker at `addr` accepts a connection: CONNECT,
+/// CONNACK "accepted", DISCONNECT (a bare TCP probe makes rumqttd log an error).
+async fn answers_mqtt(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CONNECT: &[u8] = &[
+        0x10, 23, // CONNECT, remaining length
+        0, 4, b'M', b'Q', b'T', b'T', 4, // protocol name and level 3.1.1
+        0x02, 0, 10, // clean session, keep alive 10 s
+        0, 11, b'o', b't', b'a', b'g', b'w', b'-', b'p', b'r', b'o', b'b', b'e',
+    ];
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(CONNECT).await?;
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).await?;
+        s.write_all(&[0xE0, 0]).await?;
+        std::io::Result::Ok(ack == [0x20, 2, 0, 0])
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), probe).await,
+        Ok(Ok(true))
+    )
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ fn topic(kind: &str, dn: &str) -> String {
 }
 
 struct Setup {
+    // Restarted by a test: `restart` needs `&mut`.
     broker: Mosquitto,
     probe: MqttProbe,
     files: FileServer,
@@ -384,4 +385,59 @@ fn progress_at_least(messages: &[Message], dn: &str, percent: i64) -> bool {
                 })
                 .is_some_and(|s| s >= percent)
     })
+}
+
+/// The broker restarts while a leaf is being flashed: the gateway reconnects,
+/// progress resumes, and the terminal report and new version arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_upgrade_loses_no_terminal_state() {
+    let mut s = setup().await;
+    // A 921600 baud line: the 1 MiB flash takes ~12 s, so the gateway is
+    // surely back before it ends (its reconnect backoff starts at 0.5 s).
+    let sim = PtySim::spawn(XmodemSimConfig {
+        line_rate: Some(921_600),
+        ..xmodem_device()
+    })
+    .unwrap();
+    let gw = Daemon::start(&s.config(&[LeafSpec::xmodem("br", &sim.url())])).await;
+    s.probe
+        .wait_until(LIMIT, "informs", |m| {
+            has_inform(m, &topic("inform", "br"), "1.0.0")
+        })
+        .await;
+    let img = versioned_image(1 << 20, "4.0.0");
+    let url = s.files.add("br.bin", img.clone());
+    s.probe
+        .publish(&topic("upgrade", "br"), notice(1, "4.0.0", &url, &img))
+        .await;
+    s.probe
+        .wait_until(LIMIT, "flash progress", |m| progress_at_least(m, "br", 45))
+        .await;
+    let seen_before = s.probe.messages().len();
+    s.broker.restart().await;
+    s.probe
+        .wait_until(LIMIT, "the new version after the restart", |m| {
+            has_inform(m, &topic("inform", "br"), "4.0.0")
+        })
+        .await;
+    let after: Vec<Message> = s.probe.messages().into_iter().skip(seen_before).collect();
+    assert!(
+        has_step(&after, &topic("progress", "br"), "100"),
+        "the terminal report arrived after the restart"
+    );
+    let resumed = after.iter().any(|m| {
+        m.topic == topic("progress", "br")
+            && serde_json::from_slice::<serde_json::Value>(&m.payload)
+                .ok()
+                .and_then(|v| {
+                    v["params"]["step"]
+                        .as_str()
+                        .and_then(|s| s.parse::<i64>().ok())
+                })
+                .is_some_and(|s| (46..100).contains(&s))
+    });
+    assert!(resumed, "progress resumed after the reconnect");
+    assert_padded(&sim.handle().next_image().await.data, &img, 0x1a);
+    gw.stop().await;
+    sim.shutdown().await;
 }

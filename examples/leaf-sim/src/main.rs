@@ -57,6 +57,10 @@ struct XmodemArgs {
     /// Write each received image here (overwritten by the next one).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Simulated line rate (bits per second, 8N1): blocks are acknowledged no
+    /// faster than such a wire carries them.
+    #[arg(long)]
+    baud: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -121,6 +125,7 @@ fn config(args: &XmodemArgs) -> anyhow::Result<XmodemSimConfig> {
         poll_interval: Duration::from_millis(args.poll_ms),
         block_timeout: Duration::from_millis(args.block_timeout_ms),
         faults,
+        line_rate: args.baud,
         ..XmodemSimConfig::default()
     })
 }

@@ -106,7 +106,10 @@ pub fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // rumqttd logs every client's disconnect as an error.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("warn,rumqttd::server::broker=off")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();

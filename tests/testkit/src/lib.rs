@@ -24,6 +24,29 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The md5 of `bytes`, lowercase hex, computed by the `md5sum` tool so tests
+/// do not check the gateway's hashing with the gateway's own code.
+pub fn md5_hex(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run md5sum");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(bytes)
+        .expect("feed md5sum");
+    let out = child.wait_with_output().expect("md5sum output");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("md5sum prints a digest")
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,27 +102,4 @@ mod tests {
             }]
         );
     }
-}
-
-/// The md5 of `bytes`, lowercase hex, computed by the `md5sum` tool so tests
-/// do not check the gateway's hashing with the gateway's own code.
-pub fn md5_hex(bytes: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("md5sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("run md5sum");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(bytes)
-        .expect("feed md5sum");
-    let out = child.wait_with_output().expect("md5sum output");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("md5sum prints a digest")
-        .to_string()
 }

@@ -37,8 +37,10 @@ impl Mosquitto {
 
     fn write_config(&self) {
         let mut conf = format!(
-            "listener {} 127.0.0.1\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n",
-            self.port
+            "listener {} 127.0.0.1\npersistence true\npersistence_location {}/\n\
+             log_dest stderr\nlog_type error\nlog_type warning\n",
+            self.port,
+            self.dir.path().display()
         );
         if self.users.is_empty() {
             conf.push_str("allow_anonymous true\n");
@@ -74,8 +76,21 @@ impl Mosquitto {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
-    /// Stop the broker (SIGKILL: clients see the connection drop).
+    /// Stop the broker the way a service manager does (SIGTERM): clients see
+    /// the connection drop; persistent sessions and their queued messages are
+    /// saved and come back with [`Mosquitto::restart`].
     pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kill the broker (SIGKILL): nothing is saved.
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -121,6 +136,6 @@ fn mosquitto_binary() -> PathBuf {
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        self.stop();
+        self.kill();
     }
 }

@@ -42,12 +42,16 @@ impl std::fmt::Debug for MqttProbe {
 
 impl MqttProbe {
     /// Connect to `127.0.0.1:port`, subscribe to `filter` (e.g. "#") and wait
-    /// for the SUBACK, so nothing published afterwards is missed.
+    /// for the SUBACK, so nothing published afterwards is missed. The session
+    /// is persistent: across a broker restart that keeps sessions
+    /// ([`crate::Mosquitto::restart`]) the broker queues what the probe
+    /// missed; where the session is lost, the probe subscribes again.
     pub async fn connect(port: u16, filter: &str) -> MqttProbe {
         let id = format!("probe-{}", crate::free_port());
         let mut opts = MqttOptions::new(id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_clean_session(false);
         let (client, mut el) = AsyncClient::new(opts, 256);
         let seen = Arc::new(Mutex::new(Seen::default()));
         let changed = Arc::new(Notify::new());
@@ -58,6 +62,8 @@ impl MqttProbe {
             .await
             .expect("queue SUBSCRIBE");
         {
+            let resubscribe = client.clone();
+            let filter = filter.to_string();
             let seen = seen.clone();
             let changed = changed.clone();
             let stop = stop.clone();
@@ -78,6 +84,11 @@ impl MqttProbe {
                                     payload: p.payload.to_vec(),
                                 });
                             changed.notify_waiters();
+                        }
+                        Ok(Event::Incoming(Packet::ConnAck(ack)))
+                            if !ack.session_present && subacked.is_none() =>
+                        {
+                            let _ = resubscribe.try_subscribe(filter.clone(), QoS::AtLeastOnce);
                         }
                         Ok(Event::Incoming(Packet::SubAck(_))) => {
                             if let Some(tx) = subacked.take() {

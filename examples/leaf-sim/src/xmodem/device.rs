@@ -508,6 +508,14 @@ where
                     }
                     errors = 0;
                     blocks = index;
+                    if let Some(bps) = self.device.config().line_rate.filter(|b| *b > 0) {
+                        // The frame: header (3), payload, CRC (2); 10 bits a byte.
+                        let bits = (payload.len() as u64 + 5) * 10;
+                        tokio::time::sleep(Duration::from_micros(
+                            bits * 1_000_000 / u64::from(bps),
+                        ))
+                        .await;
+                    }
                     data.extend_from_slice(&payload);
                     if self
                         .device

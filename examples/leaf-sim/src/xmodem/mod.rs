@@ -182,6 +182,10 @@ pub struct XmodemSimConfig {
     pub start_timeout: Option<Duration>,
     /// Faults to inject.
     pub faults: Faults,
+    /// Simulated line rate in bits per second (8N1: 10 bits a byte): a block
+    /// is acknowledged no sooner than its frame would take on such a wire.
+    /// `None`: as fast as the link carries it.
+    pub line_rate: Option<u32>,
 }
 
 impl Default for XmodemSimConfig {
@@ -197,6 +201,7 @@ impl Default for XmodemSimConfig {
             max_errors: 10,
             start_timeout: None,
             faults: Faults::default(),
+            line_rate: None,
         }
     }
 }
