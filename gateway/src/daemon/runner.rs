@@ -385,19 +385,16 @@ impl Ctx {
             Err(desc) => return failed(Step::UpgradeFailed, desc),
         };
         let meta = self.meta();
+        let link = match self.take_link().await {
+            Ok(l) => l,
+            Err(desc) => return failed(Step::FlashFailed, desc),
+        };
         let mut session = match self.session().await {
             Ok(s) => s,
-            Err(e) => return failed(Step::UpgradeFailed, e.to_string()),
-        };
-        let link = match self.link.take() {
-            Some(l) => l,
-            None => match Link::open(&self.leaf.link).await {
-                Ok(l) => l,
-                Err(e) => {
-                    self.session = Some(session);
-                    return failed(Step::FlashFailed, e.to_string());
-                }
-            },
+            Err(e) => {
+                self.link = Some(link);
+                return failed(Step::UpgradeFailed, e.to_string());
+            }
         };
         let mut rx = self.events_rx.take();
         let (link, result) = {
@@ -432,26 +429,27 @@ impl Ctx {
         }
     }
 
+    /// The link of this job: the one flashing used, or a fresh one.
+    async fn take_link(&mut self) -> Result<Link, String> {
+        match self.link.take() {
+            Some(l) => Ok(l),
+            None => Link::open(&self.leaf.link).await.map_err(|e| e.to_string()),
+        }
+    }
+
     async fn identify(&mut self) -> Event {
+        let link = match self.take_link().await {
+            Ok(l) => l,
+            Err(desc) => return Event::IdentifyFailed { desc },
+        };
         let mut session = match self.session().await {
             Ok(s) => s,
             Err(e) => {
+                self.link = Some(link);
                 return Event::IdentifyFailed {
                     desc: e.to_string(),
                 };
             }
-        };
-        let link = match self.link.take() {
-            Some(l) => l,
-            None => match Link::open(&self.leaf.link).await {
-                Ok(l) => l,
-                Err(e) => {
-                    self.session = Some(session);
-                    return Event::IdentifyFailed {
-                        desc: e.to_string(),
-                    };
-                }
-            },
         };
         let (link, r) = session.identify(link, &self.leaf.options).await;
         self.link = Some(link);

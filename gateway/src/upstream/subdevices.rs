@@ -61,6 +61,21 @@ impl<'a> SignedLeaf<'a> {
     }
 }
 
+/// A leaf's signed identity, as both `topo/add` and `batch_login` list it,
+/// plus the one field in which the two differ.
+fn signed_entry(l: &SignedLeaf<'_>, ts_ms: u64, extra: (&str, &str)) -> Value {
+    let cid = l.client_id();
+    let mut entry = json!({
+        "productKey": l.product_key,
+        "deviceName": l.device_name,
+        "clientId": cid,
+        "timestamp": ts_ms.to_string(),
+        "sign": auth::sign(l.device_secret, &cid, l.device_name, l.product_key, ts_ms),
+    });
+    entry[extra.0] = Value::from(extra.1);
+    entry
+}
+
 /// One `topo/add` payload per batch of at most [`TOPO_ADD_BATCH`] leaves.
 /// `first_id` numbers the requests (`id` is a decimal string).
 pub fn topo_add_payloads(
@@ -74,17 +89,7 @@ pub fn topo_add_payloads(
         .map(|(chunk, id)| {
             let params: Vec<Value> = chunk
                 .iter()
-                .map(|l| {
-                    let cid = l.client_id();
-                    json!({
-                        "productKey": l.product_key,
-                        "deviceName": l.device_name,
-                        "clientId": cid,
-                        "timestamp": ts_ms.to_string(),
-                        "signmethod": "hmacSha256",
-                        "sign": auth::sign(l.device_secret, &cid, l.device_name, l.product_key, ts_ms),
-                    })
-                })
+                .map(|l| signed_entry(l, ts_ms, ("signmethod", "hmacSha256")))
                 .collect();
             let id = id.to_string();
             let body = json!({
@@ -110,17 +115,7 @@ pub fn batch_login_payloads(
         .map(|(chunk, id)| {
             let list: Vec<Value> = chunk
                 .iter()
-                .map(|l| {
-                    let cid = l.client_id();
-                    json!({
-                        "productKey": l.product_key,
-                        "deviceName": l.device_name,
-                        "clientId": cid,
-                        "timestamp": ts_ms.to_string(),
-                        "cleanSession": "true",
-                        "sign": auth::sign(l.device_secret, &cid, l.device_name, l.product_key, ts_ms),
-                    })
-                })
+                .map(|l| signed_entry(l, ts_ms, ("cleanSession", "true")))
                 .collect();
             let id = id.to_string();
             let body = json!({
