@@ -16,7 +16,7 @@
 //! - [`broker`]: the embedded MQTT broker (rumqttd), confined.
 //! - [`api`]: the local HTTP status API.
 //! - [`tls`]: the process's rustls crypto provider.
-//! - [`cache`]: firmware images in sled: content-addressed, one resumable,
+//! - [`cache`]: firmware images in files, their metadata in sled: content-addressed, one resumable,
 //!   verified download per image, LRU eviction that spares images in use.
 //! - [`upstream`]: the MQTT session to the cloud: auth modes, TLS, reconnects,
 //!   subscriptions, the aliyun sub-device handshake, the durable outbox.

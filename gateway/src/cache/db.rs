@@ -1,13 +1,29 @@
-//! The cache's typed view of its two sled trees (nothing else in the cache
-//! touches sled):
-//! - `images`: digest (`sha256:ab…`) → [`Meta`] as JSON;
-//! - `chunks`: digest ‖ chunk index (u64 big-endian) → the chunk's bytes. Every
-//!   chunk holds exactly `chunk_size` bytes except the last one of an image.
+//! Where the cache keeps things: metadata in sled, image bytes in files.
+//! Nothing else in the cache touches sled or the images directory.
 //!
-//! Write order keeps the two consistent across a crash: chunks are written
-//! before the meta that counts them, and a removal deletes (and flushes) the
-//! meta before the chunks, so a meta never names chunks that are gone.
+//! - sled tree `images`: digest (`sha256:ab…`) → [`Meta`] as JSON;
+//! - `<data_dir>/images/<method>-<hex>.img` (`sha256-ab….img`): the image's
+//!   bytes, the file growing as they arrive. The directory is the store's
+//!   sibling (`Store::path()` is `<data_dir>/db`).
+//!
+//! Bytes are in files, not sled, because sled keeps what it writes and reads
+//! resident: a 64 MiB image grew the process by ~72 MiB. Reads and writes of a
+//! file go through the kernel's page cache, which the kernel may reclaim.
+//!
+//! Write order keeps the two consistent across a crash:
+//! - a download records its meta (`Partial { received: 0 }`) before it
+//!   creates the file, and raises `received` only after the file's bytes up to
+//!   it are on disk (`sync_data`), so `received` never counts bytes a crash can
+//!   lose; on resume the file is cut back to `received` (it may be longer);
+//! - an image is marked `Complete` only after its whole file is synced;
+//! - a removal deletes (and flushes) the meta before the file, so a meta never
+//!   names a file that is gone; a crash in between leaves an orphan file,
+//!   deleted by the next [`Db::open`], which also drops (or cuts back) metas
+//!   whose file is missing or too short.
 
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +33,9 @@ use super::error::CacheError;
 use crate::store::Store;
 
 pub(crate) const IMAGES: &str = "images";
-pub(crate) const CHUNKS: &str = "chunks";
+/// The tree where earlier versions kept image bytes; emptied on open.
+/// The extension of image files.
+const EXT: &str = "img";
 
 /// Where an image stands in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +52,8 @@ pub enum ImageState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Meta {
     pub size: u64,
+    /// The unit of a download's writes and of `received` (a partial image
+    /// always holds whole chunks).
     pub chunk_size: u64,
     /// Lowercase hex; known once the image is complete.
     pub md5: Option<String>,
@@ -45,27 +65,59 @@ pub(crate) struct Meta {
     pub last_use: u64,
 }
 
-/// The two trees.
+/// The `images` tree and the images directory.
 #[derive(Clone)]
 pub(crate) struct Db {
     store: Store,
     images: sled::Tree,
-    chunks: sled::Tree,
+    dir: Arc<PathBuf>,
 }
 
-pub(crate) fn chunk_key(digest: &Digest, index: u64) -> Vec<u8> {
-    let mut k = digest.key();
-    k.extend_from_slice(&index.to_be_bytes());
-    k
+/// An I/O error on an image file, as a [`CacheError`].
+pub(crate) fn file_error(
+    op: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> CacheError {
+    let path = path.to_path_buf();
+    move |source| CacheError::File {
+        op,
+        path,
+        source: Arc::new(source),
+    }
 }
 
 impl Db {
+    /// Open the tree and the directory, and make them agree (see the module
+    /// documentation).
     pub(crate) fn open(store: &Store) -> Result<Db, CacheError> {
-        Ok(Db {
+        let dir = store
+            .path()
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("images");
+        std::fs::create_dir_all(&dir).map_err(file_error("create the images directory", &dir))?;
+        let db = Db {
             store: store.clone(),
             images: store.tree(IMAGES)?,
-            chunks: store.tree(CHUNKS)?,
-        })
+            dir: Arc::new(dir),
+        };
+        db.reconcile()?;
+        Ok(db)
+    }
+
+    /// The file of `digest`'s bytes.
+    pub(crate) fn path(&self, digest: &Digest) -> PathBuf {
+        self.dir
+            .join(format!("{}-{}.{EXT}", digest.method(), digest.hex()))
+    }
+
+    /// The digest a file in the images directory belongs to, if it is one.
+    fn digest_of(path: &Path) -> Option<Digest> {
+        if path.extension()? != EXT {
+            return None;
+        }
+        let (method, hex) = path.file_stem()?.to_str()?.split_once('-')?;
+        format!("{method}:{hex}").parse().ok()
     }
 
     pub(crate) fn meta(&self, digest: &Digest) -> Result<Option<Meta>, CacheError> {
@@ -96,7 +148,7 @@ impl Db {
     }
 
     /// Every image's meta. Entries that do not parse are removed (with their
-    /// chunks): the cache is content-addressed, the image can be fetched again.
+    /// files): the cache is content-addressed, the image can be fetched again.
     pub(crate) fn all(&self) -> Result<Vec<(Digest, Meta)>, CacheError> {
         let mut out = Vec::new();
         let mut broken = Vec::new();
@@ -118,54 +170,64 @@ impl Db {
                 .remove(k)
                 .map_err(CacheError::store("remove image meta"))?;
             if let Some(d) = d {
-                self.remove_chunks(&d)?;
+                self.remove_file(&d)?;
             }
         }
         Ok(out)
     }
 
-    pub(crate) fn put_chunk(
-        &self,
-        digest: &Digest,
-        index: u64,
-        bytes: &[u8],
-    ) -> Result<(), CacheError> {
-        self.chunks
-            .insert(chunk_key(digest, index), bytes)
-            .map_err(CacheError::store("write chunk"))?;
-        Ok(())
+    /// Open (creating it if need be) `digest`'s file for a download.
+    pub(crate) fn open_for_write(&self, digest: &Digest) -> Result<File, CacheError> {
+        let path = self.path(digest);
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(file_error("open an image file", &path))
     }
 
-    pub(crate) fn chunk(
+    /// Open `digest`'s file for reading; `None` if it is missing or holds
+    /// fewer than `size` bytes.
+    pub(crate) fn open_for_read(
         &self,
         digest: &Digest,
-        index: u64,
-    ) -> Result<Option<sled::IVec>, CacheError> {
-        self.chunks
-            .get(chunk_key(digest, index))
-            .map_err(CacheError::store("read chunk"))
+        size: u64,
+    ) -> Result<Option<File>, CacheError> {
+        let path = self.path(digest);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(file_error("open an image file", &path)(e)),
+        };
+        let len = file
+            .metadata()
+            .map_err(file_error("stat an image file", &path))?
+            .len();
+        Ok((len >= size).then_some(file))
     }
 
-    /// Remove an image: its meta first (made durable), then its chunks.
+    /// Remove an image: its meta first (made durable), then its file.
     pub(crate) fn remove(&self, digest: &Digest) -> Result<(), CacheError> {
         self.images
             .remove(digest.key())
             .map_err(CacheError::store("remove image meta"))?;
         self.images.flush().map_err(CacheError::store("flush"))?;
-        self.remove_chunks(digest)
+        self.remove_file(digest)
     }
 
-    fn remove_chunks(&self, digest: &Digest) -> Result<(), CacheError> {
-        let mut batch = sled::Batch::default();
-        for key in self.chunks.scan_prefix(digest.key()).keys() {
-            batch.remove(key.map_err(CacheError::store("list chunks"))?);
+    /// Delete `digest`'s file (readers that have it open keep reading it).
+    pub(crate) fn remove_file(&self, digest: &Digest) -> Result<(), CacheError> {
+        let path = self.path(digest);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(file_error("delete an image file", &path)(e)),
         }
-        self.chunks
-            .apply_batch(batch)
-            .map_err(CacheError::store("remove chunks"))
     }
 
-    /// Make every write so far durable.
+    /// Make every meta written so far durable.
     pub(crate) async fn flush(&self) -> Result<(), CacheError> {
         self.store
             .flush()
@@ -173,8 +235,66 @@ impl Db {
             .map_err(|e| CacheError::Storage(Arc::new(e)))
     }
 
+    /// Make the metas and the files agree after a crash: delete files no meta
+    /// names, drop complete images whose file is missing or short, cut partial
+    /// ones back to the whole chunks their file holds.
+    fn reconcile(&self) -> Result<(), CacheError> {
+        let all = self.all()?;
+        let mut changed = false;
+        for (digest, mut meta) in all.iter().cloned() {
+            let path = self.path(&digest);
+            let len = match std::fs::metadata(&path) {
+                Ok(m) => Some(m.len()),
+                Err(e) if e.kind() == ErrorKind::NotFound => None,
+                Err(e) => return Err(file_error("stat an image file", &path)(e)),
+            };
+            match meta.state {
+                ImageState::Complete if len.is_some_and(|l| l >= meta.size) => {}
+                ImageState::Complete => {
+                    tracing::warn!(%digest, file = ?len, size = meta.size, "cached image file missing or short: dropped");
+                    self.images
+                        .remove(digest.key())
+                        .map_err(CacheError::store("remove image meta"))?;
+                    self.remove_file(&digest)?;
+                    changed = true;
+                }
+                ImageState::Partial { received } if len.unwrap_or(0) < received => {
+                    let cs = meta.chunk_size.max(1);
+                    let keep = len.unwrap_or(0) / cs * cs;
+                    tracing::warn!(%digest, file = ?len, received, keep, "partial image file short: download cut back");
+                    meta.state = ImageState::Partial { received: keep };
+                    self.put_meta(&digest, &meta)?;
+                    changed = true;
+                }
+                ImageState::Partial { .. } => {}
+            }
+        }
+        let entries = std::fs::read_dir(&*self.dir)
+            .map_err(file_error("list the images directory", &self.dir))?;
+        for entry in entries {
+            let entry = entry.map_err(file_error("list the images directory", &self.dir))?;
+            let path = entry.path();
+            let Some(digest) = Self::digest_of(&path) else {
+                continue;
+            };
+            if all.iter().any(|(d, _)| *d == digest) {
+                continue;
+            }
+            tracing::info!(file = %path.display(), "orphan image file deleted");
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(file_error("delete an image file", &path)(e)),
+            }
+        }
+        if changed {
+            self.images.flush().map_err(CacheError::store("flush"))?;
+        }
+        Ok(())
+    }
+
     #[cfg(test)]
-    pub(crate) fn chunk_count(&self) -> usize {
-        self.chunks.len()
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
     }
 }

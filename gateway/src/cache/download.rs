@@ -1,7 +1,10 @@
-//! One download: the body of a flight. Streams the HTTP body into chunks,
-//! resumes with Range, retries with backoff, verifies size and digest, and only
-//! then marks the image complete.
+//! One download: the body of a flight. Streams the HTTP body into the image's
+//! file chunk by chunk, resumes with Range, retries with backoff, verifies size
+//! and digest, and only then marks the image complete.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -11,8 +14,8 @@ use reqwest::StatusCode;
 use reqwest::header;
 use tokio::sync::watch;
 
-use super::db::{Db, ImageState, Meta};
-use super::digest::{Digest, DigestMethod, Hashers};
+use super::db::{ImageState, Meta, file_error};
+use super::digest::{DigestMethod, Hashers};
 use super::error::{CacheError, reason};
 use super::{CachedImage, FetchRequest, FlightState, Inner};
 
@@ -31,13 +34,14 @@ pub(super) fn check_url(req: &FetchRequest) -> Result<(), CacheError> {
     }
 }
 
-/// Where a download stands: `received` bytes are stored (whole chunks) and
-/// hashed; `buf` holds the chunk being filled.
+/// Where a download stands: `received` bytes are in the file (whole chunks)
+/// and hashed, the first `durable` of them synced and counted by the meta;
+/// `buf` holds the chunk being filled.
 struct Progress {
     received: u64,
+    durable: u64,
     hashers: Hashers,
     buf: BytesMut,
-    unflushed: u64,
 }
 
 /// How one attempt ended, when it did not fail for good.
@@ -53,6 +57,9 @@ struct Download<'a> {
     req: &'a FetchRequest,
     tx: &'a watch::Sender<FlightState>,
     chunk: u64,
+    /// The image's file, open for reading and writing.
+    file: Arc<File>,
+    path: PathBuf,
 }
 
 /// Download, verify and pin `req`'s image.
@@ -70,13 +77,39 @@ pub(super) async fn run(
         Some(m) if m.size == req.size && m.chunk_size > 0 => m.chunk_size,
         _ => inner.opts.chunk_size as u64,
     };
+    let resume = match &existing {
+        Some(m) if m.size == req.size && m.chunk_size == chunk => match m.state {
+            ImageState::Partial { received } if received > 0 => Some(received),
+            _ => None,
+        },
+        _ => None,
+    };
+    if resume.is_none() {
+        // Nothing to continue (or a complete image of another size, or
+        // another chunk size): start clean. The meta goes before the file is
+        // created, so a crash never leaves a file without one.
+        match existing {
+            Some(_) => inner.db.remove(&req.digest)?,
+            None => inner.db.remove_file(&req.digest)?,
+        }
+        save(inner, req, chunk, 0)?;
+    }
+    let path = inner.db.path(&req.digest);
     let d = Download {
         inner,
         req,
         tx,
         chunk,
+        file: Arc::new(inner.db.open_for_write(&req.digest)?),
+        path,
     };
-    let result = d.download(existing).await;
+    let mut p = Progress {
+        received: 0,
+        durable: 0,
+        hashers: Hashers::default(),
+        buf: BytesMut::with_capacity(chunk as usize),
+    };
+    let result = d.download(&mut p, resume).await;
     match &result {
         Err(CacheError::Digest { .. } | CacheError::Size { .. }) => {
             if let Err(e) = inner.db.remove(&req.digest) {
@@ -85,8 +118,8 @@ pub(super) async fn run(
         }
         Err(_) => {
             // Keep what is stored for a resume; make it durable.
-            if let Err(e) = inner.db.flush().await {
-                tracing::warn!("cannot flush the firmware cache: {e}");
+            if let Err(e) = d.checkpoint(&mut p).await {
+                tracing::warn!("cannot save the firmware cache's partial image: {e}");
             }
         }
         Ok(_) => {}
@@ -94,36 +127,36 @@ pub(super) async fn run(
     result
 }
 
+/// Record a partial state of `received` bytes.
+fn save(inner: &Inner, req: &FetchRequest, chunk: u64, received: u64) -> Result<(), CacheError> {
+    let meta = Meta {
+        size: req.size,
+        chunk_size: chunk,
+        md5: None,
+        sha256: None,
+        url: req.url.clone(),
+        state: ImageState::Partial { received },
+        last_use: inner.clock.load(Ordering::Relaxed),
+    };
+    inner.db.put_meta(&req.digest, &meta)
+}
+
 impl Download<'_> {
-    async fn download(&self, existing: Option<Meta>) -> Result<CachedImage, CacheError> {
-        let mut p = Progress {
-            received: 0,
-            hashers: Hashers::default(),
-            buf: BytesMut::with_capacity(self.chunk as usize),
-            unflushed: 0,
-        };
-        match existing {
-            Some(m)
-                if m.size == self.req.size
-                    && m.chunk_size == self.chunk
-                    && matches!(m.state, ImageState::Partial { received } if received > 0) =>
-            {
-                let ImageState::Partial { received } = m.state else {
-                    unreachable!()
-                };
-                let (stored, hashers) = self.rehash(received).await?;
-                tracing::info!(digest = %self.req.digest, stored, size = self.req.size, "resuming download");
-                p.received = stored;
-                p.hashers = hashers;
-                self.save(p.received)?;
-            }
-            Some(_) => {
-                // A complete image of another size, or another chunk size:
-                // start clean.
-                self.inner.db.remove(&self.req.digest)?;
-                self.save(0)?;
-            }
-            None => self.save(0)?,
+    async fn download(
+        &self,
+        p: &mut Progress,
+        resume: Option<u64>,
+    ) -> Result<CachedImage, CacheError> {
+        if let Some(received) = resume {
+            let (stored, hashers) = self.rehash(received).await?;
+            tracing::info!(digest = %self.req.digest, stored, size = self.req.size, "resuming download");
+            // The meta never counts more than the file holds: record what
+            // the rehash found first, then cut the file's unsynced tail.
+            self.save(stored)?;
+            self.set_len(stored)?;
+            p.received = stored;
+            p.durable = stored;
+            p.hashers = hashers;
         }
         self.report(p.received);
 
@@ -133,7 +166,7 @@ impl Download<'_> {
                 break;
             }
             let before = p.received;
-            match self.attempt(&mut p).await? {
+            match self.attempt(p).await? {
                 Attempt::Complete => break,
                 Attempt::Retry(e) => {
                     p.buf.clear();
@@ -280,45 +313,69 @@ impl Download<'_> {
         Ok(Attempt::Complete)
     }
 
-    /// Store the buffered chunk, hash it, count it.
+    /// Append the buffered chunk to the file, hash it, count it; every
+    /// `flush_every` bytes make them durable ([`Download::checkpoint`]).
     async fn commit(&self, p: &mut Progress) -> Result<(), CacheError> {
         let len = p.buf.len();
         self.inner
             .peak_buffer
             .fetch_max(p.buf.capacity().max(len), Ordering::Relaxed);
-        let index = p.received / self.chunk;
-        self.inner.db.put_chunk(&self.req.digest, index, &p.buf)?;
-        p.hashers.update(&p.buf);
+        // Off the runtime: a write may wait for the disk, hashing takes a while.
+        let (buf, hashers) = (std::mem::take(&mut p.buf), std::mem::take(&mut p.hashers));
+        let (file, at) = (Arc::clone(&self.file), p.received);
+        let (mut buf, hashers, written) = tokio::task::spawn_blocking(move || {
+            let mut hashers = hashers;
+            let written = file.write_all_at(&buf, at);
+            if written.is_ok() {
+                hashers.update(&buf);
+            }
+            (buf, hashers, written)
+        })
+        .await
+        .map_err(|e| self.corrupt(format!("write: {e}")))?;
+        written.map_err(file_error("write an image file", &self.path))?;
+        buf.clear();
+        p.buf = buf;
+        p.hashers = hashers;
         p.received += len as u64;
-        p.buf.clear();
-        self.save(p.received)?;
-        p.unflushed += len as u64;
-        if p.unflushed >= self.inner.opts.flush_every {
-            self.inner.db.flush().await?;
-            p.unflushed = 0;
+        if p.received - p.durable >= self.inner.opts.flush_every {
+            self.checkpoint(p).await?;
         }
         self.report(p.received);
         Ok(())
     }
 
-    /// Forget what was stored and start from byte 0 (the old chunks are
-    /// overwritten as the new ones arrive).
+    /// Make the bytes received so far durable: sync the file, then count them
+    /// in the meta, then flush the store (in that order, so the meta never
+    /// counts bytes a crash can lose).
+    async fn checkpoint(&self, p: &mut Progress) -> Result<(), CacheError> {
+        self.sync().await?;
+        self.save(p.received)?;
+        self.inner.db.flush().await?;
+        p.durable = p.received;
+        Ok(())
+    }
+
+    /// Forget what was stored and start from byte 0 (the meta first, then
+    /// the file).
     fn restart(&self, p: &mut Progress) -> Result<(), CacheError> {
         p.received = 0;
+        p.durable = 0;
         p.hashers = Hashers::default();
         p.buf.clear();
         self.save(0)?;
+        self.set_len(0)?;
         self.report(0);
         Ok(())
     }
 
-    /// Check size and digest; mark complete, pin, evict others.
-    async fn finish(&self, p: Progress) -> Result<CachedImage, CacheError> {
+    /// Check size and digest; sync the file, mark complete, pin, evict others.
+    async fn finish(&self, p: &mut Progress) -> Result<CachedImage, CacheError> {
         let req = self.req;
         if p.received != req.size {
             return Err(self.size(p.received));
         }
-        let (md5, sha256) = p.hashers.finish();
+        let (md5, sha256) = std::mem::take(&mut p.hashers).finish();
         let got = match req.digest.method() {
             DigestMethod::Md5 => &md5,
             DigestMethod::Sha256 => &sha256,
@@ -329,7 +386,7 @@ impl Download<'_> {
                 got: got.clone(),
             });
         }
-        self.inner.db.flush().await?;
+        self.sync().await?;
         let meta = Meta {
             size: req.size,
             chunk_size: self.chunk,
@@ -341,14 +398,12 @@ impl Download<'_> {
         };
         self.inner.db.put_meta(&req.digest, &meta)?;
         self.inner.db.flush().await?;
+        p.durable = p.received;
         tracing::info!(digest = %req.digest, size = req.size, "image downloaded and verified");
         let image = self
             .inner
             .pin(&req.digest)?
-            .ok_or_else(|| CacheError::Corrupt {
-                digest: req.digest.clone(),
-                reason: "vanished after completion".into(),
-            })?;
+            .ok_or_else(|| self.corrupt("vanished after completion".into()))?;
         {
             let pins = super::lock(&self.inner.pins);
             match self.inner.evict(&pins) {
@@ -362,46 +417,56 @@ impl Download<'_> {
         Ok(image)
     }
 
-    /// Rehash the stored prefix (the hash state cannot be persisted). Returns
-    /// how much of it is really there: up to the first missing or short chunk.
+    /// Rehash the stored prefix (the hash state cannot be persisted), one
+    /// chunk at a time. Returns how much of it is really there: up to the
+    /// first short chunk of the file.
     async fn rehash(&self, received: u64) -> Result<(u64, Hashers), CacheError> {
-        let db: Db = self.inner.db.clone();
-        let digest: Digest = self.req.digest.clone();
+        let file = Arc::clone(&self.file);
         let (chunk, size) = (self.chunk, self.req.size);
-        tokio::task::spawn_blocking(move || {
+        let read = tokio::task::spawn_blocking(move || {
             let mut hashers = Hashers::default();
+            let mut buf = vec![0u8; chunk as usize];
             let mut stored = 0u64;
             while stored < received {
-                let want = chunk.min(size - stored);
-                match db.chunk(&digest, stored / chunk)? {
-                    Some(c) if c.len() as u64 == want => {
-                        hashers.update(&c);
-                        stored += want;
-                    }
-                    _ => break,
+                let want = chunk.min(size - stored) as usize;
+                if !read_exact_at(&file, &mut buf[..want], stored)? {
+                    break;
                 }
+                hashers.update(&buf[..want]);
+                stored += want as u64;
             }
             Ok((stored, hashers))
         })
         .await
-        .map_err(|e| CacheError::Corrupt {
-            digest: self.req.digest.clone(),
-            reason: format!("rehash: {e}"),
-        })?
+        .map_err(|e| self.corrupt(format!("rehash: {e}")))?;
+        read.map_err(file_error("read an image file", &self.path))
+    }
+
+    /// Make the file's bytes durable.
+    async fn sync(&self) -> Result<(), CacheError> {
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|e| self.corrupt(format!("sync: {e}")))?
+            .map_err(file_error("sync an image file", &self.path))
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), CacheError> {
+        self.file
+            .set_len(len)
+            .map_err(file_error("truncate an image file", &self.path))
     }
 
     /// Record a partial state of `received` bytes.
     fn save(&self, received: u64) -> Result<(), CacheError> {
-        let meta = Meta {
-            size: self.req.size,
-            chunk_size: self.chunk,
-            md5: None,
-            sha256: None,
-            url: self.req.url.clone(),
-            state: ImageState::Partial { received },
-            last_use: self.inner.clock.load(Ordering::Relaxed),
-        };
-        self.inner.db.put_meta(&self.req.digest, &meta)
+        save(self.inner, self.req, self.chunk, received)
+    }
+
+    fn corrupt(&self, reason: String) -> CacheError {
+        CacheError::Corrupt {
+            digest: self.req.digest.clone(),
+            reason,
+        }
     }
 
     fn report(&self, done: u64) {
@@ -437,6 +502,20 @@ impl Download<'_> {
             source: Some(Arc::new(e.without_url())),
         }
     }
+}
+
+/// Fill `buf` from `offset`; `false` if the file ends first.
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => return Ok(false),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 /// `bytes START-END/TOTAL` → (START, TOTAL if known).

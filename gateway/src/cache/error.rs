@@ -55,12 +55,20 @@ pub enum CacheError {
     /// The notice's `sign`/`signMethod` is not a digest.
     #[error(transparent)]
     BadDigest(#[from] ParseDigestError),
-    /// The sled store failed.
+    /// The sled store (the images' metadata) failed.
     #[error("firmware cache store ({op}): {source}")]
     Store {
         op: &'static str,
         #[source]
         source: Arc<sled::Error>,
+    },
+    /// An image file could not be created, written, synced, read or deleted.
+    #[error("firmware cache: cannot {op} {}: {source}", path.display())]
+    File {
+        op: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: Arc<std::io::Error>,
     },
     /// The store holds something the cache cannot read.
     #[error("firmware cache: damaged entry for {}: {reason}", digest.short())]
@@ -88,6 +96,7 @@ impl CacheError {
             CacheError::Digest { .. } | CacheError::Size { .. } | CacheError::BadDigest(_) => -3,
             CacheError::Store { .. }
             | CacheError::Corrupt { .. }
+            | CacheError::File { .. }
             | CacheError::Client(_)
             | CacheError::Storage(_)
             | CacheError::ShutDown => -1,

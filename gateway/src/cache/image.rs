@@ -1,7 +1,9 @@
-//! [`CachedImage`]: a verified image in the cache, read chunk by chunk, pinned
-//! against eviction while any clone of it is alive.
+//! [`CachedImage`]: a verified image in the cache, read from its file at an
+//! offset, pinned against eviction while any clone of it is alive.
 
 use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use super::Inner;
@@ -9,8 +11,8 @@ use super::digest::Digest;
 use crate::plugin::ImageSource;
 
 /// A complete, verified image. Cloning is cheap; while any clone lives the
-/// image is pinned and eviction leaves it alone. Reads go to the store, so the
-/// image is never whole in memory.
+/// image is pinned and eviction leaves it alone. Reads go to the image's file
+/// (opened once, shared by the clones), so the image is never whole in memory.
 #[derive(Clone)]
 pub struct CachedImage {
     pin: Arc<Pin>,
@@ -21,7 +23,9 @@ pub(super) struct Pin {
     pub(super) inner: Arc<Inner>,
     pub(super) digest: Digest,
     pub(super) size: u64,
-    pub(super) chunk_size: u64,
+    /// The image's file, open for reading. Should the file be deleted while
+    /// pinned (it is not: eviction spares pinned images), reads still work.
+    pub(super) file: File,
 }
 
 impl Drop for Pin {
@@ -59,34 +63,26 @@ impl ImageSource for CachedImage {
     }
 
     fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        let size = self.pin.size;
-        let cs = self.pin.chunk_size;
-        let end = offset.saturating_add(len as u64).min(size);
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
-        let mut pos = offset;
-        while pos < end {
-            let (index, within) = (pos / cs, (pos % cs) as usize);
-            let chunk = self
-                .pin
-                .inner
-                .db
-                .chunk(&self.pin.digest, index)
-                .map_err(std::io::Error::other)?
-                .ok_or_else(|| {
-                    std::io::Error::other(format!(
-                        "{}: chunk {index} missing from the cache",
-                        self.pin.digest.short()
-                    ))
-                })?;
-            let take = (chunk.len().saturating_sub(within) as u64).min(end - pos) as usize;
-            if take == 0 {
-                return Err(std::io::Error::other(format!(
-                    "{}: chunk {index} is short",
-                    self.pin.digest.short()
-                )));
+        let end = offset.saturating_add(len as u64).min(self.pin.size);
+        let want = end.saturating_sub(offset) as usize;
+        let mut out = vec![0u8; want];
+        let mut got = 0;
+        while got < want {
+            match self.pin.file.read_at(&mut out[got..], offset + got as u64) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "{}: the cached image file ends at byte {}",
+                            self.pin.digest.short(),
+                            offset + got as u64
+                        ),
+                    ));
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
-            out.extend_from_slice(&chunk[within..within + take]);
-            pos += take as u64;
         }
         Ok(out)
     }

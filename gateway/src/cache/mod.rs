@@ -1,15 +1,17 @@
-//! The firmware cache: images stored in sled, addressed by the digest the
-//! upgrade notice names (`signMethod` + `sign`), downloaded once however many
-//! leaves need them.
+//! The firmware cache: images stored in files (`<data_dir>/images`) with their
+//! metadata in sled, addressed by the digest the upgrade notice names
+//! (`signMethod` + `sign`), downloaded once however many leaves need them.
 //!
 //! What it does:
 //! - **one download per image**: concurrent [`Cache::fetch`]es of a digest
 //!   share one HTTP download (a "flight"); every caller gets the progress and
 //!   the result;
-//! - **streaming**: bytes go to the `chunks` tree chunk by chunk as they
-//!   arrive (at most one chunk is buffered), flushed every few chunks;
+//! - **streaming**: bytes are appended to the image's file chunk by chunk as
+//!   they arrive (at most one chunk is buffered), synced every few chunks;
+//!   neither a download nor a read keeps the image in memory (sled would: it
+//!   keeps what it writes resident, so it holds only the metadata);
 //! - **resume**: an interrupted image (dropped connection, restart) continues
-//!   with `Range: bytes=N-` after rehashing its stored chunks; a server that
+//!   with `Range: bytes=N-` after rehashing its stored bytes; a server that
 //!   answers 200 instead of 206 is followed from byte 0; broken streams are
 //!   retried a bounded number of times with backoff;
 //! - **verify first**: an image becomes visible ([`CachedImage`]) only after
@@ -20,7 +22,8 @@
 //! What it is not: it knows nothing of notices, jobs or leaves (the `ota`
 //! side builds a [`FetchRequest`] and maps [`CacheError::step_code`] onto
 //! progress), and it never reads a byte it has not hashed into an image.
-//! Only `db.rs` touches sled; only `download.rs` speaks HTTP.
+//! Only `db.rs` touches sled and names files; only `download.rs` speaks HTTP
+//! and writes image files.
 
 mod db;
 mod digest;
@@ -47,13 +50,15 @@ pub use image::CachedImage;
 use db::{Db, Meta};
 use image::Pin;
 
-/// The default chunk size: one sled value, and the most the cache buffers.
+/// The default chunk size: the unit of a download's writes, and the most the
+/// cache buffers.
 pub const CHUNK_SIZE: usize = 64 * 1024;
 
 /// Tuning of the cache; [`Default`] is what the daemon uses.
 #[derive(Debug, Clone)]
 pub struct CacheOptions {
-    /// Bytes per stored chunk (of new downloads; stored images keep theirs).
+    /// Bytes per write of a download (of new downloads; partial images keep
+    /// theirs).
     pub chunk_size: usize,
     /// Attempts of one download before it fails (an attempt that stored at
     /// least one chunk does not count against the limit).
@@ -64,7 +69,8 @@ pub struct CacheOptions {
     pub connect_timeout: Duration,
     /// Longest silence of a server in the middle of a body.
     pub read_timeout: Duration,
-    /// Flush the store after this many new bytes (a kill loses at most this).
+    /// Sync the image file and record its length after this many new bytes
+    /// (a kill loses at most this).
     pub flush_every: u64,
 }
 
@@ -337,9 +343,21 @@ impl Cache {
         self.inner.peak_buffer.load(Ordering::Relaxed)
     }
 
+    /// The names of the files in the images directory, sorted.
     #[cfg(test)]
-    pub(crate) fn chunk_count(&self) -> usize {
-        self.inner.db.chunk_count()
+    pub(crate) fn image_files(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.inner.db.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The file of `digest`'s bytes.
+    #[cfg(test)]
+    pub(crate) fn image_path(&self, digest: &Digest) -> std::path::PathBuf {
+        self.inner.db.path(digest)
     }
 }
 
@@ -375,6 +393,12 @@ impl Inner {
         if meta.state != ImageState::Complete {
             return Ok(None);
         }
+        let Some(file) = self.db.open_for_read(digest, meta.size)? else {
+            // Deleted or cut short behind our back: gone, to be fetched again.
+            tracing::warn!(%digest, "cached image file missing or short: dropped");
+            self.db.remove(digest)?;
+            return Ok(None);
+        };
         meta.last_use = self.tick();
         self.db.put_meta(digest, &meta)?;
         *pins.entry(digest.clone()).or_default() += 1;
@@ -382,7 +406,7 @@ impl Inner {
             inner: Arc::clone(self),
             digest: digest.clone(),
             size: meta.size,
-            chunk_size: meta.chunk_size,
+            file,
         })))
     }
 

@@ -306,6 +306,11 @@ fn wait_unlocked(lock_file: &std::path::Path) {
 
 fn no_progress(_: u64, _: u64) {}
 
+/// The length of `digest`'s image file.
+fn file_len(cache: &Cache, digest: &Digest) -> u64 {
+    std::fs::metadata(cache.image_path(digest)).unwrap().len()
+}
+
 /// Read the whole image through `ImageSource` in odd-sized pieces.
 fn read_all(img: &CachedImage) -> Vec<u8> {
     let mut out = Vec::new();
@@ -447,7 +452,7 @@ async fn cache_wrong_bytes_fail_with_3_and_nothing_is_kept() {
     );
     assert_eq!(fx.cache().usage(), (0, 0));
     assert!(fx.cache().list().is_empty());
-    assert_eq!(fx.cache().chunk_count(), 0, "the chunks are deleted");
+    assert!(fx.cache().image_files().is_empty(), "the file is deleted");
 
     // A notice whose size is smaller than what the server sends: stopped
     // early, as soon as the count passes it (no Content-Length to warn first).
@@ -465,7 +470,7 @@ async fn cache_wrong_bytes_fail_with_3_and_nothing_is_kept() {
         matches!(err, CacheError::Size { expected: 70_000, got, .. } if got > 70_000 && got < 150_000),
         "{err:?}"
     );
-    assert_eq!(fx.cache().chunk_count(), 0);
+    assert!(fx.cache().image_files().is_empty());
     // With a Content-Length, before reading the body.
     server.behave(Behaviour::default());
     let short = FetchRequest {
@@ -733,7 +738,7 @@ async fn cache_image_larger_than_the_cap_lives_while_pinned() {
     assert_eq!(read_all(&second), img);
     drop(second);
     assert_eq!(fx.cache().usage(), (0, 0), "evicted with its last pin");
-    assert_eq!(fx.cache().chunk_count(), 0);
+    assert!(fx.cache().image_files().is_empty(), "its file is deleted");
 }
 
 #[tokio::test]
@@ -753,7 +758,7 @@ async fn cache_read_at_crosses_chunk_boundaries() {
         .fetch(request(&url, &img), no_progress)
         .await
         .unwrap();
-    assert_eq!(fx.cache().chunk_count(), 11);
+    assert_eq!(file_len(fx.cache(), got.digest()), 10_500);
     for (off, len) in [
         (0, 1000),
         (999, 2),
@@ -780,14 +785,14 @@ async fn cache_streams_a_64_mib_image_with_one_chunk_buffered() {
     let started = std::time::Instant::now();
     let got = fx.cache().fetch(req, no_progress).await.unwrap();
     let took = started.elapsed();
-    // Informational: the process also holds the server's copy, and sled
-    // keeps written pages in its own cache (its `cache_capacity`).
+    // Informational: the process also holds the server's copy (and other
+    // tests run alongside); `tests/cache_memory.rs` measures the cache alone.
     eprintln!(
         "64 MiB fetched, stored and verified in {took:?}; peak RSS {hwm_before:?} -> {:?} KiB",
         peak_rss_kib()
     );
     assert_eq!(got.size(), 64 << 20);
-    assert_eq!(fx.cache().chunk_count(), (64 << 20) / CHUNK_SIZE);
+    assert_eq!(file_len(fx.cache(), got.digest()), 64 << 20);
     assert!(
         fx.cache().peak_buffer() <= CHUNK_SIZE,
         "buffered {} bytes",
@@ -795,4 +800,185 @@ async fn cache_streams_a_64_mib_image_with_one_chunk_buffered() {
     );
     let mid = got.read_at((32 << 20) - 5, 10).unwrap();
     assert_eq!(mid, img[(32 << 20) - 5..(32 << 20) + 5]);
+}
+
+/// Start a download that stalls after `stall` bytes, wait until `stored`
+/// bytes are in, then stop the cache (its partial state is saved).
+async fn interrupt(fx: &Fixture, server: &Server, req: FetchRequest, stall: usize, stored: u64) {
+    server.behave(Behaviour {
+        stall_after: Some(stall),
+        ..Behaviour::default()
+    });
+    let (stored_tx, mut seen) = watch::channel(0u64);
+    let cache = fx.cache().clone();
+    let fetch = tokio::spawn(async move {
+        cache
+            .fetch(req, move |done, _| {
+                stored_tx.send_replace(done);
+            })
+            .await
+    });
+    seen.wait_for(|d| *d == stored).await.unwrap();
+    fx.cache().shutdown().await;
+    let err = fetch.await.unwrap().unwrap_err();
+    assert!(matches!(err, CacheError::ShutDown), "{err:?}");
+    server.behave(Behaviour::default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_keeps_bytes_in_files_and_cuts_an_unsynced_tail_on_resume() {
+    let server = Server::start().await;
+    let img = image(6 * CHUNK_SIZE + 77, 50);
+    let url = server.add("fw.bin", &img);
+    let mut fx = Fixture::new(GB, fast());
+    let digest = sha256_of(&img);
+    let path = fx.cache().image_path(&digest);
+    assert_eq!(path.parent().unwrap(), fx.dir.path().join("images"));
+    assert_eq!(
+        path.file_name().unwrap().to_str().unwrap(),
+        format!("sha256-{}.img", digest.hex())
+    );
+    let at = 3 * CHUNK_SIZE as u64;
+    interrupt(&fx, &server, request(&url, &img), 3 * CHUNK_SIZE + 100, at).await;
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), at);
+
+    // A crash after bytes were written but before the meta counted them:
+    // the file is longer than `received` (and its tail is garbage). Also an
+    // orphan file (its meta removed, the crash came before the file went)
+    // and a file that is not an image.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&[0xaa; 5000]).unwrap();
+    }
+    let orphan = fx.cache().image_path(&sha256_of(b"gone"));
+    std::fs::write(&orphan, b"orphan").unwrap();
+    let other = fx.dir.path().join("images").join("README");
+    std::fs::write(&other, b"not an image").unwrap();
+    fx.reopen(GB, fast()).await;
+    assert!(!orphan.exists(), "the orphan is deleted on open");
+    assert!(other.exists(), "files that are not images are left alone");
+    assert_eq!(
+        fx.cache().list()[0].state,
+        ImageState::Partial { received: at }
+    );
+
+    let got = fx
+        .cache()
+        .fetch(request(&url, &img), no_progress)
+        .await
+        .unwrap();
+    assert_eq!(read_all(&got), img, "the garbage tail was cut off");
+    assert_eq!(
+        server.ranges(),
+        [None, Some(format!("bytes={at}-"))],
+        "resumed from what the meta counts"
+    );
+    assert_eq!(file_len(fx.cache(), &digest), img.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_open_drops_images_whose_file_is_missing_or_short() {
+    let server = Server::start().await;
+    let (a, b, c) = (
+        image(100_000, 60),
+        image(100_000, 61),
+        image(6 * CHUNK_SIZE + 5, 62),
+    );
+    let (ua, ub, uc) = (
+        server.add("a", &a),
+        server.add("b", &b),
+        server.add("c", &c),
+    );
+    let mut fx = Fixture::new(GB, fast());
+    for (u, i) in [(&ua, &a), (&ub, &b)] {
+        drop(fx.cache().fetch(request(u, i), no_progress).await.unwrap());
+    }
+    interrupt(
+        &fx,
+        &server,
+        request(&uc, &c),
+        4 * CHUNK_SIZE + 100,
+        4 * CHUNK_SIZE as u64,
+    )
+    .await;
+    // Behind the cache's back: A's file is deleted, B's and C's cut short.
+    let cache = fx.cache().clone();
+    std::fs::remove_file(cache.image_path(&sha256_of(&a))).unwrap();
+    let cut = |d: &Digest, len: u64| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(cache.image_path(d))
+            .unwrap();
+        f.set_len(len).unwrap();
+    };
+    cut(&sha256_of(&b), 99_999);
+    cut(&sha256_of(&c), 2 * CHUNK_SIZE as u64 + 10);
+    drop(cache);
+    fx.reopen(GB, fast()).await;
+    let list = fx.cache().list();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].digest, sha256_of(&c));
+    assert_eq!(
+        list[0].state,
+        ImageState::Partial {
+            received: 2 * CHUNK_SIZE as u64
+        },
+        "cut back to the whole chunks its file holds"
+    );
+    assert_eq!(
+        fx.cache().image_files(),
+        [format!("sha256-{}.img", sha256_of(&c).hex())]
+    );
+
+    let before = server.requests().len();
+    let got = fx
+        .cache()
+        .fetch(request(&uc, &c), no_progress)
+        .await
+        .unwrap();
+    assert_eq!(read_all(&got), c);
+    assert_eq!(
+        server.ranges()[before..],
+        [Some(format!("bytes={}-", 2 * CHUNK_SIZE))]
+    );
+    let got = fx
+        .cache()
+        .fetch(request(&ua, &a), no_progress)
+        .await
+        .unwrap();
+    assert_eq!(read_all(&got), a, "downloaded again");
+}
+
+#[tokio::test]
+async fn cache_image_whose_file_vanished_is_fetched_again() {
+    let server = Server::start().await;
+    let img = image(100_000, 70);
+    let url = server.add("fw.bin", &img);
+    let fx = Fixture::new(GB, fast());
+    let got = fx
+        .cache()
+        .fetch(request(&url, &img), no_progress)
+        .await
+        .unwrap();
+    let path = fx.cache().image_path(got.digest());
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(
+        read_all(&got),
+        img,
+        "a pinned image reads from its open file"
+    );
+    drop(got);
+    assert!(fx.cache().get(&sha256_of(&img)).unwrap().is_none());
+    assert!(fx.cache().list().is_empty(), "dropped");
+    let got = fx
+        .cache()
+        .fetch(request(&url, &img), no_progress)
+        .await
+        .unwrap();
+    assert_eq!(read_all(&got), img);
+    assert_eq!(server.requests().len(), 2);
 }
