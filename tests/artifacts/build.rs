@@ -9,6 +9,7 @@ use std::process::Command;
 /// (constant name, package, artifact file stem)
 const PLUGINS: &[(&str, &str)] = &[
     ("XMODEM", "otagw-plugin-xmodem"),
+    ("SMP", "otagw-plugin-smp"),
     ("HOSTILE", "otagw-test-plugin-hostile"),
     ("FS_IMPORT", "otagw-test-plugin-fs-import"),
     ("FUTURE_CONTRACT", "otagw-test-plugin-future-contract"),

@@ -359,3 +359,64 @@ impl GatewayProcess {
         self.child.kill().await.expect("kill the gateway");
     }
 }
+
+/// MCUboot's own `imgtool` (PyPI), for images the way firmware teams make them.
+pub mod imgtool {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    fn run(args: &[&str]) -> Vec<u8> {
+        // `python3 -m` works wherever pip put it, with or without a shim on PATH.
+        let out = Command::new("python3")
+            .args(["-m", "imgtool.main"])
+            .args(args)
+            .output()
+            .expect("run imgtool (pip install imgtool)");
+        assert!(
+            out.status.success(),
+            "imgtool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// A new key pair: `kind` is "ecdsa-p256" or "ed25519".
+    pub fn keygen(dir: &Path, kind: &str) -> PathBuf {
+        let key = dir.join(format!("{kind}.pem"));
+        run(&["keygen", "-k", key.to_str().unwrap(), "-t", kind]);
+        key
+    }
+
+    /// The public key as the SMP family's `public_key` option wants it: hex
+    /// of the raw key (the tail of imgtool's DER SubjectPublicKeyInfo:
+    /// 32 bytes for Ed25519, the 65-byte uncompressed point for P-256).
+    pub fn public_key_hex(key: &Path, kind: &str) -> String {
+        let der = run(&["getpub", "-k", key.to_str().unwrap(), "-e", "raw"]);
+        let n = if kind == "ed25519" { 32 } else { 65 };
+        der[der.len() - n..].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Sign `payload` as an MCUboot image of `version`.
+    pub fn sign(dir: &Path, key: &Path, payload: &[u8], version: &str) -> Vec<u8> {
+        let input = dir.join(format!("in-{version}.bin"));
+        let output = dir.join(format!("signed-{version}.bin"));
+        std::fs::write(&input, payload).unwrap();
+        run(&[
+            "sign",
+            "-k",
+            key.to_str().unwrap(),
+            "--header-size",
+            "0x200",
+            "--pad-header",
+            "--align",
+            "4",
+            "--version",
+            version,
+            "--slot-size",
+            "0x180000",
+            input.to_str().unwrap(),
+            output.to_str().unwrap(),
+        ]);
+        std::fs::read(output).unwrap()
+    }
+}

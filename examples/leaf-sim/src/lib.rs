@@ -2,14 +2,21 @@
 //!
 //! A simulator is a real protocol peer, byte for byte, reached over a real pseudo-terminal or a
 //! TCP port; it is not a mock of the gateway's link layer and it never talks to the gateway's
-//! code directly. Today it plays the device side of XMODEM / XMODEM-1K / YMODEM.
+//! code directly. It plays the device side of XMODEM / XMODEM-1K / YMODEM, and an MCUmgr SMP
+//! device (serial transport) with MCUboot behind it.
 //!
 //! # Layout
 //! - [`xmodem`]: the device: settings, faults, what tests observe ([`xmodem::SimHandle`]) and the
 //!   session logic, generic over `AsyncRead + AsyncWrite`.
 //!   - `xmodem/frame.rs`: pure framing helpers (CRC-16, checksum, block 0, `FWVER:` marker).
 //!   - `xmodem/device.rs`: application mode and the receiver's rules.
-//! - [`transport`]: [`PtySim`] and [`TcpSim`], which run a device on a pty or a TCP port.
+//! - [`smp`]: the SMP device: settings, faults, what tests observe ([`smp::SmpHandle`]) and
+//!   the session loop.
+//!   - `smp/frame.rs`: SMP header and console framing (base64, CRC-16, 127-byte frames).
+//!   - `smp/mcuboot.rs`: the MCUboot image format (parse and check, build).
+//!   - `smp/device.rs`: command handlers and the slot model (swap, test, confirm, revert).
+//! - [`transport`]: [`PtySim`] and [`TcpSim`], which run a [`transport::Device`] (either
+//!   kind) on a pty or a TCP port.
 //! - `main.rs`: the `leaf-sim` binary.
 //!
 //! ```no_run
@@ -23,8 +30,10 @@
 //! # Ok(()) }
 //! ```
 
+pub mod smp;
 pub mod transport;
 pub mod xmodem;
 
-pub use transport::{PtySim, TcpSim};
+pub use smp::{SmpEvent, SmpFaults, SmpHandle, SmpSimConfig};
+pub use transport::{Device, PtySim, TcpSim};
 pub use xmodem::{Faults, Mode, Protocol, Received, SimHandle, XmodemSimConfig};

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use otagw_leaf_sim::{Faults, Mode, Protocol, PtySim, SimHandle, TcpSim, XmodemSimConfig};
+use otagw_leaf_sim::{
+    Faults, Mode, Protocol, PtySim, SimHandle, SmpEvent, SmpFaults, SmpHandle, SmpSimConfig,
+    TcpSim, XmodemSimConfig,
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser, Debug)]
@@ -22,6 +25,34 @@ struct Cli {
 enum Command {
     /// The device side of XMODEM / XMODEM-1K / YMODEM.
     Xmodem(XmodemArgs),
+    /// An MCUmgr SMP device (serial transport) with MCUboot behind it.
+    Smp(SmpArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SmpArgs {
+    /// Serve on a new pseudo-terminal (prints `pty: /dev/pts/N`).
+    #[arg(long, conflicts_with = "tcp", required_unless_present = "tcp")]
+    pty: bool,
+    /// Serve on a TCP address (prints `tcp: ADDR`), e.g. 127.0.0.1:0.
+    #[arg(long)]
+    tcp: Option<String>,
+    /// The version of the initial slot-0 image (MAJOR.MINOR.REVISION[+BUILD]).
+    #[arg(long, default_value = "1.0.0")]
+    version: String,
+    /// The largest SMP packet the device takes (reported as buf_size).
+    #[arg(long, default_value_t = 1024)]
+    buf_size: usize,
+    /// Milliseconds the device is silent after a reset.
+    #[arg(long, default_value_t = 200)]
+    boot_ms: u64,
+    /// Keep a partial upload across resets (Zephyr does not).
+    #[arg(long)]
+    keep_upload: bool,
+    /// A fault: drop-request=K, drop=K, garble=K, reset=K, refuse-upload, refuse-test,
+    /// no-boot (repeatable).
+    #[arg(long = "fault")]
+    faults: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -201,6 +232,75 @@ async fn serve_until_signal(
     Ok(())
 }
 
+fn smp_config(args: &SmpArgs) -> anyhow::Result<SmpSimConfig> {
+    let mut faults = SmpFaults::default();
+    for spec in &args.faults {
+        faults.add(spec)?;
+    }
+    Ok(SmpSimConfig {
+        version: args.version.clone(),
+        buf_size: args.buf_size,
+        boot_time: Duration::from_millis(args.boot_ms),
+        keep_upload_across_reset: args.keep_upload,
+        faults,
+        ..SmpSimConfig::default()
+    })
+}
+
+async fn run_smp(args: SmpArgs) -> anyhow::Result<()> {
+    let cfg = smp_config(&args)?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let (pty, tcp) = match &args.tcp {
+        Some(addr) => {
+            let sim = TcpSim::bind_smp(addr.as_str(), cfg)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            println!("tcp: {}", sim.local_addr());
+            (None, Some(sim))
+        }
+        None => {
+            let sim = PtySim::spawn_smp(cfg).context("opening a pty")?;
+            println!("pty: {}", sim.path().display());
+            (Some(sim), None)
+        }
+    };
+    let handle: SmpHandle = match (&pty, &tcp) {
+        (Some(p), _) => p.handle().clone(),
+        (_, Some(t)) => t.handle().clone(),
+        _ => unreachable!("one transport is always set"),
+    };
+    {
+        let dead = async {
+            match &pty {
+                Some(p) => p.dead().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(dead);
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = sigterm.recv() => break,
+                () = &mut dead => {
+                    tracing::warn!("the pty device stopped");
+                    break;
+                }
+                event = handle.next_event() => match event {
+                    SmpEvent::Request { .. } => tracing::debug!(?event, "smp"),
+                    _ => tracing::info!(?event, "smp"),
+                },
+            }
+        }
+    }
+    if let Some(p) = pty {
+        p.shutdown().await;
+    }
+    if let Some(t) = tcp {
+        t.shutdown().await;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -220,8 +320,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let Command::Xmodem(args) = cli.command;
-    match runtime.block_on(run(args)) {
+    let result = match cli.command {
+        Command::Xmodem(args) => runtime.block_on(run(args)),
+        Command::Smp(args) => runtime.block_on(run_smp(args)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

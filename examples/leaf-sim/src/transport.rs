@@ -1,12 +1,14 @@
 //! Links a simulated device is reachable on: a real pseudo-terminal ([`PtySim`], the gateway
 //! opens its slave path like any serial port) and a TCP port ([`TcpSim`], like a ser2net serial
-//! device server in raw mode). Each runs the device of [`crate::xmodem`] in one tokio task that
-//! stops on [`PtySim::shutdown`] / [`TcpSim::shutdown`] or when the value is dropped.
+//! device server in raw mode). Each runs one [`Device`] (the XMODEM bootloader of
+//! [`crate::xmodem`] or the SMP device of [`crate::smp`]) in one tokio task that stops on
+//! [`PtySim::shutdown`] / [`TcpSim::shutdown`] or when the value is dropped.
 //!
 //! This module moves bytes and owns link lifetimes; it holds no protocol logic. It needs a
 //! tokio runtime (with I/O and time enabled) to construct.
 
 use std::ffi::OsString;
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -26,21 +28,93 @@ use tokio::net::{TcpListener, ToSocketAddrs};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::xmodem::device_serve_with;
-use crate::xmodem::{SessionEnd, SimHandle, XmodemSimConfig, serve};
+use crate::smp::{SmpHandle, SmpSimConfig};
+use crate::xmodem::{SimHandle, XmodemSimConfig};
+
+/// How a device session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The peer closed the link (end of file).
+    PeerClosed,
+    /// Reading or writing the link failed.
+    LinkError(io::Error),
+    /// A `disconnect_after` fault: the device wants the link closed now.
+    Disconnected,
+    /// The cancellation token fired.
+    Shutdown,
+}
+
+/// Tells how many bytes the device wrote earlier that the peer has not read yet.
+pub type UnreadProbe = dyn Fn() -> usize + Send + Sync;
+
+/// A simulated device the transports can run: the handle of its shared state (cheap to clone,
+/// all clones are one device) and its session logic over any byte stream. The device's state
+/// outlives sessions: a pty runs one session for its life, TCP one per connection.
+pub trait Device: Clone + Send + Sync + fmt::Debug + 'static {
+    /// Serves one session on `io` until the link closes, the device wants it closed or
+    /// `cancel` fires. `unread`, where the link can tell, says how many bytes the peer has not
+    /// read yet.
+    fn serve_session<S>(
+        &self,
+        io: S,
+        cancel: &CancellationToken,
+        unread: Option<&UnreadProbe>,
+    ) -> impl Future<Output = SessionEnd> + Send
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send;
+
+    /// How often the pty transport clears a stale exclusive flag (see [`PtySim`]).
+    fn housekeeping_interval(&self) -> Duration;
+}
+
+impl Device for SimHandle {
+    fn serve_session<S>(
+        &self,
+        io: S,
+        cancel: &CancellationToken,
+        unread: Option<&UnreadProbe>,
+    ) -> impl Future<Output = SessionEnd> + Send
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        crate::xmodem::device_serve_with(self, io, cancel, unread)
+    }
+
+    fn housekeeping_interval(&self) -> Duration {
+        self.config().poll_interval
+    }
+}
+
+impl Device for SmpHandle {
+    fn serve_session<S>(
+        &self,
+        io: S,
+        cancel: &CancellationToken,
+        _unread: Option<&UnreadProbe>,
+    ) -> impl Future<Output = SessionEnd> + Send
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        crate::smp::serve(self, io, cancel)
+    }
+
+    fn housekeeping_interval(&self) -> Duration {
+        Duration::from_millis(500)
+    }
+}
 
 /// The task of a running simulator and how to stop it.
 #[derive(Debug)]
-struct Running {
-    device: SimHandle,
+struct Running<D> {
+    device: D,
     cancel: CancellationToken,
     /// Cancelled when the task has ended (shutdown, or the link died).
     ended: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
-impl Running {
-    fn spawn<F>(device: SimHandle, run: impl FnOnce(SimHandle, CancellationToken) -> F) -> Self
+impl<D: Device> Running<D> {
+    fn spawn<F>(device: D, run: impl FnOnce(D, CancellationToken) -> F) -> Self
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -73,7 +147,7 @@ impl Running {
     }
 }
 
-impl Drop for Running {
+impl<D> Drop for Running<D> {
     fn drop(&mut self) {
         self.cancel.cancel();
         if let Some(task) = self.task.take() {
@@ -92,15 +166,35 @@ impl Drop for Running {
 /// tty alive, an exclusive flag (TIOCEXCL) left by an opener that died without clearing it would
 /// lock out every later opener but root; the simulator clears it whenever bytes arrive and
 /// every `poll_interval`.
+///
+/// `D` is the device: [`SimHandle`] (XMODEM, [`PtySim::spawn`]) or [`SmpHandle`] (SMP,
+/// [`PtySim::spawn_smp`]).
 #[derive(Debug)]
-pub struct PtySim {
+pub struct PtySim<D = SimHandle> {
     path: PathBuf,
-    running: Running,
+    running: Running<D>,
 }
 
-impl PtySim {
-    /// Opens a pty pair and runs a device with `config` on its master side.
+impl PtySim<SimHandle> {
+    /// Opens a pty pair and runs an XMODEM device with `config` on its master side.
     pub fn spawn(config: XmodemSimConfig) -> io::Result<Self> {
+        Self::spawn_device(SimHandle::new(config))
+    }
+}
+
+impl PtySim<SmpHandle> {
+    /// Opens a pty pair and runs an SMP device with `config` on its master side. Fails with
+    /// `InvalidInput` when the configuration is invalid (e.g. a malformed version).
+    pub fn spawn_smp(config: SmpSimConfig) -> io::Result<Self> {
+        let device =
+            SmpHandle::new(config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Self::spawn_device(device)
+    }
+}
+
+impl<D: Device> PtySim<D> {
+    /// Opens a pty pair and runs `device` on its master side.
+    pub fn spawn_device(device: D) -> io::Result<Self> {
         let master =
             rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
         rustix::pty::grantpt(&master)?;
@@ -122,14 +216,14 @@ impl PtySim {
         let slave = Arc::new(slave);
         let link = PtyMaster::new(master, Arc::clone(&slave))?;
         let exclusive_holder = Arc::clone(&slave);
-        let poll_interval = config.poll_interval;
+        let poll_interval = device.housekeeping_interval();
         let log_path = path.display().to_string();
-        let running = Running::spawn(SimHandle::new(config), move |device, cancel| async move {
+        let running = Running::spawn(device, move |device, cancel| async move {
             let unread = move || {
                 rustix::io::ioctl_fionread(&*slave)
                     .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
             };
-            let serve = device_serve_with(&device, link, &cancel, Some(&unread));
+            let serve = device.serve_session(link, &cancel, Some(&unread));
             let end = tokio::select! {
                 end = serve => end,
                 never = clear_exclusive(&exclusive_holder, poll_interval) => match never {},
@@ -152,7 +246,7 @@ impl PtySim {
     }
 
     /// What tests observe of the device.
-    pub fn handle(&self) -> &SimHandle {
+    pub fn handle(&self) -> &D {
         &self.running.device
     }
 
@@ -250,22 +344,41 @@ impl AsyncWrite for PtyMaster {
 /// connection is one device session, one at a time (later connections wait in the backlog).
 /// The device's one-shot faults and version persist across connections; each connection starts
 /// in application mode (or the bootloader when there is no enter command).
+///
+/// For the SMP device a reset does not close the connection (the device server stays up while
+/// the device behind it reboots).
 #[derive(Debug)]
-pub struct TcpSim {
+pub struct TcpSim<D = SimHandle> {
     local_addr: SocketAddr,
-    running: Running,
+    running: Running<D>,
 }
 
-impl TcpSim {
-    /// Binds `addr` (e.g. `127.0.0.1:0`) and serves a device with `config` there.
+impl TcpSim<SimHandle> {
+    /// Binds `addr` (e.g. `127.0.0.1:0`) and serves an XMODEM device with `config` there.
     pub async fn bind(addr: impl ToSocketAddrs, config: XmodemSimConfig) -> io::Result<Self> {
         Self::from_listener(TcpListener::bind(addr).await?, config)
     }
 
-    /// Serves a device with `config` on an already bound listener.
+    /// Serves an XMODEM device with `config` on an already bound listener.
     pub fn from_listener(listener: TcpListener, config: XmodemSimConfig) -> io::Result<Self> {
+        Self::serve_device(listener, SimHandle::new(config))
+    }
+}
+
+impl TcpSim<SmpHandle> {
+    /// Binds `addr` (e.g. `127.0.0.1:0`) and serves an SMP device with `config` there.
+    pub async fn bind_smp(addr: impl ToSocketAddrs, config: SmpSimConfig) -> io::Result<Self> {
+        let device =
+            SmpHandle::new(config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Self::serve_device(TcpListener::bind(addr).await?, device)
+    }
+}
+
+impl<D: Device> TcpSim<D> {
+    /// Serves `device` on an already bound listener.
+    pub fn serve_device(listener: TcpListener, device: D) -> io::Result<Self> {
         let local_addr = listener.local_addr()?;
-        let running = Running::spawn(SimHandle::new(config), move |device, cancel| async move {
+        let running = Running::spawn(device, move |device, cancel| async move {
             loop {
                 let accepted = tokio::select! {
                     () = cancel.cancelled() => break,
@@ -280,7 +393,7 @@ impl TcpSim {
                 };
                 let _ = stream.set_nodelay(true);
                 tracing::info!(%peer, "tcp device session started");
-                let end = serve(&device, stream, &cancel).await;
+                let end = device.serve_session(stream, &cancel, None).await;
                 tracing::info!(%peer, ?end, "tcp device session ended");
                 if matches!(end, SessionEnd::Shutdown) {
                     break;
@@ -305,7 +418,7 @@ impl TcpSim {
     }
 
     /// What tests observe of the device.
-    pub fn handle(&self) -> &SimHandle {
+    pub fn handle(&self) -> &D {
         &self.running.device
     }
 

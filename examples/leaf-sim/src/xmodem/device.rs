@@ -6,7 +6,6 @@
 //! `frame.rs`. It does not open, accept or close links: the caller owns the link and decides
 //! what a [`SessionEnd`] means (see `transport.rs`).
 
-use std::io;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -16,18 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::frame::{self, ACK, CAN, EOT, NAK, SOH, STX};
 use super::{Protocol, Received, SimHandle};
 
-/// How a device session ended.
-#[derive(Debug)]
-pub enum SessionEnd {
-    /// The peer closed the link (end of file).
-    PeerClosed,
-    /// Reading or writing the link failed.
-    LinkError(io::Error),
-    /// A `disconnect_after` fault: the device wants the link closed now.
-    Disconnected,
-    /// The cancellation token fired.
-    Shutdown,
-}
+pub use crate::transport::SessionEnd;
+use crate::transport::UnreadProbe;
 
 /// Runs the device on `io` until the link closes, a disconnect fault fires or `cancel` fires.
 /// Each session starts in application mode when `enter_command` is set, else in the bootloader.
@@ -37,9 +26,6 @@ where
 {
     serve_with(device, io, cancel, None).await
 }
-
-/// Tells how many bytes the device wrote earlier that the peer has not read yet.
-pub(crate) type UnreadProbe = dyn Fn() -> usize + Send + Sync;
 
 /// [`serve`], with an optional probe: when the peer has not read the previous start poll yet,
 /// the next one is not sent (a pty with no reader would otherwise pile up 'C's, which a real
