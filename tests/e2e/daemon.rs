@@ -450,7 +450,9 @@ async fn an_expired_url_is_renewed_through_firmware_get() {
     let sim = PtySim::spawn(xmodem_device()).unwrap();
     let gw = Daemon::start(&s.config(&[LeafSpec::xmodem("exp", &sim.url())])).await;
     s.probe
-        .wait_until(LIMIT, "informs", |m| has_inform(m, &topic("inform", "exp"), "1.0.0"))
+        .wait_until(LIMIT, "informs", |m| {
+            has_inform(m, &topic("inform", "exp"), "1.0.0")
+        })
         .await;
     let img = versioned_image(40_000, "2.0.0");
     let stale = s.files.add("stale.bin", img.clone());
@@ -458,7 +460,9 @@ async fn an_expired_url_is_renewed_through_firmware_get() {
     let fresh = s.files.add("fresh.bin", img.clone());
     let get_topic = format!("/sys/{LEAF_PK}/exp/thing/ota/firmware/get");
     let asked_before = s.probe.on(&get_topic).len();
-    s.probe.publish(&topic("upgrade", "exp"), notice(1, "2.0.0", &stale, &img)).await;
+    s.probe
+        .publish(&topic("upgrade", "exp"), notice(1, "2.0.0", &stale, &img))
+        .await;
     s.probe
         .wait_until(LIMIT, "firmware/get after the 403", |m| {
             m.iter().filter(|m| m.topic == get_topic).count() > asked_before
@@ -468,12 +472,20 @@ async fn an_expired_url_is_renewed_through_firmware_get() {
     let reply = serde_json::json!({"id": "9", "code": 200, "data": {"size": img.len(), "version": "2.0.0",
         "url": fresh, "md5": md5, "sign": md5, "signMethod": "Md5"}});
     s.probe
-        .publish(&format!("/sys/{LEAF_PK}/exp/thing/ota/firmware/get_reply"), reply.to_string())
+        .publish(
+            &format!("/sys/{LEAF_PK}/exp/thing/ota/firmware/get_reply"),
+            reply.to_string(),
+        )
         .await;
     s.probe
-        .wait_until(LIMIT, "the upgrade with the fresh URL", |m| has_inform(m, &topic("inform", "exp"), "2.0.0"))
+        .wait_until(LIMIT, "the upgrade with the fresh URL", |m| {
+            has_inform(m, &topic("inform", "exp"), "2.0.0")
+        })
         .await;
-    assert!(!has_step(&s.probe.messages(), &topic("progress", "exp"), "-2"), "no download failure reported");
+    assert!(
+        !has_step(&s.probe.messages(), &topic("progress", "exp"), "-2"),
+        "no download failure reported"
+    );
     assert_eq!(s.files.requests("stale.bin").len(), 1);
     assert_eq!(s.files.requests("fresh.bin").len(), 1);
     gw.stop().await;
@@ -484,7 +496,10 @@ async fn an_expired_url_is_renewed_through_firmware_get() {
 /// message to its step 100.
 fn span(messages: &[Message], dn: &str) -> (usize, usize) {
     let t = topic("progress", dn);
-    let first = messages.iter().position(|m| m.topic == t).expect("progress");
+    let first = messages
+        .iter()
+        .position(|m| m.topic == t)
+        .expect("progress");
     let last = messages
         .iter()
         .rposition(|m| m.topic == t && m.text().contains("\"step\":\"100\""))
@@ -494,23 +509,36 @@ fn span(messages: &[Message], dn: &str) -> (usize, usize) {
 
 async fn upgrade_all_and_check_no_overlap(extra_config: &str, links: [&str; 2], sims: &[&PtySim]) {
     let s = setup().await;
-    let leaves = [LeafSpec::xmodem("a", links[0]), LeafSpec::xmodem("b", links[1])];
+    let leaves = [
+        LeafSpec::xmodem("a", links[0]),
+        LeafSpec::xmodem("b", links[1]),
+    ];
     let gw = Daemon::start(&format!("{}{extra_config}", s.config(&leaves))).await;
     s.probe
-        .wait_until(LIMIT, "informs", |m| has_inform(m, &topic("inform", "b"), "1.0.0"))
+        .wait_until(LIMIT, "informs", |m| {
+            has_inform(m, &topic("inform", "b"), "1.0.0")
+        })
         .await;
     let img = versioned_image(60_000, "2.0.0");
     let url = s.files.add("fw.bin", img.clone());
-    s.probe.publish(&topic("upgrade", "a"), notice(1, "2.0.0", &url, &img)).await;
-    s.probe.publish(&topic("upgrade", "b"), notice(2, "2.0.0", &url, &img)).await;
+    s.probe
+        .publish(&topic("upgrade", "a"), notice(1, "2.0.0", &url, &img))
+        .await;
+    s.probe
+        .publish(&topic("upgrade", "b"), notice(2, "2.0.0", &url, &img))
+        .await;
     s.probe
         .wait_until(LIMIT, "both upgrades", |m| {
-            has_inform(m, &topic("inform", "a"), "2.0.0") && has_inform(m, &topic("inform", "b"), "2.0.0")
+            has_inform(m, &topic("inform", "a"), "2.0.0")
+                && has_inform(m, &topic("inform", "b"), "2.0.0")
         })
         .await;
     let m = s.probe.messages();
     let (a, b) = (span(&m, "a"), span(&m, "b"));
-    assert!(a.1 < b.0 || b.1 < a.0, "the jobs overlapped: a {a:?}, b {b:?}");
+    assert!(
+        a.1 < b.0 || b.1 < a.0,
+        "the jobs overlapped: a {a:?}, b {b:?}"
+    );
     for sim in sims {
         assert_padded(&sim.handle().next_image().await.data, &img, 0x1a);
     }
@@ -523,15 +551,24 @@ async fn upgrade_all_and_check_no_overlap(extra_config: &str, links: [&str; 2], 
 async fn one_job_at_a_time_per_link() {
     let sim = PtySim::spawn(xmodem_device()).unwrap();
     let url = sim.url();
-    upgrade_all_and_check_no_overlap("[jobs]\nmax_parallel = 8\n", [&url, &url], &[&sim, &sim]).await;
+    upgrade_all_and_check_no_overlap("[jobs]\nmax_parallel = 8\n", [&url, &url], &[&sim, &sim])
+        .await;
     sim.shutdown().await;
 }
 
 /// The global parallel limit holds across links.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_global_parallel_limit_holds() {
-    let (s1, s2) = (PtySim::spawn(xmodem_device()).unwrap(), PtySim::spawn(xmodem_device()).unwrap());
-    upgrade_all_and_check_no_overlap("[jobs]\nmax_parallel = 1\n", [&s1.url(), &s2.url()], &[&s1, &s2]).await;
+    let (s1, s2) = (
+        PtySim::spawn(xmodem_device()).unwrap(),
+        PtySim::spawn(xmodem_device()).unwrap(),
+    );
+    upgrade_all_and_check_no_overlap(
+        "[jobs]\nmax_parallel = 1\n",
+        [&s1.url(), &s2.url()],
+        &[&s1, &s2],
+    )
+    .await;
     s1.shutdown().await;
     s2.shutdown().await;
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use otagw::plugin::{Limits, PluginHost};
+pub use otagw_leaf_sim::smp::{SmpFaults, SmpSimConfig};
 pub use otagw_leaf_sim::transport::{PtySim, TcpSim};
 pub use otagw_leaf_sim::xmodem::{Faults, Mode, Protocol, XmodemSimConfig};
 pub use otagw_test_artifacts as artifacts;
@@ -128,6 +129,7 @@ pub use otagw_testkit::{Fault, FileServer, Message, Mosquitto, MqttProbe};
 #[derive(Debug, Clone)]
 pub struct LeafSpec {
     pub device_name: String,
+    pub family: String,
     pub link: String,
     pub version: String,
     pub options: Vec<(String, String)>,
@@ -144,12 +146,24 @@ impl LeafSpec {
     pub fn xmodem(device_name: &str, sim_url: &str) -> LeafSpec {
         LeafSpec {
             device_name: device_name.into(),
+            family: "xmodem".into(),
             link: sim_url.into(),
             version: "1.0.0".into(),
             options: opts(&[
                 ("enter_command", "update\\r"),
                 ("version_command", "version\\r"),
             ]),
+        }
+    }
+
+    /// A leaf behind a simulated SMP/MCUboot device.
+    pub fn smp(device_name: &str, sim_url: &str, options: &[(&str, &str)]) -> LeafSpec {
+        LeafSpec {
+            device_name: device_name.into(),
+            family: "smp".into(),
+            link: sim_url.into(),
+            version: "1.0.0".into(),
+            options: opts(options),
         }
     }
 }
@@ -186,8 +200,8 @@ pub fn gateway_config(
     }
     for l in leaves {
         c.push_str(&format!(
-            "[[device]]\nproduct_key = \"{LEAF_PK}\"\ndevice_name = {:?}\nfamily = \"xmodem\"\nlink = {:?}\nversion = {:?}\n",
-            l.device_name, l.link, l.version
+            "[[device]]\nproduct_key = \"{LEAF_PK}\"\ndevice_name = {:?}\nfamily = {:?}\nlink = {:?}\nversion = {:?}\n",
+            l.device_name, l.family, l.link, l.version
         ));
         let o: Vec<String> = l
             .options
@@ -393,7 +407,10 @@ pub mod imgtool {
     pub fn public_key_hex(key: &Path, kind: &str) -> String {
         let der = run(&["getpub", "-k", key.to_str().unwrap(), "-e", "raw"]);
         let n = if kind == "ed25519" { 32 } else { 65 };
-        der[der.len() - n..].iter().map(|b| format!("{b:02x}")).collect()
+        der[der.len() - n..]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// Sign `payload` as an MCUboot image of `version`.

@@ -4,4 +4,5 @@ mod cli;
 mod daemon;
 mod links;
 mod plugin_host;
+mod smp;
 mod xmodem;

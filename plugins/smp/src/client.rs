@@ -238,13 +238,7 @@ impl<'p, P: Port> Client<'p, P> {
     pub fn os_info(&mut self, format: &str) -> Result<String, Error> {
         let body = MapBuilder::new().text("format", format).finish();
         let timeout = self.timeout_ms;
-        let v = self.request(
-            "OS info",
-            (op::READ, group::OS, id::INFO),
-            body,
-            timeout,
-            1,
-        )?;
+        let v = self.request("OS info", (op::READ, group::OS, id::INFO), body, timeout, 1)?;
         Ok(v.get("output")
             .and_then(Value::as_text)
             .unwrap_or_default()
@@ -287,7 +281,12 @@ impl<'p, P: Port> Client<'p, P> {
     }
 
     /// One upload request (already built with [`upload_body`]).
-    pub fn upload(&mut self, off: u64, body: Vec<u8>, timeout_ms: u32) -> Result<UploadAnswer, Error> {
+    pub fn upload(
+        &mut self,
+        off: u64,
+        body: Vec<u8>,
+        timeout_ms: u32,
+    ) -> Result<UploadAnswer, Error> {
         let name = format!("image upload at offset {off}");
         let attempts = self.attempts();
         let v = self.request(
@@ -343,11 +342,13 @@ impl<'p, P: Port> Client<'p, P> {
 pub fn upload_body(off: u64, data: &[u8], first: Option<(u64, &[u8], u32)>) -> Vec<u8> {
     let mut m = MapBuilder::new();
     if let Some((len, sha, image)) = first {
-        m = m.uint("image", u64::from(image)).uint("len", len).bytes("sha", sha);
+        m = m
+            .uint("image", u64::from(image))
+            .uint("len", len)
+            .bytes("sha", sha);
     }
     m.uint("off", off).bytes("data", data).finish()
 }
-
 
 /// Turn a non-zero return code into `Error::Device` naming the command.
 fn check_rc(name: &str, v: &Value) -> Result<(), Error> {

@@ -71,11 +71,7 @@ struct Upload {
 }
 
 /// Flash `src` to the device behind `port`.
-pub fn flash<P: Port, S: Source>(
-    port: &mut P,
-    src: &mut S,
-    s: &Settings,
-) -> Result<Report, Error> {
+pub fn flash<P: Port, S: Source>(port: &mut P, src: &mut S, s: &Settings) -> Result<Report, Error> {
     let img = mcuboot::verify(src, s.public_key.as_ref())?;
     port.log(Level::Info, &format!("verified: {}", img.summary));
     let mut c = Client::new(port, s);
@@ -92,9 +88,7 @@ pub fn flash<P: Port, S: Source>(
                 bytes_sent: 0,
                 retries: c.resent,
                 resumed_from: None,
-                summary: format!(
-                    "image {new_ver} already runs confirmed in slot 0: nothing to do"
-                ),
+                summary: format!("image {new_ver} already runs confirmed in slot 0: nothing to do"),
             });
         }
         Some(r) if r.hash == img.hash => {
@@ -179,13 +173,21 @@ fn describe(slot: Option<&Slot>) -> String {
         None => "lists no image".into(),
         Some(r) => format!(
             "runs {} ({}{})",
-            if r.version.is_empty() { "?" } else { &r.version },
+            if r.version.is_empty() {
+                "?"
+            } else {
+                &r.version
+            },
             r.hash
                 .iter()
                 .take(8)
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>(),
-            if r.confirmed { ", confirmed" } else { ", not confirmed" }
+            if r.confirmed {
+                ", confirmed"
+            } else {
+                ", not confirmed"
+            }
         ),
     }
 }
@@ -239,7 +241,8 @@ fn upload<P: Port, S: Source>(
         },
     };
     if s.erase {
-        c.port().log(Level::Info, "erasing the secondary slot (option erase)");
+        c.port()
+            .log(Level::Info, "erasing the secondary slot (option erase)");
         c.erase(s.erase_timeout_ms)?;
     }
     let total = img.size;
@@ -324,7 +327,11 @@ fn upload<P: Port, S: Source>(
     Ok(up)
 }
 
-fn test_and_reset<P: Port>(c: &mut Client<'_, P>, img: &Verified, s: &Settings) -> Result<(), Error> {
+fn test_and_reset<P: Port>(
+    c: &mut Client<'_, P>,
+    img: &Verified,
+    s: &Settings,
+) -> Result<(), Error> {
     c.state_write(&img.hash, false)?;
     c.port().progress(1, FINISH_STEPS, Phase::Finish);
     if !c.reset()? {

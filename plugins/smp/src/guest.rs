@@ -48,8 +48,8 @@ impl Guest for SmpPlugin {
     fn verify(image: &Image, meta: JobMeta) -> Result<ImageInfo, FlashError> {
         let settings = settings(&meta.options)?;
         let mut source = HostImage { image };
-        let v = crate::mcuboot::verify(&mut source, settings.public_key.as_ref())
-            .map_err(to_wit)?;
+        let v =
+            crate::mcuboot::verify(&mut source, settings.public_key.as_ref()).map_err(to_wit)?;
         if let Some(announced) = &meta.version
             && crate::mcuboot::Version::parse(announced) != Some(v.header.version)
         {
@@ -83,8 +83,7 @@ impl Guest for SmpPlugin {
     fn identify(link: &Link, options: Options) -> Result<DeviceInfo, FlashError> {
         let settings = settings(&options)?;
         let mut port = HostPort { link };
-        let (version, model) =
-            crate::identify::identify(&mut port, &settings).map_err(to_wit)?;
+        let (version, model) = crate::identify::identify(&mut port, &settings).map_err(to_wit)?;
         Ok(DeviceInfo { version, model })
     }
 }
@@ -136,7 +135,9 @@ impl Port for HostPort<'_> {
 
     fn read(&mut self, max: u32, timeout_ms: u32) -> Result<Vec<u8>, LinkFault> {
         // The host caps one wait at 60 s; longer waits loop in the client.
-        self.link.read(max, timeout_ms.min(60_000)).map_err(from_wit)
+        self.link
+            .read(max, timeout_ms.min(60_000))
+            .map_err(from_wit)
     }
 
     fn drain(&mut self) -> Result<u32, LinkFault> {

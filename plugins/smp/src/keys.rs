@@ -17,8 +17,8 @@ use sha2::{Digest, Sha256};
 /// SubjectPublicKeyInfo prefix of an uncompressed P-256 key (id-ecPublicKey,
 /// prime256v1), followed by the 65-byte SEC1 point.
 const P256_SPKI_PREFIX: [u8; 26] = [
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 /// SubjectPublicKeyInfo prefix of an Ed25519 key (id-Ed25519), followed by 32 bytes.
 const ED25519_SPKI_PREFIX: [u8; 12] = [
@@ -196,7 +196,7 @@ fn decode_text(text: &str) -> Result<Vec<u8>, String> {
     if body.is_empty() {
         return Err("empty key".into());
     }
-    if body.len() % 2 == 0 && body.chars().all(|c| c.is_ascii_hexdigit()) {
+    if body.len().is_multiple_of(2) && body.chars().all(|c| c.is_ascii_hexdigit()) {
         return Ok((0..body.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&body[i..i + 2], 16).unwrap_or(0))

@@ -64,9 +64,8 @@ impl Version {
         if parts.is_empty() || parts.len() > 4 || (parts.len() == 4 && build.is_some()) {
             return None;
         }
-        let num = |i: usize| -> Option<u64> {
-            parts.get(i).map_or(Some(0), |p| p.parse::<u64>().ok())
-        };
+        let num =
+            |i: usize| -> Option<u64> { parts.get(i).map_or(Some(0), |p| p.parse::<u64>().ok()) };
         let build = match build {
             Some(b) => b.parse().ok()?,
             None => u32::try_from(num(3)?).ok()?,
@@ -249,7 +248,11 @@ fn read_exact<S: Source>(src: &mut S, off: u64, len: usize, what: &str) -> Resul
 }
 
 fn short_hex(b: &[u8]) -> String {
-    b.iter().take(8).map(|x| format!("{x:02x}")).collect::<String>() + "…"
+    b.iter()
+        .take(8)
+        .map(|x| format!("{x:02x}"))
+        .collect::<String>()
+        + "…"
 }
 
 /// Check an MCUboot image; `key` enables the key-hash and signature checks.
@@ -287,7 +290,12 @@ pub fn verify<S: Source>(src: &mut S, key: Option<&PublicKey>) -> Result<Verifie
             usize::from(header.protect_tlv_size),
             "protected TLV area",
         )?;
-        protected = walk_tlvs(&area, header.payload_end(), TLV_PROT_INFO_MAGIC, "protected TLV area")?;
+        protected = walk_tlvs(
+            &area,
+            header.payload_end(),
+            TLV_PROT_INFO_MAGIC,
+            "protected TLV area",
+        )?;
     }
     // The TLV area.
     let tlv_at = header.hashed_end();
@@ -343,9 +351,13 @@ pub fn verify<S: Source>(src: &mut S, key: Option<&PublicKey>) -> Result<Verifie
     };
     let hash_tlv = match single(TLV_SHA256, "SHA-256")? {
         Some(t) => t,
-        None if tlvs.iter().any(|t| matches!(t.kind, TLV_SHA384 | TLV_SHA512)) => {
+        None if tlvs
+            .iter()
+            .any(|t| matches!(t.kind, TLV_SHA384 | TLV_SHA512)) =>
+        {
             return Err(Error::Verify(
-                "the image is hashed with SHA-384/512; this plugin checks SHA-256 images only".into(),
+                "the image is hashed with SHA-384/512; this plugin checks SHA-256 images only"
+                    .into(),
             ));
         }
         None => {
@@ -489,3 +501,6 @@ fn check_signature(tlvs: &[Tlv], key: &PublicKey, hash: &[u8; 32]) -> Result<&'s
     key.verify(hash, &sig.value).map_err(Error::Verify)?;
     Ok(kind.name())
 }
+
+#[cfg(test)]
+mod tests;

@@ -238,8 +238,15 @@ fn decode_item(d: &mut Decoder<'_>, depth: usize) -> Result<Value, minicbor::dec
             d.skip()?;
             Value::Null
         }
-        Type::U8 | Type::U16 | Type::U32 | Type::U64 | Type::I8 | Type::I16 | Type::I32
-        | Type::I64 | Type::Int => Value::Int(i128::from(d.int()?)),
+        Type::U8
+        | Type::U16
+        | Type::U32
+        | Type::U64
+        | Type::I8
+        | Type::I16
+        | Type::I32
+        | Type::I64
+        | Type::Int => Value::Int(i128::from(d.int()?)),
         Type::Bytes => Value::Bytes(d.bytes()?.to_vec()),
         Type::BytesIndef => {
             let mut out = Vec::new();
@@ -459,7 +466,11 @@ mod tests {
         let b = p.encode();
         assert_eq!(b.len(), 9);
         assert_eq!(Packet::decode(&b).unwrap(), p);
-        assert!(Packet::decode(&b[..8]).unwrap_err().contains("says 1 body bytes"));
+        assert!(
+            Packet::decode(&b[..8])
+                .unwrap_err()
+                .contains("says 1 body bytes")
+        );
     }
 
     #[test]
@@ -472,7 +483,10 @@ mod tests {
             .finish();
         let v = Value::decode(&body).unwrap();
         assert_eq!(v.get("off").and_then(Value::as_u64), Some(70000));
-        assert_eq!(v.get("data").and_then(Value::as_bytes), Some(&[1u8, 2, 3][..]));
+        assert_eq!(
+            v.get("data").and_then(Value::as_bytes),
+            Some(&[1u8, 2, 3][..])
+        );
         assert_eq!(v.get("d").and_then(Value::as_text), Some("hi"));
         assert_eq!(v.get("confirm").and_then(Value::as_bool), Some(false));
         assert_eq!(v.get("nope"), None);
@@ -486,7 +500,10 @@ mod tests {
         ];
         let v = Value::decode(&b).unwrap();
         assert_eq!(v.get("rc").and_then(Value::as_int), Some(-1));
-        assert_eq!(v.get("a").and_then(Value::as_array).map(<[_]>::len), Some(2));
+        assert_eq!(
+            v.get("a").and_then(Value::as_array).map(<[_]>::len),
+            Some(2)
+        );
         assert!(Value::decode(&[0xa1, 0x61]).is_err());
         assert!(Value::decode(&[0xa0, 0x00]).unwrap_err().contains("after"));
     }

@@ -5,10 +5,10 @@
 //! that arrived. What it is not: matching answers to requests or retrying
 //! (`client`).
 
+use crate::LinkFault;
 use crate::port::{LinkKind, Port};
 use crate::serial::{self, Deframer};
 use crate::smp::HEADER_LEN;
-use crate::LinkFault;
 
 /// The framing of one link.
 #[derive(Debug)]
