@@ -10,6 +10,7 @@ use std::process::Command;
 const PLUGINS: &[(&str, &str)] = &[
     ("XMODEM", "otagw-plugin-xmodem"),
     ("SMP", "otagw-plugin-smp"),
+    ("STM32", "otagw-plugin-stm32"),
     ("HOSTILE", "otagw-test-plugin-hostile"),
     ("FS_IMPORT", "otagw-test-plugin-fs-import"),
     ("FUTURE_CONTRACT", "otagw-test-plugin-future-contract"),

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub use otagw::plugin::{Limits, PluginHost};
 pub use otagw_leaf_sim::smp::{SmpFaults, SmpSimConfig};
+pub use otagw_leaf_sim::stm32::{EraseCommand, Stm32Faults, Stm32SimConfig};
 pub use otagw_leaf_sim::transport::{PtySim, TcpSim};
 pub use otagw_leaf_sim::xmodem::{Faults, Mode, Protocol, XmodemSimConfig};
 pub use otagw_test_artifacts as artifacts;

@@ -5,4 +5,5 @@ mod daemon;
 mod links;
 mod plugin_host;
 mod smp;
+mod stm32;
 mod xmodem;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use otagw_leaf_sim::{
-    Faults, Mode, Protocol, PtySim, SimHandle, SmpEvent, SmpFaults, SmpHandle, SmpSimConfig,
-    TcpSim, XmodemSimConfig,
+    EraseCommand, Faults, Mode, Protocol, PtySim, SimHandle, SmpEvent, SmpFaults, SmpHandle,
+    SmpSimConfig, Stm32Event, Stm32Faults, Stm32Handle, Stm32SimConfig, TcpSim, XmodemSimConfig,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -27,6 +27,64 @@ enum Command {
     Xmodem(XmodemArgs),
     /// An MCUmgr SMP device (serial transport) with MCUboot behind it.
     Smp(SmpArgs),
+    /// An STM32 ROM bootloader (AN3155 UART protocol), 8N1 on a pty (no parity there).
+    Stm32(Stm32Args),
+}
+
+#[derive(clap::Args, Debug)]
+struct Stm32Args {
+    /// Serve on a new pseudo-terminal (prints `pty: /dev/pts/N`).
+    #[arg(long, conflicts_with = "tcp", required_unless_present = "tcp")]
+    pty: bool,
+    /// Serve on a TCP address (prints `tcp: ADDR`), e.g. 127.0.0.1:0.
+    #[arg(long)]
+    tcp: Option<String>,
+    /// Product ID answered by GET ID (decimal or 0x hex).
+    #[arg(long, default_value = "0x410", value_parser = parse_u16)]
+    pid: u16,
+    /// Bootloader version answered by GET (0x22 = 2.2).
+    #[arg(long, default_value = "0x22", value_parser = parse_u8)]
+    bootloader_version: u8,
+    /// Flash size in KiB.
+    #[arg(long, default_value_t = 128)]
+    flash_kib: usize,
+    /// Flash page size in bytes.
+    #[arg(long, default_value_t = 2048)]
+    page_size: usize,
+    /// Implement EXTENDED ERASE (0x44) instead of ERASE (0x43).
+    #[arg(long)]
+    extended_erase: bool,
+    /// Two flash banks (bank erase codes of EXTENDED ERASE).
+    #[arg(long)]
+    dual_bank: bool,
+    /// Milliseconds to erase one page.
+    #[arg(long, default_value_t = 1)]
+    erase_ms: u64,
+    /// Simulated line rate (bits per second, 11 bits a byte as at 8E1).
+    #[arg(long)]
+    baud: Option<u32>,
+    /// A fault: nack-write=K, silent=K, corrupt-read=K (repeatable).
+    #[arg(long = "fault")]
+    faults: Vec<String>,
+    /// Write the flash contents here whenever GO runs the application.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn parse_u16(s: &str) -> Result<u16, String> {
+    u16::try_from(parse_u32(s)?).map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn parse_u8(s: &str) -> Result<u8, String> {
+    u8::try_from(parse_u32(s)?).map_err(|e| format!("`{s}`: {e}"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -301,6 +359,93 @@ async fn run_smp(args: SmpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn stm32_config(args: &Stm32Args) -> anyhow::Result<Stm32SimConfig> {
+    let mut faults = Stm32Faults::default();
+    for spec in &args.faults {
+        faults.add(spec)?;
+    }
+    Ok(Stm32SimConfig {
+        pid: args.pid,
+        bootloader_version: args.bootloader_version,
+        erase: if args.extended_erase {
+            EraseCommand::Extended
+        } else {
+            EraseCommand::Standard
+        },
+        flash_size: args.flash_kib * 1024,
+        page_size: args.page_size,
+        dual_bank: args.dual_bank,
+        erase_time: Duration::from_millis(args.erase_ms),
+        line_rate: args.baud,
+        faults,
+        ..Stm32SimConfig::default()
+    })
+}
+
+async fn run_stm32(args: Stm32Args) -> anyhow::Result<()> {
+    let cfg = stm32_config(&args)?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let (pty, tcp) = match &args.tcp {
+        Some(addr) => {
+            let sim = TcpSim::bind_stm32(addr.as_str(), cfg)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            println!("tcp: {}", sim.local_addr());
+            (None, Some(sim))
+        }
+        None => {
+            let sim = PtySim::spawn_stm32(cfg).context("opening a pty")?;
+            println!("pty: {}", sim.path().display());
+            (Some(sim), None)
+        }
+    };
+    let handle: Stm32Handle = match (&pty, &tcp) {
+        (Some(p), _) => p.handle().clone(),
+        (_, Some(t)) => t.handle().clone(),
+        _ => unreachable!("one transport is always set"),
+    };
+    {
+        let dead = async {
+            match &pty {
+                Some(p) => p.dead().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(dead);
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = sigterm.recv() => break,
+                () = &mut dead => {
+                    tracing::warn!("the pty device stopped");
+                    break;
+                }
+                event = handle.next_event() => match event {
+                    Stm32Event::Go { address } => {
+                        tracing::info!(address = format_args!("0x{address:08x}"), counters = ?handle.counters(), "go");
+                        if let Some(out) = &args.out {
+                            tokio::fs::write(out, handle.flash())
+                                .await
+                                .with_context(|| format!("writing {}", out.display()))?;
+                        }
+                    }
+                    Stm32Event::Command { .. } | Stm32Event::Read { .. } | Stm32Event::Written { .. } => {
+                        tracing::debug!(?event, "stm32");
+                    }
+                    _ => tracing::info!(?event, "stm32"),
+                },
+            }
+        }
+    }
+    if let Some(p) = pty {
+        p.shutdown().await;
+    }
+    if let Some(t) = tcp {
+        t.shutdown().await;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -323,6 +468,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Xmodem(args) => runtime.block_on(run(args)),
         Command::Smp(args) => runtime.block_on(run_smp(args)),
+        Command::Stm32(args) => runtime.block_on(run_stm32(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -343,5 +489,12 @@ mod tests {
         assert_eq!(unescape(r"a\x1bb\n\\").unwrap(), b"a\x1bb\n\\");
         assert!(unescape(r"\xZZ").is_err());
         assert!(unescape(r"\q").is_err());
+    }
+
+    #[test]
+    fn numbers_take_hex() {
+        assert_eq!(parse_u16("0x410"), Ok(0x410));
+        assert_eq!(parse_u16("1040"), Ok(1040));
+        assert!(parse_u8("0x100").is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! Links a simulated device is reachable on: a real pseudo-terminal ([`PtySim`], the gateway
 //! opens its slave path like any serial port) and a TCP port ([`TcpSim`], like a ser2net serial
 //! device server in raw mode). Each runs one [`Device`] (the XMODEM bootloader of
-//! [`crate::xmodem`] or the SMP device of [`crate::smp`]) in one tokio task that stops on
+//! [`crate::xmodem`], the SMP device of [`crate::smp`] or the STM32 ROM bootloader of
+//! [`crate::stm32`]) in one tokio task that stops on
 //! [`PtySim::shutdown`] / [`TcpSim::shutdown`] or when the value is dropped.
 //!
 //! This module moves bytes and owns link lifetimes; it holds no protocol logic. It needs a
@@ -29,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::smp::{SmpHandle, SmpSimConfig};
+use crate::stm32::{Stm32Handle, Stm32SimConfig};
 use crate::xmodem::{SimHandle, XmodemSimConfig};
 
 /// How a device session ended.
@@ -103,6 +105,24 @@ impl Device for SmpHandle {
     }
 }
 
+impl Device for Stm32Handle {
+    fn serve_session<S>(
+        &self,
+        io: S,
+        cancel: &CancellationToken,
+        _unread: Option<&UnreadProbe>,
+    ) -> impl Future<Output = SessionEnd> + Send
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        crate::stm32::serve(self, io, cancel)
+    }
+
+    fn housekeeping_interval(&self) -> Duration {
+        Duration::from_millis(500)
+    }
+}
+
 /// The task of a running simulator and how to stop it.
 #[derive(Debug)]
 struct Running<D> {
@@ -167,8 +187,8 @@ impl<D> Drop for Running<D> {
 /// lock out every later opener but root; the simulator clears it whenever bytes arrive and
 /// every `poll_interval`.
 ///
-/// `D` is the device: [`SimHandle`] (XMODEM, [`PtySim::spawn`]) or [`SmpHandle`] (SMP,
-/// [`PtySim::spawn_smp`]).
+/// `D` is the device: [`SimHandle`] (XMODEM, [`PtySim::spawn`]), [`SmpHandle`] (SMP,
+/// [`PtySim::spawn_smp`]) or [`Stm32Handle`] (STM32 bootloader, [`PtySim::spawn_stm32`]).
 #[derive(Debug)]
 pub struct PtySim<D = SimHandle> {
     path: PathBuf,
@@ -188,6 +208,17 @@ impl PtySim<SmpHandle> {
     pub fn spawn_smp(config: SmpSimConfig) -> io::Result<Self> {
         let device =
             SmpHandle::new(config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Self::spawn_device(device)
+    }
+}
+
+impl PtySim<Stm32Handle> {
+    /// Opens a pty pair and runs an STM32 ROM bootloader with `config` on its master side
+    /// (8N1: a pty cannot do the real part's even parity). Fails with `InvalidInput` when the
+    /// configuration is invalid.
+    pub fn spawn_stm32(config: Stm32SimConfig) -> io::Result<Self> {
+        let device =
+            Stm32Handle::new(config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Self::spawn_device(device)
     }
 }
@@ -370,6 +401,17 @@ impl TcpSim<SmpHandle> {
     pub async fn bind_smp(addr: impl ToSocketAddrs, config: SmpSimConfig) -> io::Result<Self> {
         let device =
             SmpHandle::new(config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Self::serve_device(TcpListener::bind(addr).await?, device)
+    }
+}
+
+impl TcpSim<Stm32Handle> {
+    /// Binds `addr` (e.g. `127.0.0.1:0`) and serves an STM32 ROM bootloader with `config`
+    /// there. The part's state (sync, flash, faults) persists across connections; a command
+    /// cut off by a closed connection is dropped.
+    pub async fn bind_stm32(addr: impl ToSocketAddrs, config: Stm32SimConfig) -> io::Result<Self> {
+        let device =
+            Stm32Handle::new(config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Self::serve_device(TcpListener::bind(addr).await?, device)
     }
 }
