@@ -449,16 +449,19 @@ async fn an_expired_url_is_renewed_through_firmware_get() {
     let s = setup().await;
     let sim = PtySim::spawn(xmodem_device()).unwrap();
     let gw = Daemon::start(&s.config(&[LeafSpec::xmodem("exp", &sim.url())])).await;
+    let get_topic = format!("/sys/{LEAF_PK}/exp/thing/ota/firmware/get");
+    // On connect the gateway informs and asks `firmware/get` once; wait for
+    // both, so the request counted below is the one the 403 causes.
     s.probe
-        .wait_until(LIMIT, "informs", |m| {
+        .wait_until(LIMIT, "inform and firmware/get on connect", |m| {
             has_inform(m, &topic("inform", "exp"), "1.0.0")
+                && m.iter().any(|m| m.topic == get_topic)
         })
         .await;
     let img = versioned_image(40_000, "2.0.0");
     let stale = s.files.add("stale.bin", img.clone());
     s.files.fault("stale.bin", Fault::Status(403));
     let fresh = s.files.add("fresh.bin", img.clone());
-    let get_topic = format!("/sys/{LEAF_PK}/exp/thing/ota/firmware/get");
     let asked_before = s.probe.on(&get_topic).len();
     s.probe
         .publish(&topic("upgrade", "exp"), notice(1, "2.0.0", &stale, &img))
