@@ -49,3 +49,9 @@ impl From<LinkFault> for Error {
         Error::Transfer(f.to_string())
     }
 }
+
+impl From<otagw_plugin_sdk::OptionError> for Error {
+    fn from(e: otagw_plugin_sdk::OptionError) -> Self {
+        Error::Options(e.0)
+    }
+}

@@ -11,6 +11,7 @@
 
 use crate::Error;
 use crate::keys::PublicKey;
+use otagw_plugin_sdk::{OptionError, parse_bool, parse_u32};
 
 /// Every setting of the family, with its default.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,26 +112,7 @@ impl Settings {
 }
 
 fn bad(key: &str, value: &str, why: &str) -> Error {
-    let shown: String = value.chars().take(80).collect();
-    Error::Options(format!("option `{key}` = {shown:?}: {why}"))
-}
-
-fn parse_u32(key: &str, v: &str, min: u32, max: u32) -> Result<u32, Error> {
-    let n: u32 = v
-        .parse()
-        .map_err(|_| bad(key, v, "expected a whole number"))?;
-    if n < min || n > max {
-        return Err(bad(key, v, &format!("must be between {min} and {max}")));
-    }
-    Ok(n)
-}
-
-fn parse_bool(key: &str, v: &str) -> Result<bool, Error> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "yes" | "on" | "1" => Ok(true),
-        "false" | "no" | "off" | "0" => Ok(false),
-        _ => Err(bad(key, v, "expected true or false")),
-    }
+    OptionError::new(key, value, why).into()
 }
 
 #[cfg(test)]

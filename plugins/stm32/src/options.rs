@@ -12,6 +12,7 @@
 
 use crate::Error;
 use crate::port::Parity;
+use otagw_plugin_sdk::{OptionError, parse_bool, parse_u32};
 
 /// Where the main flash of every STM32 starts; page numbers count from here.
 pub const FLASH_BASE: u32 = 0x0800_0000;
@@ -373,25 +374,7 @@ impl Layout {
 // Scalars.
 
 fn bad(key: &str, value: &str, why: &str) -> Error {
-    Error::Options(format!("option `{key}` = {value:?}: {why}"))
-}
-
-fn parse_u32(key: &str, v: &str, min: u32, max: u32) -> Result<u32, Error> {
-    let n: u32 = v
-        .parse()
-        .map_err(|_| bad(key, v, "expected a whole number"))?;
-    if n < min || n > max {
-        return Err(bad(key, v, &format!("must be between {min} and {max}")));
-    }
-    Ok(n)
-}
-
-fn parse_bool(key: &str, v: &str) -> Result<bool, Error> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "yes" | "on" | "1" => Ok(true),
-        "false" | "no" | "off" | "0" => Ok(false),
-        _ => Err(bad(key, v, "expected true or false")),
-    }
+    OptionError::new(key, value, why).into()
 }
 
 /// `0x08000000`, `0X0800_0000` or decimal.

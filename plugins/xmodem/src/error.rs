@@ -40,3 +40,9 @@ pub enum LinkFault {
     #[error("link I/O error: {0}")]
     Io(String),
 }
+
+impl From<otagw_plugin_sdk::OptionError> for Error {
+    fn from(e: otagw_plugin_sdk::OptionError) -> Self {
+        Error::Options(e.0)
+    }
+}

@@ -11,6 +11,7 @@
 //! them.
 
 use crate::Error;
+use otagw_plugin_sdk::{OptionError, parse_bool, parse_u32};
 
 /// Which protocol to speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,29 +156,11 @@ impl Settings {
 }
 
 fn bad(key: &str, value: &str, why: &str) -> Error {
-    Error::Options(format!("option `{key}` = {value:?}: {why}"))
+    OptionError::new(key, value, why).into()
 }
 
 fn non_empty(bytes: Vec<u8>) -> Option<Vec<u8>> {
     (!bytes.is_empty()).then_some(bytes)
-}
-
-fn parse_u32(key: &str, v: &str, min: u32, max: u32) -> Result<u32, Error> {
-    let n: u32 = v
-        .parse()
-        .map_err(|_| bad(key, v, "expected a whole number"))?;
-    if n < min || n > max {
-        return Err(bad(key, v, &format!("must be between {min} and {max}")));
-    }
-    Ok(n)
-}
-
-fn parse_bool(key: &str, v: &str) -> Result<bool, Error> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "yes" | "on" | "1" => Ok(true),
-        "false" | "no" | "off" | "0" => Ok(false),
-        _ => Err(bad(key, v, "expected true or false")),
-    }
 }
 
 /// `0x1A`, `0X1a` or decimal `26`.
