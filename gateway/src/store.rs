@@ -120,6 +120,32 @@ impl Store {
     }
 }
 
+/// For tests that reopen a store in the same process: sled's background I/O
+/// threads may hold the database's file lock for a moment after the last
+/// handle is dropped, and `Store::open` (rightly) refuses a locked store.
+/// Waits, at most 10 s, until the lock of the store at `path` is free.
+#[cfg(test)]
+pub(crate) fn wait_unlocked(path: &Path) {
+    let lock_file = path.join("db");
+    let Ok(file) = std::fs::File::open(&lock_file) else {
+        return; // a new store
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return, // released when `file` drops
+            Err(std::fs::TryLockError::WouldBlock) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the store stays locked"
+                );
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("lock {}: {e}", lock_file.display()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +204,7 @@ mod tests {
         }
         // Damage it: sled's config file says the database is something else.
         std::fs::write(path.join("conf"), b"not a sled config").unwrap();
+        wait_unlocked(&path);
         let (store, rebuilt) = Store::open(&path).unwrap();
         assert!(rebuilt);
         assert!(store.tree("t").unwrap().get(b"k").unwrap().is_none());

@@ -275,33 +275,10 @@ impl Fixture {
 }
 
 fn open_cache(dir: &tempfile::TempDir, cap: u64, opts: CacheOptions) -> Cache {
-    wait_unlocked(&dir.path().join("db").join("db"));
+    crate::store::wait_unlocked(&dir.path().join("db"));
     let (store, rebuilt) = Store::open(&dir.path().join("db")).unwrap();
     assert!(!rebuilt, "the store reopens cleanly");
     Cache::open_with(&store, cap, opts).unwrap()
-}
-
-/// sled's background I/O threads may hold the database's file lock for a
-/// moment after the last handle is dropped; a reopen in the same process must
-/// wait for it, or `Store::open` takes the store for broken.
-fn wait_unlocked(lock_file: &std::path::Path) {
-    let Ok(file) = std::fs::File::open(lock_file) else {
-        return; // a new store
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match file.try_lock() {
-            Ok(()) => return, // released when `file` drops
-            Err(std::fs::TryLockError::WouldBlock) => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the store stays locked"
-                );
-                std::thread::yield_now();
-            }
-            Err(e) => panic!("lock {}: {e}", lock_file.display()),
-        }
-    }
 }
 
 fn no_progress(_: u64, _: u64) {}

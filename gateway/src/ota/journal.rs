@@ -281,6 +281,7 @@ mod tests {
             let journal = Journal::new(db.open_tree(TREE).unwrap());
             journal.put(&record).await.unwrap();
         }
+        crate::store::wait_unlocked(&path);
         let db = sled::open(&path).unwrap();
         let journal = Journal::new(db.open_tree(TREE).unwrap());
         let mut back = journal.get(&leaf, "MCU").unwrap().unwrap();

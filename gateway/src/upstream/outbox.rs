@@ -149,6 +149,7 @@ mod tests {
             assert!(ob.remove(1).unwrap());
             assert!(!ob.remove(1).unwrap());
         }
+        crate::store::wait_unlocked(&path);
         let (store, _) = Store::open(&path).unwrap();
         let ob = Outbox::open(&store).unwrap();
         let e = ob.entries().unwrap();

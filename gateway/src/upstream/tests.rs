@@ -317,6 +317,7 @@ async fn durable_messages_survive_a_restart_of_the_upstream() {
         drop(up);
         tokio::time::timeout(WAIT, stopped).await.unwrap();
     }
+    crate::store::wait_unlocked(&path);
     let (store, _) = Store::open(&path).unwrap();
     let (up, mut events) = Upstream::start(
         cfg(broker.url(), Auth::None, "gw-u"),
