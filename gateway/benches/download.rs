@@ -2,10 +2,11 @@
 //!
 //! A 64 MiB image is served from memory by a local HTTP server (axum on
 //! 127.0.0.1) and fetched into a fresh firmware cache
-//! (`Cache::fetch`: streamed to the image file, sha256 checked) and, as the
-//! reference measured in the same run, by `curl -s -o /dev/null` (and
-//! `curl -s -o FILE`, into the same file system as the cache) from the same
-//! URL. Rounds alternate between the two. While the cache fetches, a thread
+//! (`Cache::fetch`: streamed to the image file, checked against a SHA256 and
+//! an Md5 notice digest) and, as the reference measured in the same run, by
+//! `curl -s -o FILE` (into the same file system as the cache; the issue's
+//! reference) and `curl -s -o /dev/null` (the network alone) from the same URL.
+//! Rounds alternate between them. While the cache fetches, a thread
 //! samples this process's VmRSS every 2 ms; the growth over the RSS just
 //! before the fetch must stay flat (not grow with the image).
 //!
@@ -37,6 +38,8 @@ async fn run() {
     let image = bytes::Bytes::from(pseudo_random(SIZE));
     let hex = hex::encode(sha2::Sha256::digest(&image));
     let digest = Digest::new(DigestMethod::Sha256, &hex).expect("digest");
+    let md5_hex = hex::encode(md5::Md5::digest(&image));
+    let digest_md5 = Digest::new(DigestMethod::Md5, &md5_hex).expect("digest");
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -70,19 +73,23 @@ async fn run() {
     }
     fetch_once(work.path(), &url, &digest, 0).await;
 
-    // What the cache must do that curl does not: hash every byte with both
-    // sha256 and md5 (it records both). Measured in memory, as a floor.
-    let mut hashing = Vec::new();
+    // What the cache must do that curl does not: hash every byte with the
+    // notice's method. Measured in memory, as a ceiling.
+    let mut sha_mem = Vec::new();
+    let mut md5_mem = Vec::new();
     for _ in 0..ROUNDS {
         let t = Instant::now();
-        let a = sha2::Sha256::digest(&image);
-        let b = md5::Md5::digest(&image);
-        hashing.push(t.elapsed());
-        std::hint::black_box((a, b));
+        std::hint::black_box(sha2::Sha256::digest(&image));
+        sha_mem.push(t.elapsed());
+        let t = Instant::now();
+        std::hint::black_box(md5::Md5::digest(&image));
+        md5_mem.push(t.elapsed());
     }
-    hashing.sort();
+    sha_mem.sort();
+    md5_mem.sort();
 
     let mut ours = Vec::new();
+    let mut ours_md5 = Vec::new();
     let mut growth = Vec::new();
     let mut curl_null = Vec::new();
     let mut curl_file = Vec::new();
@@ -96,8 +103,12 @@ async fn run() {
         let (t, g) = fetch_once(work.path(), &url, &digest, round).await;
         ours.push(t);
         growth.push(g);
+        let (t, g) = fetch_once(work.path(), &url, &digest_md5, round + ROUNDS).await;
+        ours_md5.push(t);
+        growth.push(g);
     }
     ours.sort();
+    ours_md5.sort();
     curl_null.sort();
     curl_file.sort();
     growth.sort();
@@ -108,52 +119,41 @@ async fn run() {
     println!();
     println!("download of a {mib:.0} MiB image from 127.0.0.1, {ROUNDS} rounds (median)");
     println!(
-        "| {:<38} | {:>10} | {:>13} | {:>23} |",
-        "client", "time", "throughput", "ratio to curl /dev/null"
+        "| {:<38} | {:>10} | {:>13} | {:>9} | {:>9} |",
+        "client", "time", "throughput", "/ curl -o", "/ null"
     );
-    println!("|{:-<40}|{:-<12}|{:-<15}|{:-<25}|", "", "", "", "");
+    println!(
+        "|{:-<40}|{:-<12}|{:-<15}|{:-<11}|{:-<11}|",
+        "", "", "", "", ""
+    );
     let mut ratio = None;
     if curl_ok {
         let null_med = median(&curl_null);
         let file_med = median(&curl_file);
-        row(
-            "curl -s -o /dev/null (reference)",
-            null_med,
-            tput(null_med),
-            1.0,
-        );
-        row(
-            "curl -s -o FILE",
-            file_med,
-            tput(file_med),
-            tput(file_med) / tput(null_med),
-        );
-        let r = tput(ours_med) / tput(null_med);
-        row(
-            "otagw Cache::fetch (hashed, to file)",
-            ours_med,
-            tput(ours_med),
-            r,
-        );
-        let h = median(&hashing);
-        row(
-            "(sha256 + md5 in memory, no I/O)",
-            h,
-            tput(h),
-            tput(h) / tput(null_med),
-        );
-        println!(
-            "  otagw / curl -o FILE: {:.3}",
-            tput(ours_med) / tput(file_med)
-        );
-        ratio = Some(r);
+        let row = |name: &str, d: Duration| {
+            row(
+                name,
+                d,
+                tput(d),
+                tput(d) / tput(file_med),
+                tput(d) / tput(null_med),
+            );
+        };
+        row("curl -s -o FILE (reference)", file_med);
+        row("curl -s -o /dev/null", null_med);
+        row("otagw Cache::fetch, SHA256 notice", ours_med);
+        row("otagw Cache::fetch, Md5 notice", median(&ours_md5));
+        row("(sha256 in memory, no I/O)", median(&sha_mem));
+        row("(md5 in memory, no I/O)", median(&md5_mem));
+        ratio = Some(tput(ours_med) / tput(file_med));
     } else {
         println!(
-            "| {:<38} | {:>7.1} ms | {:>7.1} MiB/s | {:>23} |",
-            "otagw Cache::fetch (hashed, to file)",
+            "| {:<38} | {:>7.1} ms | {:>7.1} MiB/s | {:>9} | {:>9} |",
+            "otagw Cache::fetch, SHA256 notice",
             ours_med.as_secs_f64() * 1e3,
             tput(ours_med),
-            "n/a (no curl)"
+            "n/a",
+            "n/a"
         );
     }
     let peak = *growth.last().expect("rounds");
@@ -169,7 +169,7 @@ async fn run() {
     println!();
     match ratio {
         Some(r) => println!(
-            "target: cache download >= {TARGET_RATIO} x curl: {} ({r:.3})",
+            "target: cache download >= {TARGET_RATIO} x curl -o: {} ({r:.3}, SHA256 notice)",
             if r >= TARGET_RATIO { "MET" } else { "MISSED" }
         ),
         None => println!("target: cache download >= {TARGET_RATIO} x curl: not measured (no curl)"),
@@ -182,13 +182,14 @@ async fn run() {
     );
 }
 
-fn row(name: &str, d: Duration, mibs: f64, ratio: f64) {
+fn row(name: &str, d: Duration, mibs: f64, to_file: f64, to_null: f64) {
     println!(
-        "| {:<38} | {:>7.1} ms | {:>7.1} MiB/s | {:>23.3} |",
+        "| {:<38} | {:>7.1} ms | {:>7.1} MiB/s | {:>9.3} | {:>9.3} |",
         name,
         d.as_secs_f64() * 1e3,
         mibs,
-        ratio
+        to_file,
+        to_null
     );
 }
 

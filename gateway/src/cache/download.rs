@@ -1,6 +1,13 @@
 //! One download: the body of a flight. Streams the HTTP body into the image's
 //! file chunk by chunk, resumes with Range, retries with backoff, verifies size
 //! and digest, and only then marks the image complete.
+//!
+//! The stages overlap: while one chunk is written and hashed on a blocking
+//! thread, the next is received; a checkpoint (sync the file, then count the
+//! bytes in the meta) runs in the background while both go on. Every state
+//! change that is not a plain append (a restart, a failure, completion) first
+//! waits for both ([`Download::drain`]), so a meta never counts bytes the file
+//! may not hold, and nothing in flight writes after the image is removed.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -14,10 +21,15 @@ use reqwest::StatusCode;
 use reqwest::header;
 use tokio::sync::watch;
 
+use tokio::task::JoinHandle;
+
 use super::db::{ImageState, Meta, file_error};
-use super::digest::{DigestMethod, Hashers};
+use super::digest::{DigestMethod, Hasher};
 use super::error::{CacheError, reason};
 use super::{CachedImage, FetchRequest, FlightState, Inner};
+
+/// A body silent this long lets the work in flight settle (see `attempt`).
+const IDLE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Refuse what HTTP cannot fetch before starting a flight.
 pub(super) fn check_url(req: &FetchRequest) -> Result<(), CacheError> {
@@ -36,12 +48,48 @@ pub(super) fn check_url(req: &FetchRequest) -> Result<(), CacheError> {
 
 /// Where a download stands: `received` bytes are in the file (whole chunks)
 /// and hashed, the first `durable` of them synced and counted by the meta;
-/// `buf` holds the chunk being filled.
+/// `buf` holds the chunk being filled, `writing` the one before it.
 struct Progress {
     received: u64,
     durable: u64,
-    hashers: Hashers,
+    /// `None` while a write holds it (or after a write task died).
+    hasher: Option<Hasher>,
     buf: BytesMut,
+    /// The buffer of the last settled write, for the next chunk.
+    spare: Option<BytesMut>,
+    /// The chunk being written and hashed.
+    writing: Option<InFlight>,
+    /// A checkpoint running in the background, and the count it records.
+    syncing: Option<(JoinHandle<Result<(), CacheError>>, u64)>,
+}
+
+/// A chunk being appended to the file and hashed, on two blocking threads at
+/// once (hashing and writing one after the other made the thread doing both
+/// the download's bottleneck).
+struct InFlight {
+    write: JoinHandle<std::io::Result<()>>,
+    hash: JoinHandle<Hasher>,
+    buf: Arc<BytesMut>,
+}
+
+impl Progress {
+    fn new(method: DigestMethod, chunk: u64) -> Progress {
+        Progress {
+            received: 0,
+            durable: 0,
+            hasher: Some(Hasher::new(method)),
+            buf: BytesMut::with_capacity(chunk as usize),
+            spare: None,
+            writing: None,
+            syncing: None,
+        }
+    }
+
+    /// The offset of the next byte the body delivers.
+    fn at(&self) -> u64 {
+        let writing = self.writing.as_ref().map_or(0, |w| w.buf.len());
+        self.received + (writing + self.buf.len()) as u64
+    }
 }
 
 /// How one attempt ended, when it did not fail for good.
@@ -103,15 +151,14 @@ pub(super) async fn run(
         file: Arc::new(inner.db.open_for_write(&req.digest)?),
         path,
     };
-    let mut p = Progress {
-        received: 0,
-        durable: 0,
-        hashers: Hashers::default(),
-        buf: BytesMut::with_capacity(chunk as usize),
-    };
+    let mut p = Progress::new(req.digest.method(), chunk);
     let result = d.download(&mut p, resume).await;
     match &result {
         Err(CacheError::Digest { .. } | CacheError::Size { .. }) => {
+            // Nothing in flight may write (the file or the meta) after this.
+            if let Err(e) = d.drain(&mut p).await {
+                tracing::warn!(digest = %req.digest, "while dropping a bad image: {e}");
+            }
             if let Err(e) = inner.db.remove(&req.digest) {
                 tracing::warn!(digest = %req.digest, "cannot remove a bad image: {e}");
             }
@@ -148,7 +195,7 @@ impl Download<'_> {
         resume: Option<u64>,
     ) -> Result<CachedImage, CacheError> {
         if let Some(received) = resume {
-            let (stored, hashers) = self.rehash(received).await?;
+            let (stored, hasher) = self.rehash(received).await?;
             tracing::info!(digest = %self.req.digest, stored, size = self.req.size, "resuming download");
             // The meta never counts more than the file holds: record what
             // the rehash found first, then cut the file's unsynced tail.
@@ -156,9 +203,9 @@ impl Download<'_> {
             self.set_len(stored)?;
             p.received = stored;
             p.durable = stored;
-            p.hashers = hashers;
+            p.hasher = Some(hasher);
         }
-        self.report(p.received);
+        self.report(p);
 
         let mut failures = 0u32;
         loop {
@@ -169,6 +216,8 @@ impl Download<'_> {
             match self.attempt(p).await? {
                 Attempt::Complete => break,
                 Attempt::Retry(e) => {
+                    // The next request starts after the last whole chunk.
+                    self.settle_write(p).await?;
                     p.buf.clear();
                     if p.received > before {
                         failures = 0;
@@ -228,7 +277,7 @@ impl Download<'_> {
                     Some((start, _)) if start == p.received => {}
                     _ => {
                         // Not the range we asked for: start over without one.
-                        self.restart(p)?;
+                        self.restart(p).await?;
                         return Ok(Attempt::Retry(CacheError::Download {
                             url: req.url.clone(),
                             digest: req.digest.clone(),
@@ -242,7 +291,7 @@ impl Download<'_> {
             StatusCode::OK | StatusCode::PARTIAL_CONTENT => {
                 if p.received > 0 {
                     tracing::info!(digest = %req.digest, "server ignored the Range request; starting over");
-                    self.restart(p)?;
+                    self.restart(p).await?;
                 }
                 if let Some(len) = resp.content_length()
                     && status == StatusCode::OK
@@ -258,7 +307,7 @@ impl Download<'_> {
                 });
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
-                self.restart(p)?;
+                self.restart(p).await?;
                 return Ok(Attempt::Retry(self.status(status, p.received)));
             }
             s if s.is_server_error()
@@ -272,19 +321,23 @@ impl Download<'_> {
 
         let mut body = resp.bytes_stream();
         loop {
+            let busy = p.writing.is_some() || p.syncing.is_some();
             let item = tokio::select! {
                 _ = self.inner.shutdown.cancelled() => return Err(CacheError::ShutDown),
                 item = body.next() => item,
+                // The server went quiet: finish the write and the checkpoint in
+                // flight now, rather than whenever the next chunk fills.
+                () = tokio::time::sleep(IDLE), if busy => {
+                    self.drain(p).await?;
+                    continue;
+                }
             };
             let mut bytes = match item {
                 None => break,
                 Some(Ok(b)) => b,
-                Some(Err(e)) => {
-                    let at = p.received + p.buf.len() as u64;
-                    return Ok(Attempt::Retry(self.transport(e, at)));
-                }
+                Some(Err(e)) => return Ok(Attempt::Retry(self.transport(e, p.at()))),
             };
-            let seen = p.received + (p.buf.len() + bytes.len()) as u64;
+            let seen = p.at() + bytes.len() as u64;
             if seen > req.size {
                 return Err(self.size(seen));
             }
@@ -297,7 +350,7 @@ impl Download<'_> {
                 }
             }
         }
-        let seen = p.received + p.buf.len() as u64;
+        let seen = p.at();
         if seen < req.size {
             return Ok(Attempt::Retry(CacheError::Download {
                 url: req.url.clone(),
@@ -313,85 +366,162 @@ impl Download<'_> {
         Ok(Attempt::Complete)
     }
 
-    /// Append the buffered chunk to the file, hash it, count it; every
-    /// `flush_every` bytes make them durable ([`Download::checkpoint`]).
+    /// Hand the filled chunk to a blocking thread that appends it to the file
+    /// and hashes it, after the previous chunk's write settled (at most one
+    /// chunk is in flight while the next is received).
     async fn commit(&self, p: &mut Progress) -> Result<(), CacheError> {
+        self.settle_write(p).await?;
         let len = p.buf.len();
-        self.inner
-            .peak_buffer
-            .fetch_max(p.buf.capacity().max(len), Ordering::Relaxed);
-        // Off the runtime: a write may wait for the disk, hashing takes a while.
-        let (buf, hashers) = (std::mem::take(&mut p.buf), std::mem::take(&mut p.hashers));
-        let (file, at) = (Arc::clone(&self.file), p.received);
-        let (mut buf, hashers, written) = tokio::task::spawn_blocking(move || {
-            let mut hashers = hashers;
-            let written = file.write_all_at(&buf, at);
-            if written.is_ok() {
-                hashers.update(&buf);
-            }
-            (buf, hashers, written)
-        })
-        .await
-        .map_err(|e| self.corrupt(format!("write: {e}")))?;
-        written.map_err(file_error("write an image file", &self.path))?;
-        buf.clear();
-        p.buf = buf;
-        p.hashers = hashers;
-        p.received += len as u64;
-        if p.received - p.durable >= self.inner.opts.flush_every {
-            self.checkpoint(p).await?;
-        }
-        self.report(p.received);
+        let next = p
+            .spare
+            .take()
+            .unwrap_or_else(|| BytesMut::with_capacity(self.chunk as usize));
+        let buf = Arc::new(std::mem::replace(&mut p.buf, next));
+        self.inner.peak_buffer.fetch_max(
+            buf.capacity().max(len) + p.buf.capacity(),
+            Ordering::Relaxed,
+        );
+        let mut hasher = p
+            .hasher
+            .take()
+            .ok_or_else(|| self.corrupt("hash state lost".into()))?;
+        let (file, at, data) = (Arc::clone(&self.file), p.received, Arc::clone(&buf));
+        let write = tokio::task::spawn_blocking(move || file.write_all_at(&data, at));
+        let data = Arc::clone(&buf);
+        let hash = tokio::task::spawn_blocking(move || {
+            hasher.update(&data);
+            hasher
+        });
+        p.writing = Some(InFlight { write, hash, buf });
         Ok(())
+    }
+
+    /// Wait for the chunk in flight, count it, and start a checkpoint in the
+    /// background every `flush_every` bytes.
+    async fn settle_write(&self, p: &mut Progress) -> Result<(), CacheError> {
+        let Some(InFlight { write, hash, buf }) = p.writing.take() else {
+            return Ok(());
+        };
+        let (written, hashed) = (write.await, hash.await);
+        let written = written.map_err(|e| self.corrupt(format!("write: {e}")))?;
+        p.hasher = Some(hashed.map_err(|e| self.corrupt(format!("hash: {e}")))?);
+        written.map_err(file_error("write an image file", &self.path))?;
+        let len = buf.len();
+        // Both tasks are done and dropped their references: reuse the buffer.
+        if let Ok(mut buf) = Arc::try_unwrap(buf) {
+            buf.clear();
+            p.spare = Some(buf);
+        }
+        p.received += len as u64;
+        self.report(p);
+        if p.syncing.as_ref().is_some_and(|(t, _)| t.is_finished()) {
+            self.settle_sync(p).await?;
+        }
+        if p.syncing.is_none() && p.received - p.durable >= self.inner.opts.flush_every {
+            p.syncing = Some((self.background_checkpoint(p.received), p.received));
+        }
+        Ok(())
+    }
+
+    /// Sync the file, then count `upto` bytes in the meta and flush the store,
+    /// while the download goes on. Writes after the sync began do not matter:
+    /// `sync_data` makes durable what was written before it was called, and
+    /// `upto` counts only that.
+    fn background_checkpoint(&self, upto: u64) -> JoinHandle<Result<(), CacheError>> {
+        let (file, path) = (Arc::clone(&self.file), self.path.clone());
+        let (inner, req, chunk) = (Arc::clone(self.inner), self.req.clone(), self.chunk);
+        tokio::spawn(async move {
+            let digest = req.digest.clone();
+            tokio::task::spawn_blocking(move || file.sync_data())
+                .await
+                .map_err(|e| CacheError::Corrupt {
+                    digest,
+                    reason: format!("sync: {e}"),
+                })?
+                .map_err(file_error("sync an image file", &path))?;
+            save(&inner, &req, chunk, upto)?;
+            inner.db.flush().await
+        })
+    }
+
+    /// Wait for the background checkpoint, if one runs.
+    async fn settle_sync(&self, p: &mut Progress) -> Result<(), CacheError> {
+        let Some((task, upto)) = p.syncing.take() else {
+            return Ok(());
+        };
+        task.await
+            .map_err(|e| self.corrupt(format!("sync: {e}")))??;
+        p.durable = p.durable.max(upto);
+        self.report(p);
+        Ok(())
+    }
+
+    /// Wait for the write and the checkpoint in flight (both, whatever the
+    /// first one's outcome); the first error wins.
+    async fn drain(&self, p: &mut Progress) -> Result<(), CacheError> {
+        let written = self.settle_write(p).await;
+        let synced = self.settle_sync(p).await;
+        written.and(synced)
     }
 
     /// Make the bytes received so far durable: sync the file, then count them
     /// in the meta, then flush the store (in that order, so the meta never
     /// counts bytes a crash can lose).
     async fn checkpoint(&self, p: &mut Progress) -> Result<(), CacheError> {
-        self.sync().await?;
-        self.save(p.received)?;
-        self.inner.db.flush().await?;
-        p.durable = p.received;
-        Ok(())
+        let drained = self.drain(p).await;
+        if p.received > p.durable {
+            self.sync().await?;
+            self.save(p.received)?;
+            self.inner.db.flush().await?;
+            p.durable = p.received;
+        }
+        drained
     }
 
     /// Forget what was stored and start from byte 0 (the meta first, then
     /// the file).
-    fn restart(&self, p: &mut Progress) -> Result<(), CacheError> {
+    async fn restart(&self, p: &mut Progress) -> Result<(), CacheError> {
+        self.drain(p).await?;
         p.received = 0;
         p.durable = 0;
-        p.hashers = Hashers::default();
+        p.hasher = Some(Hasher::new(self.req.digest.method()));
         p.buf.clear();
         self.save(0)?;
         self.set_len(0)?;
-        self.report(0);
+        self.report(p);
         Ok(())
     }
 
     /// Check size and digest; sync the file, mark complete, pin, evict others.
     async fn finish(&self, p: &mut Progress) -> Result<CachedImage, CacheError> {
         let req = self.req;
+        self.drain(p).await?;
         if p.received != req.size {
             return Err(self.size(p.received));
         }
-        let (md5, sha256) = std::mem::take(&mut p.hashers).finish();
-        let got = match req.digest.method() {
-            DigestMethod::Md5 => &md5,
-            DigestMethod::Sha256 => &sha256,
-        };
-        if *got != req.digest {
+        let got = p
+            .hasher
+            .take()
+            .ok_or_else(|| self.corrupt("hash state lost".into()))?
+            .finish();
+        if got != req.digest {
             return Err(CacheError::Digest {
                 expected: req.digest.clone(),
-                got: got.clone(),
+                got,
             });
         }
         self.sync().await?;
+        // Only the notice's digest is computed (see `Hasher`).
+        let hex = Some(got.hex().to_string());
+        let (md5, sha256) = match got.method() {
+            DigestMethod::Md5 => (hex, None),
+            DigestMethod::Sha256 => (None, hex),
+        };
         let meta = Meta {
             size: req.size,
             chunk_size: self.chunk,
-            md5: Some(md5.hex().to_string()),
-            sha256: Some(sha256.hex().to_string()),
+            md5,
+            sha256,
             url: req.url.clone(),
             state: ImageState::Complete,
             last_use: self.inner.tick(),
@@ -420,11 +550,12 @@ impl Download<'_> {
     /// Rehash the stored prefix (the hash state cannot be persisted), one
     /// chunk at a time. Returns how much of it is really there: up to the
     /// first short chunk of the file.
-    async fn rehash(&self, received: u64) -> Result<(u64, Hashers), CacheError> {
+    async fn rehash(&self, received: u64) -> Result<(u64, Hasher), CacheError> {
         let file = Arc::clone(&self.file);
         let (chunk, size) = (self.chunk, self.req.size);
+        let method = self.req.digest.method();
         let read = tokio::task::spawn_blocking(move || {
-            let mut hashers = Hashers::default();
+            let mut hasher = Hasher::new(method);
             let mut buf = vec![0u8; chunk as usize];
             let mut stored = 0u64;
             while stored < received {
@@ -432,10 +563,10 @@ impl Download<'_> {
                 if !read_exact_at(&file, &mut buf[..want], stored)? {
                     break;
                 }
-                hashers.update(&buf[..want]);
+                hasher.update(&buf[..want]);
                 stored += want as u64;
             }
-            Ok((stored, hashers))
+            Ok((stored, hasher))
         })
         .await
         .map_err(|e| self.corrupt(format!("rehash: {e}")))?;
@@ -469,7 +600,13 @@ impl Download<'_> {
         }
     }
 
-    fn report(&self, done: u64) {
+    /// Publish progress: what is stored, but never more than `flush_every`
+    /// beyond what is durable, so that progress seen by anyone is (nearly)
+    /// what survives a kill.
+    fn report(&self, p: &Progress) {
+        let done = p
+            .received
+            .min(p.durable.saturating_add(self.inner.opts.flush_every));
         self.tx.send_replace(FlightState::Progress {
             done,
             total: self.req.size,

@@ -50,9 +50,9 @@ pub use image::CachedImage;
 use db::{Db, Meta};
 use image::Pin;
 
-/// The default chunk size: the unit of a download's writes, and the most the
-/// cache buffers.
-pub const CHUNK_SIZE: usize = 64 * 1024;
+/// The default chunk size: the unit of a download's writes. A download buffers
+/// two: one being received, the one before it being written and hashed.
+pub const CHUNK_SIZE: usize = 256 * 1024;
 
 /// Tuning of the cache; [`Default`] is what the daemon uses.
 #[derive(Debug, Clone)]
