@@ -7,9 +7,10 @@
 //!   share one HTTP download (a "flight"); every caller gets the progress and
 //!   the result;
 //! - **streaming**: bytes are appended to the image's file chunk by chunk as
-//!   they arrive (at most one chunk is buffered), synced every few chunks;
-//!   neither a download nor a read keeps the image in memory (sled would: it
-//!   keeps what it writes resident, so it holds only the metadata);
+//!   they arrive (two chunks buffered: one received while the one before it
+//!   is written and hashed), synced every MiB in the background; neither a
+//!   download nor a read keeps the image in memory (sled would: it keeps what
+//!   it writes resident, so it holds only the metadata);
 //! - **resume**: an interrupted image (dropped connection, restart) continues
 //!   with `Range: bytes=N-` after rehashing its stored bytes; a server that
 //!   answers 200 instead of 206 is followed from byte 0; broken streams are
