@@ -106,7 +106,9 @@ impl Devices {
         self.versions
             .insert(key(&leaf.id, &leaf.module), version.as_bytes())
             .map_err(tree)?;
-        self.versions.flush_async().await.map_err(tree)?;
+        crate::store::flush_tree(&self.versions)
+            .await
+            .map_err(tree)?;
         Ok(())
     }
 }

@@ -108,8 +108,7 @@ impl Store {
 
     /// Make every write so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db
-            .flush_async()
+        flush_tree(&self.db)
             .await
             .map(|_| ())
             .map_err(|source| StoreError::Tree { tree: "*", source })
@@ -118,6 +117,32 @@ impl Store {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Blocking threads flushing at once (see [`flush_tree`]).
+const FLUSHES_AT_ONCE: usize = 4;
+
+/// Make every write to `tree`'s database so far durable. Use this, never
+/// sled's `flush_async`: in sled 0.34 that runs the flush on sled's own I/O
+/// pool, where it waits for a buffer write queued on the same pool, and the
+/// pool does not grow (its idle count wraps below zero); seven concurrent
+/// flushes occupy all its threads and wait for ever (spacejam/sled#1308,
+/// unfixed in 0.34.7). Sixteen jobs persisting at once wedged the gateway.
+/// The blocking `flush` on a tokio blocking thread leaves sled's pool free.
+/// At most [`FLUSHES_AT_ONCE`] run at a time: a flush makes everything
+/// written before it durable, so waiters mostly find nothing left to write,
+/// and slow storage does not turn every waiting job into a blocked thread.
+pub async fn flush_tree(tree: &sled::Tree) -> sled::Result<usize> {
+    static FLUSHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(FLUSHES_AT_ONCE);
+    let _permit = FLUSHES.acquire().await;
+    let tree = tree.clone();
+    tokio::task::spawn_blocking(move || tree.flush())
+        .await
+        .unwrap_or_else(|e| {
+            Err(sled::Error::Io(std::io::Error::other(format!(
+                "flush: {e}"
+            ))))
+        })
 }
 
 /// For tests that reopen a store in the same process: sled's background I/O
@@ -149,6 +174,42 @@ pub(crate) fn wait_unlocked(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the daemon does when many jobs persist at once: write and flush
+    /// from many tasks concurrently. Every flush must come back (with sled's
+    /// `flush_async` they wedged: see [`flush_tree`]).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_flushes_all_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("db")).unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for t in 0..64u32 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let tree = store.tree("t").unwrap();
+                for i in 0..20u32 {
+                    tree.insert(format!("{t}-{i}"), vec![0u8; 512]).unwrap();
+                    if i % 2 == 0 {
+                        flush_tree(&tree).await.unwrap();
+                    } else {
+                        store.flush().await.unwrap();
+                    }
+                }
+            });
+        }
+        let all = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap();
+            }
+        })
+        .await;
+        if all.is_err() {
+            // Dropping the last handle flushes, which would wait for ever too.
+            std::mem::forget(store);
+            panic!("flushes still waiting after 60 s: sled's I/O pool is wedged");
+        }
+        assert_eq!(store.tree("t").unwrap().len(), 64 * 20);
+    }
 
     #[test]
     fn a_store_locked_by_another_process_is_left_alone() {

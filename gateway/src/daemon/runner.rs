@@ -487,7 +487,7 @@ async fn mark_reported(core: &Core, key: &JobKey) {
         return;
     };
     let stored = match core.reported.insert(reported_key(key), reported_mark(&r)) {
-        Ok(_) => core.reported.flush_async().await.map(|_| ()),
+        Ok(_) => crate::store::flush_tree(&core.reported).await.map(|_| ()),
         Err(e) => Err(e),
     };
     if let Err(e) = stored {

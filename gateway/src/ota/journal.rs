@@ -101,8 +101,7 @@ impl Journal {
     }
 
     async fn flush(&self, label: impl FnOnce() -> String) -> Result<(), JournalError> {
-        self.tree
-            .flush_async()
+        crate::store::flush_tree(&self.tree)
             .await
             .map(|_| ())
             .map_err(|source| JournalError::Flush {

@@ -56,8 +56,7 @@ impl Outbox {
         self.tree
             .insert(seq.to_be_bytes(), encode(topic, payload))
             .map_err(|e| sled_err("write to the outbox", e))?;
-        self.tree
-            .flush_async()
+        crate::store::flush_tree(&self.tree)
             .await
             .map_err(|e| sled_err("flush the outbox", e))?;
         Ok(seq)
