@@ -222,6 +222,32 @@ pub struct PluginHost {
     cache_dir: Option<PathBuf>,
     plugins: RwLock<BTreeMap<String, Arc<LoadedPlugin>>>,
     ticker_stop: Arc<AtomicBool>,
+    compact: bool,
+}
+
+/// The engine's configuration: epochs, no component-model async, a pooling
+/// allocator sized for `limits`; `reservation` overrides wasmtime's address
+/// space reservation per linear memory.
+fn engine_config(limits: &Limits, reservation: Option<u64>) -> wasmtime::Config {
+    let mut config = wasmtime::Config::new();
+    config.epoch_interruption(true);
+    // Host calls are ~2.5x cheaper without the component-model-async machinery.
+    config.concurrency_support(false);
+    let mut pool = wasmtime::PoolingAllocationConfig::default();
+    let n = limits.max_instances.max(1);
+    pool.total_component_instances(n)
+        .total_core_instances(n * 4)
+        .total_memories(n * 2)
+        .total_tables(n * 4)
+        .max_memories_per_component(4)
+        .max_tables_per_component(8)
+        .max_memory_size(limits.memory)
+        .total_stacks(n);
+    config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+    if let Some(bytes) = reservation {
+        config.memory_reservation(bytes);
+    }
+    config
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -243,22 +269,25 @@ impl PluginHost {
     /// Set up the engine. `cache_dir` holds compiled plugins (created if
     /// missing); `None` compiles every time.
     pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
-        let mut config = wasmtime::Config::new();
-        config.epoch_interruption(true);
-        // Host calls are ~2.5x cheaper without the component-model-async machinery.
-        config.concurrency_support(false);
-        let mut pool = wasmtime::PoolingAllocationConfig::default();
-        let n = limits.max_instances.max(1);
-        pool.total_component_instances(n)
-            .total_core_instances(n * 4)
-            .total_memories(n * 2)
-            .total_tables(n * 4)
-            .max_memories_per_component(4)
-            .max_tables_per_component(8)
-            .max_memory_size(limits.memory)
-            .total_stacks(n);
-        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        // wasmtime's default reserves 4 GiB of address space per memory slot
+        // (2 slots per instance), so plugin code needs no bounds checks: ~4 TiB
+        // at `max_parallel = 256`. That is nothing on x86-64 (128 TiB), but an
+        // arm64 kernel with 39-bit addresses has 512 GiB in all. Where the
+        // pool does not fit, reserve only the memory limit per slot; plugin
+        // code then checks bounds (~50 % more CPU per job, BENCHMARKS.md).
+        let (engine, compact) = match Engine::new(&engine_config(&limits, None)) {
+            Ok(engine) => (engine, false),
+            Err(first) => {
+                let engine = Engine::new(&engine_config(&limits, Some(limits.memory as u64)))
+                    .map_err(|e| PluginError::Engine(format!("{e:#} (first: {first:#})")))?;
+                tracing::warn!(
+                    max_instances = limits.max_instances,
+                    "the plugin pool does not fit this machine's address space ({first:#}); \
+                     reserving only the memory limit per plugin (bounds-checked, slower)"
+                );
+                (engine, true)
+            }
+        };
 
         let mut linker = Linker::new(&engine);
         add_wasi_std_interfaces(&mut linker).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
@@ -297,11 +326,19 @@ impl PluginHost {
             cache_dir,
             plugins: RwLock::new(BTreeMap::new()),
             ticker_stop,
+            compact,
         })
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Whether the instance pool reserves only the memory limit per plugin
+    /// memory (the address space did not hold the default reservation; see
+    /// [`PluginHost::new`]).
+    pub fn compact_address_space(&self) -> bool {
+        self.compact
     }
 
     /// The plugin of a family.
