@@ -1,9 +1,11 @@
 //! The XMODEM / XMODEM-1K / YMODEM **sender**, written against [`Port`] and
 //! [`Source`] so it runs natively in unit tests and inside the wasm component.
 //!
-//! What it does, in order: drain stale input; send the optional enter-bootloader
-//! command and wait; wait for the receiver's start character ('C' = CRC-16,
-//! NAK = 8-bit checksum), skipping banner bytes; for YMODEM send block 0
+//! What it does, in order: drain stale input (without an enter command, keep a
+//! start character followed by a quiet line: the receiver asked before the link
+//! was opened); send the optional enter-bootloader command and wait; wait for
+//! the receiver's start character ('C' = CRC-16, NAK = 8-bit checksum),
+//! skipping banner bytes; for YMODEM send block 0
 //! (`name\0size\0`) and wait for ACK and a new 'C'; send the image in 1K (STX)
 //! or 128-byte (SOH) blocks read from the image one block at a time; send EOT
 //! until it is ACKed; for YMODEM end the batch with a null block 0.
@@ -60,6 +62,11 @@ const CRC16: Crc<u16> = Crc::<u16>::new(&CRC_16_XMODEM);
 /// After a start character, how long to listen for more bytes: text that
 /// follows within this window means the 'C' was part of a banner.
 pub const SETTLE_MS: u32 = 50;
+/// Clearing the input without an enter command: the quiet (as the host's
+/// `drain` waits for bytes in flight) after which the last byte read counts,
+/// and how many reads at most before the handshake takes over.
+pub(crate) const QUIET_MS: u32 = 5;
+const QUIET_READS: usize = 64;
 /// The host caps one read's timeout at 60 s; longer waits loop.
 const MAX_READ_MS: u64 = 60_000;
 /// Consecutive failures of a 1K block before falling back to 128-byte blocks.
@@ -253,11 +260,20 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
         }
         let t0 = self.port.now_ms();
 
-        // Stale input (boot banners, old 'C's) would confuse the handshake.
-        match self.port.drain() {
-            Ok(n) if n > 0 => self.log(Level::Debug, &format!("drained {n} stale bytes")),
-            Ok(_) | Err(LinkFault::Unsupported(_)) => {}
-            Err(e) => return Err(link_error("prepare: drain", e)),
+        // Stale input (boot banners, old 'C's) would confuse the handshake. But
+        // without an enter command the receiver may already be waiting, its
+        // start character queued up before the link was opened (a
+        // pseudo-terminal, a serial device server), and draining it would cost
+        // a whole poll of the receiver (lrzsz `rx` asks again only after 10 s).
+        let mut ready = None;
+        if self.s.enter_command.is_none() {
+            ready = self.clear_keeping_start()?;
+        } else {
+            match self.port.drain() {
+                Ok(n) if n > 0 => self.log(Level::Debug, &format!("drained {n} stale bytes")),
+                Ok(_) | Err(LinkFault::Unsupported(_)) => {}
+                Err(e) => return Err(link_error("prepare: drain", e)),
+            }
         }
         if let Some(cmd) = &self.s.enter_command {
             let cmd = cmd.clone();
@@ -277,7 +293,10 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
             }
         }
 
-        let start = self.wait_start("handshake", self.s.handshake_timeout_ms)?;
+        let start = match ready {
+            Some(b) => b,
+            None => self.wait_start("handshake", self.s.handshake_timeout_ms)?,
+        };
         self.started = true;
         if start == NAK {
             self.crc = false;
@@ -513,6 +532,33 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
                  garbled, {silent} without reply); sent CAN CAN"
             ))
         }
+    }
+
+    /// Discards the input, like `drain`, until the line has been quiet for
+    /// [`QUIET_MS`], but reads it to see its last byte: a start character ('C'
+    /// or NAK) followed by that quiet is the receiver asking, not a banner's
+    /// letter (text after it would have come too), and is returned. A line that
+    /// never goes quiet is left to the handshake, which skips banners.
+    fn clear_keeping_start(&mut self) -> Result<Option<u8>, Error> {
+        let mut last = None;
+        let mut dropped = 0usize;
+        for _ in 0..QUIET_READS {
+            let chunk = self
+                .port
+                .read(4096, QUIET_MS)
+                .map_err(|e| link_error("prepare: clearing the input", e))?;
+            if chunk.is_empty() {
+                let start = last.filter(|b| matches!(*b, CRC_C | NAK));
+                dropped -= usize::from(start.is_some());
+                if dropped > 0 {
+                    self.log(Level::Debug, &format!("drained {dropped} stale bytes"));
+                }
+                return Ok(start);
+            }
+            dropped += chunk.len();
+            last = chunk.last().copied();
+        }
+        Ok(None)
     }
 
     /// Wait for a start character ('C' or NAK), skipping anything else.

@@ -570,7 +570,9 @@ fn xmodem_1k_crc_happy_path_streams_the_image() {
     );
     // Never more than a block from the image at once.
     assert!(img.largest_read <= 1024);
-    assert_eq!(sim.drains, 1);
+    // Without an enter command stale input is read (to keep a waiting start
+    // character), not drained.
+    assert_eq!(sim.drains, 0);
     // Progress after every block, ending at the total.
     assert_eq!(sim.progress.first(), Some(&(0, 5000)));
     assert_eq!(sim.progress.last(), Some(&(5000, 5000)));
@@ -744,7 +746,8 @@ fn handshake_timeout_when_the_receiver_never_starts() {
         r.unwrap_err(),
         Error::Timeout("handshake: no 'C' or NAK from the receiver within 30000 ms".into())
     );
-    assert_eq!(sim.now, 30_000);
+    // The handshake's timeout, after a short look for a start character already queued.
+    assert_eq!(sim.now, 30_000 + u64::from(QUIET_MS));
     assert!(
         sim.all_written.is_empty(),
         "nothing to cancel before a start"
@@ -766,7 +769,7 @@ fn handshake_timeout_counts_skipped_bytes_and_long_timeouts_loop() {
                 .into()
         )
     );
-    assert_eq!(port.now, 150_000);
+    assert_eq!(port.now, 150_000 + u64::from(QUIET_MS));
 }
 
 #[test]
@@ -814,17 +817,104 @@ fn banner_with_a_c_in_it_is_skipped() {
 
 #[test]
 fn lone_start_character_in_a_script_settles() {
-    // 'C' followed by more 'C's within the settle window is still a start.
+    // 'C' followed by more 'C's within the settle window is still a start
+    // (after an enter command, so the handshake reads it).
     let mut port = ScriptPort::new(vec![(5, b"xxC".to_vec()), (20, b"C".to_vec())]);
     let settings = Settings {
         retries: 0,
         block_timeout_ms: 100,
+        enter_command: Some(b"u".to_vec()),
         ..xmodem()
     };
     let err = flash(&mut port, &mut Img::new(10), &settings).unwrap_err();
     // It started (a block went out) and then timed out on the reply.
     assert!(matches!(err, Error::Timeout(m) if m.starts_with("transfer: block 1")));
-    assert_eq!(port.written[0], SOH);
+    assert_eq!(port.written[..2], [b'u', SOH]);
+}
+
+/// A [`ScriptPort`] whose `drain` discards what has arrived so far, as a real
+/// link's does; it notes when the first frame went out.
+struct DrainingPort(ScriptPort, Option<u64>);
+
+impl Port for DrainingPort {
+    fn write(&mut self, data: &[u8]) -> Result<(), LinkFault> {
+        if matches!(data.first(), Some(&SOH | &STX)) {
+            self.1.get_or_insert(self.0.now);
+        }
+        self.0.write(data)
+    }
+    fn read(&mut self, max: u32, timeout_ms: u32) -> Result<Vec<u8>, LinkFault> {
+        self.0.read(max, timeout_ms)
+    }
+    fn drain(&mut self) -> Result<u32, LinkFault> {
+        let mut n = 0;
+        while self.0.script.front().is_some_and(|(t, _)| *t <= self.0.now) {
+            n += self.0.script.pop_front().map_or(0, |(_, b)| b.len() as u32);
+        }
+        Ok(n)
+    }
+    fn now_ms(&mut self) -> u64 {
+        self.0.now
+    }
+    fn sleep(&mut self, ms: u32) {
+        self.0.sleep(ms);
+    }
+    fn progress(&mut self, _: u64, _: u64) {}
+    fn log(&mut self, _: Level, _: &str) {}
+}
+
+#[test]
+fn a_start_character_queued_before_the_sender_looks_is_used_not_drained() {
+    // The receiver asked ('C') before the link was opened and repeats only
+    // after 10 s (lrzsz `rx`); noise before the 'C' is still dropped. The
+    // first two ACKs answer a sender that used the queued 'C', the last two
+    // one that waited for the next.
+    let script = vec![
+        (0, b"boot\r\nCC".to_vec()),
+        (60, vec![ACK]),
+        (61, vec![ACK]),
+        (10_000, b"C".to_vec()),
+        (10_100, vec![ACK]),
+        (10_101, vec![ACK]),
+    ];
+    let mut port = DrainingPort(ScriptPort::new(script.clone()), None);
+    let report = flash(&mut port, &mut Img::new(10), &xmodem()).unwrap();
+    assert_eq!(report.blocks, 1);
+    assert_eq!(port.0.written[0], SOH);
+    assert_eq!(port.0.now, 61, "block 1 went out on the queued 'C'");
+
+    // With an enter command a queued 'C' is stale: the sender drains it and
+    // waits for one after the command.
+    let settings = Settings {
+        enter_command: Some(b"go\r".to_vec()),
+        ..xmodem()
+    };
+    let mut port = DrainingPort(ScriptPort::new(script), None);
+    flash(&mut port, &mut Img::new(10), &settings).unwrap();
+    assert!(port.0.written.starts_with(b"go\r\x01"));
+    assert_eq!(
+        port.0.now, 10_101,
+        "block 1 waited for the receiver's next 'C'"
+    );
+}
+
+#[test]
+fn a_queued_c_followed_by_text_is_a_banner_letter() {
+    // Text comes 3 ms after the 'C', within the quiet the sender waits for.
+    let script = vec![
+        (0, b"boot: C".to_vec()),
+        (3, b"hecking\r\n".to_vec()),
+        (100, b"C".to_vec()),
+        (200, vec![ACK]),
+        (201, vec![ACK]),
+    ];
+    let mut port = DrainingPort(ScriptPort::new(script), None);
+    flash(&mut port, &mut Img::new(10), &xmodem()).unwrap();
+    let first_block = port.1.unwrap();
+    assert!(
+        first_block >= 100 + u64::from(SETTLE_MS),
+        "block 1 at {first_block} ms: waited for the receiver's 'C' and its settle"
+    );
 }
 
 #[test]
