@@ -107,6 +107,10 @@ struct SmpArgs {
     /// Keep a partial upload across resets (Zephyr does not).
     #[arg(long)]
     keep_upload: bool,
+    /// Simulated line rate (bits per second, 8N1): each answer is written no sooner than
+    /// the request and the answer take on such a wire.
+    #[arg(long)]
+    baud: Option<u32>,
     /// A fault: drop-request=K, drop=K, garble=K, reset=K, refuse-upload, refuse-test,
     /// no-boot (repeatable).
     #[arg(long = "fault")]
@@ -301,6 +305,7 @@ fn smp_config(args: &SmpArgs) -> anyhow::Result<SmpSimConfig> {
         boot_time: Duration::from_millis(args.boot_ms),
         keep_upload_across_reset: args.keep_upload,
         faults,
+        line_rate: args.baud,
         ..SmpSimConfig::default()
     })
 }

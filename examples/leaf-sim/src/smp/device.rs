@@ -47,6 +47,13 @@ mod id {
     pub const OP_WRITE: u8 = 2;
 }
 
+/// Whether `packet` is an image upload request (for the wire counters).
+pub(crate) fn is_upload(packet: &[u8]) -> bool {
+    Header::split(packet).is_some_and(|(h, _)| {
+        (h.group, h.id, h.op) == (id::GROUP_IMAGE, id::IMG_UPLOAD, id::OP_WRITE)
+    })
+}
+
 /// A CBOR value of a request map (what the handlers need; anything else is `Other`).
 #[derive(Debug, Clone, PartialEq)]
 enum Value {
@@ -210,6 +217,14 @@ pub(crate) struct Counters {
     pub(crate) upload_chunks: u64,
     pub(crate) upload_bytes: u64,
     pub(crate) resets: u32,
+    /// Bytes read from the link (frames, console text, garbage).
+    pub(crate) link_in: u64,
+    /// Bytes written to the link.
+    pub(crate) link_out: u64,
+    /// Of those, the frames of image upload requests (and what preceded them since the
+    /// previous packet) and of their answers.
+    pub(crate) upload_in: u64,
+    pub(crate) upload_out: u64,
 }
 
 /// What to do after a packet.

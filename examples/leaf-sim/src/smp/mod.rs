@@ -23,10 +23,14 @@
 //!   packet (header + body) larger than `buf_size` is dropped without an answer, as a real
 //!   device drops it.
 //! - Upload, resume and MCUboot rules: see [`SmpHandle`].
+//! - With [`SmpSimConfig::line_rate`] each answer is written when its last byte would have
+//!   arrived on a UART at that rate, 8N1: after the wire time of the request bytes heard and of
+//!   the answer (`pace.rs`).
 
 mod device;
 pub mod frame;
 pub mod mcuboot;
+pub(crate) mod pace;
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -40,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 pub use device::rc;
 use device::{Image, State};
 use mcuboot::ImageVersion;
+use pace::Pacer;
 
 use crate::transport::SessionEnd;
 
@@ -144,6 +149,10 @@ pub struct SmpSimConfig {
     pub keep_upload_across_reset: bool,
     /// Faults to inject.
     pub faults: SmpFaults,
+    /// Simulated line rate in bits per second (8N1: 10 bits a byte): each answer is written
+    /// no sooner than the request bytes heard and the answer itself take on such a wire.
+    /// `None` (or 0): as fast as the link carries them.
+    pub line_rate: Option<u32>,
 }
 
 impl Default for SmpSimConfig {
@@ -158,6 +167,7 @@ impl Default for SmpSimConfig {
             boot_time: Duration::from_millis(200),
             keep_upload_across_reset: false,
             faults: SmpFaults::default(),
+            line_rate: None,
         }
     }
 }
@@ -497,6 +507,21 @@ impl SmpHandle {
         self.state().counters.dropped_packets
     }
 
+    /// Bytes over the device's life: `(read from the link, written to it)`.
+    pub fn link_bytes(&self) -> (u64, u64) {
+        let c = self.state().counters;
+        (c.link_in, c.link_out)
+    }
+
+    /// Wire bytes of the image upload over the device's life: `(request frames, answer
+    /// frames)`. With [`SmpHandle::upload_bytes`] this gives what the serial framing costs:
+    /// the best a stop-and-wait upload can do on a wire is `upload_bytes / (requests +
+    /// answers)` of its byte rate.
+    pub fn upload_wire_bytes(&self) -> (u64, u64) {
+        let c = self.state().counters;
+        (c.upload_in, c.upload_out)
+    }
+
     /// Whether the device is booting (hears nothing).
     pub fn is_booting(&self) -> bool {
         self.state().silent_until.is_some()
@@ -547,6 +572,16 @@ impl SmpHandle {
         (Some(wire), outcome.reset)
     }
 
+    /// Counts a packet's wire bytes: `request` read for it, `answer` written.
+    fn count_wire(&self, packet: &[u8], request: u64, answer: u64) {
+        let mut st = self.state();
+        st.counters.link_out += answer;
+        if device::is_upload(packet) {
+            st.counters.upload_in += request;
+            st.counters.upload_out += answer;
+        }
+    }
+
     fn dropped(&self, e: &frame::FrameError) {
         let mut st = self.state();
         st.counters.dropped_packets += 1;
@@ -568,7 +603,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut deframer = frame::Deframer::new(device.config().buf_size);
+    let mut pacer = device
+        .config()
+        .line_rate
+        .filter(|&bps| bps > 0)
+        .map(|bps| Pacer::new(bps, Instant::now()));
     let mut buf = vec![0u8; 4096];
+    // Bytes read since the last packet ended (its frames, for the wire counters).
+    let mut heard = 0u64;
     loop {
         let silent_until = device.state().silent_until;
         let n = tokio::select! {
@@ -585,30 +627,52 @@ where
                 Err(e) => return SessionEnd::LinkError(e),
             },
         };
+        device.state().counters.link_in += n as u64;
+        // When the first of these bytes went onto the (simulated) wire.
+        let on_wire = pacer.as_mut().map(|p| p.arrived(n, Instant::now()));
         if silent_until.is_some_and(|t| Instant::now() < t) {
             continue; // booting: the bytes are lost
         }
-        for &byte in &buf[..n] {
+        for (i, &byte) in buf[..n].iter().enumerate() {
+            heard += 1;
             let packet = match deframer.push(byte) {
                 None => continue,
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "packet dropped");
                     device.dropped(&e);
+                    heard = 0;
                     continue;
                 }
                 Some(Ok(packet)) => packet,
             };
+            let request_bytes = std::mem::take(&mut heard);
             let (answer, reset) = device.packet(&packet);
+            let answer_bytes = answer.as_ref().map_or(0, Vec::len);
+            device.count_wire(&packet, request_bytes, answer_bytes as u64);
             if let Some(wire) = answer {
+                let due = match (pacer.as_mut(), on_wire) {
+                    (Some(p), Some(start)) => Some(p.due(start, i + 1, wire.len())),
+                    _ => None,
+                };
                 let write = async {
+                    if let Some(due) = due {
+                        tokio::time::sleep_until(due).await;
+                    }
+                    let at = Instant::now();
                     io.write_all(&wire).await?;
-                    io.flush().await
+                    io.flush().await?;
+                    Ok::<_, std::io::Error>(at)
                 };
                 tokio::select! {
                     biased;
                     () = cancel.cancelled() => return SessionEnd::Shutdown,
-                    r = write => if let Err(e) = r {
-                        return SessionEnd::LinkError(e);
+                    r = write => match r {
+                        Ok(at) => {
+                            if let (Some(p), Some(due)) = (pacer.as_mut(), due) {
+                                p.written(due, at);
+                            }
+                        }
+                        Err(e) => return SessionEnd::LinkError(e),
                     },
                 }
             }
@@ -616,6 +680,7 @@ where
                 tracing::info!(?cause, "device reset");
                 device.reset(cause);
                 deframer.reset();
+                heard = 0;
                 break; // the rest of what was read is lost
             }
         }
@@ -662,6 +727,88 @@ mod tests {
             "no-boot=1".parse::<SmpFaults>(),
             Err(SmpFaultParseError::Unknown(_))
         ));
+    }
+
+    /// An OS echo request `{d: text}` (SMP v1), framed for the console.
+    fn echo_request(seq: u8, text: &str) -> Vec<u8> {
+        let mut body = vec![0xa1, 0x61, b'd', 0x60 | text.len() as u8];
+        body.extend_from_slice(text.as_bytes());
+        let header = frame::Header {
+            op: 2,
+            version: 0,
+            flags: 0,
+            len: body.len() as u16,
+            group: 0,
+            seq,
+            id: 0,
+        };
+        let mut packet = header.to_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        frame::encode(&packet)
+    }
+
+    /// Runs `exchanges` echo exchanges against a device paced at `bps` on an in-memory link;
+    /// returns the (virtual) time they took and the wire bytes both ways.
+    async fn echo_exchanges(bps: Option<u32>, exchanges: u8) -> (Duration, usize) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let device = SmpHandle::new(SmpSimConfig {
+            line_rate: bps,
+            ..SmpSimConfig::default()
+        })
+        .unwrap();
+        let (mut host, link) = tokio::io::duplex(1 << 16);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let (device, cancel) = (device.clone(), cancel.clone());
+            async move { serve(&device, link, &cancel).await }
+        });
+        let t0 = Instant::now();
+        let mut wire = 0;
+        for seq in 0..exchanges {
+            let request = echo_request(seq, "paced");
+            host.write_all(&request).await.unwrap();
+            let mut answer = Vec::new();
+            while answer.last() != Some(&b'\n') {
+                let mut b = [0u8; 256];
+                let n = host.read(&mut b).await.unwrap();
+                assert!(n > 0, "the device closed the link");
+                answer.extend_from_slice(&b[..n]);
+            }
+            wire += request.len() + answer.len();
+        }
+        let elapsed = t0.elapsed();
+        assert_eq!(device.answers(), u64::from(exchanges));
+        assert_eq!(device.link_bytes().0 + device.link_bytes().1, wire as u64);
+        cancel.cancel();
+        assert!(matches!(task.await.unwrap(), SessionEnd::Shutdown));
+        (elapsed, wire)
+    }
+
+    fn wire_time(bytes: usize, bps: u32) -> Duration {
+        Duration::from_nanos(bytes as u64 * 10 * 1_000_000_000 / u64::from(bps))
+    }
+
+    /// Virtual time (tokio's paused clock): an answer comes no sooner than the request and
+    /// the answer take on the wire, and the timers' millisecond granularity does not add up
+    /// over many exchanges.
+    #[tokio::test(start_paused = true)]
+    async fn answers_take_the_wire_time_of_request_and_answer() {
+        let (elapsed, wire) = echo_exchanges(Some(9600), 1).await;
+        let expected = wire_time(wire, 9600);
+        assert!(
+            elapsed >= expected && elapsed <= expected + Duration::from_millis(1),
+            "one exchange of {wire} bytes at 9600 baud took {elapsed:?}, the wire {expected:?}"
+        );
+        // About 0.6 ms of wire an exchange at 921600 baud: no whole millisecond per answer.
+        let (elapsed, wire) = echo_exchanges(Some(921_600), 50).await;
+        let expected = wire_time(wire, 921_600);
+        assert!(
+            elapsed >= expected && elapsed <= expected + Duration::from_millis(1),
+            "50 exchanges of {wire} bytes at 921600 baud took {elapsed:?}, the wire {expected:?}"
+        );
+        // Unpaced: no time passes at all.
+        let (elapsed, _) = echo_exchanges(None, 5).await;
+        assert_eq!(elapsed, Duration::ZERO);
     }
 
     #[test]
