@@ -342,13 +342,24 @@ impl GatewayProcess {
     /// the test package's `otagw-e2e-gateway`, whose path only the test target
     /// knows); returns once the gateway printed its API address.
     pub async fn start(bin: &str, config: &str, path: &Path) -> GatewayProcess {
+        Self::start_with_log(bin, config, path, "otagw=info").await
+    }
+
+    /// [`GatewayProcess::start`] with the log filter `rust_log` (`RUST_LOG`;
+    /// benchmarks run at the default level, "warn").
+    pub async fn start_with_log(
+        bin: &str,
+        config: &str,
+        path: &Path,
+        rust_log: &str,
+    ) -> GatewayProcess {
         use tokio::io::AsyncBufReadExt;
         std::fs::write(path, config).expect("write the config");
         let mut child = tokio::process::Command::new(bin)
             .arg("run")
             .arg("--config")
             .arg(path)
-            .env("RUST_LOG", "otagw=info")
+            .env("RUST_LOG", rust_log)
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -372,6 +383,11 @@ impl GatewayProcess {
     /// SIGKILL: no drain, no goodbye.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill the gateway");
+    }
+
+    /// The process id (for /proc/<pid>/stat and status in benchmarks).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the gateway process is running")
     }
 }
 

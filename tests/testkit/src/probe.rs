@@ -168,6 +168,38 @@ impl MqttProbe {
     }
 }
 
+/// Incremental reading, for runs with thousands of messages where re-scanning
+/// everything on each arrival ([`MqttProbe::wait_until`]) would cost more
+/// than what is measured.
+impl MqttProbe {
+    /// Messages seen after the first `from`, in order.
+    pub fn messages_from(&self, from: usize) -> Vec<Message> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.messages.get(from..).unwrap_or_default().to_vec()
+    }
+
+    /// Wait until more than `count` messages were seen, at most until
+    /// `deadline`; false if the deadline passed first.
+    pub async fn wait_beyond(&self, count: usize, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let notified = self.changed.notified();
+            if self
+                .seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .messages
+                .len()
+                > count
+            {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
 impl Drop for MqttProbe {
     fn drop(&mut self) {
         self.stop.cancel();
