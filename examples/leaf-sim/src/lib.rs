@@ -35,6 +35,7 @@
 //! # Ok(()) }
 //! ```
 
+pub(crate) mod pace;
 pub mod smp;
 pub mod stm32;
 pub mod transport;

@@ -30,7 +30,6 @@
 mod device;
 pub mod frame;
 pub mod mcuboot;
-pub(crate) mod pace;
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -41,10 +40,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::pace::Pacer;
 pub use device::rc;
 use device::{Image, State};
 use mcuboot::ImageVersion;
-use pace::Pacer;
 
 use crate::transport::SessionEnd;
 

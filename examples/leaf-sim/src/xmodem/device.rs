@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::frame::{self, ACK, CAN, EOT, NAK, SOH, STX};
 use super::{Protocol, Received, SimHandle};
 
+use crate::pace::Pacer;
 pub use crate::transport::SessionEnd;
 use crate::transport::UnreadProbe;
 
@@ -437,6 +438,10 @@ where
         let mut polling = true;
         let mut send_poll = true;
         let mut eot_naked = false;
+        let mut pacer = cfg
+            .line_rate
+            .filter(|b| *b > 0)
+            .map(|b| Pacer::new(b, Instant::now()));
         loop {
             let index = blocks + 1;
             let expect = (index & 0xff) as u8;
@@ -494,13 +499,14 @@ where
                     }
                     errors = 0;
                     blocks = index;
-                    if let Some(bps) = self.device.config().line_rate.filter(|b| *b > 0) {
-                        // The frame: header (3), payload, CRC (2); 10 bits a byte.
-                        let bits = (payload.len() as u64 + 5) * 10;
-                        tokio::time::sleep(Duration::from_micros(
-                            bits * 1_000_000 / u64::from(bps),
-                        ))
-                        .await;
+                    if let Some(p) = pacer.as_mut() {
+                        // The frame (header 3, payload, CRC 2) on the wire, then the ACK;
+                        // a late wake-up is not the wire's (see `crate::pace`).
+                        let frame = payload.len() + 5;
+                        let start = p.arrived(frame, Instant::now());
+                        let due = p.due(start, frame, 1);
+                        tokio::time::sleep_until(due).await;
+                        p.written(due, Instant::now());
                     }
                     data.extend_from_slice(&payload);
                     if self
@@ -644,6 +650,41 @@ mod tests {
         let image = dev.next_image().await;
         assert_eq!((image.data.len(), image.blocks, image.naks), (128, 1, 1));
         assert_eq!(dev.version(), "9.9");
+        cancel.cancel();
+    }
+
+    /// Virtual time (tokio's paused clock): each block is ACKed no sooner than the block and
+    /// the ACK take on the wire, and the timers' millisecond granularity does not add up over
+    /// many blocks (at 921600 baud a 1K block is ~11.2 ms of wire; sleeping per block rounded
+    /// up to the next millisecond cost ~10 %).
+    #[tokio::test(start_paused = true)]
+    async fn paced_blocks_take_their_wire_time_and_no_more() {
+        const BLOCKS: u8 = 40;
+        let bps = 921_600u64;
+        let (dev, mut io, cancel) = start(XmodemSimConfig {
+            line_rate: Some(bps as u32),
+            ..XmodemSimConfig::default()
+        });
+        expect(&mut io, b"C").await;
+        let t0 = Instant::now();
+        for n in 1..=BLOCKS {
+            io.write_all(&block(n, &[n; 1024])).await.unwrap();
+            expect(&mut io, &[ACK]).await;
+        }
+        let elapsed = t0.elapsed();
+        let wire = Duration::from_nanos(u64::from(BLOCKS) * (1029 + 1) * 10 * 1_000_000_000 / bps);
+        assert!(
+            elapsed >= wire && elapsed <= wire + Duration::from_millis(1),
+            "{BLOCKS} blocks took {elapsed:?}, the wire {wire:?}"
+        );
+        io.write_all(&[EOT]).await.unwrap();
+        expect(&mut io, &[NAK]).await;
+        io.write_all(&[EOT]).await.unwrap();
+        expect(&mut io, &[ACK]).await;
+        assert_eq!(
+            dev.next_image().await.data.len(),
+            1024 * usize::from(BLOCKS)
+        );
         cancel.cancel();
     }
 

@@ -1,6 +1,6 @@
-//! Line-rate pacing of the SMP device, without I/O: when an answer may be written so that each
-//! exchange takes as long as it would on a real UART at `bps` bits per second, 8N1 (10 bits a
-//! byte: start, 8 data, stop).
+//! Line-rate pacing of the SMP and XMODEM devices, without I/O: when an answer (an SMP response,
+//! an XMODEM ACK) may be written so that each exchange takes as long as it would on a real UART
+//! at `bps` bits per second, 8N1 (10 bits a byte: start, 8 data, stop).
 //!
 //! A pseudo-terminal delivers a request at once. On a real wire its last byte arrives
 //! `bytes × 10 / bps` after its first, and the answer's last byte arrives that much after the
