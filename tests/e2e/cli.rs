@@ -137,3 +137,62 @@ async fn failures_exit_non_zero() {
     );
     sim.shutdown().await;
 }
+
+/// The binary itself, as a process: `flash` and `identify` run on their own
+/// (current-thread) runtime, which the in-process tests above do not use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flash_and_identify_as_a_process() {
+    let bin = env!("CARGO_BIN_EXE_otagw-e2e-gateway");
+    let dir = PluginsDir::with(&[artifacts::XMODEM]);
+    let cache = tempfile::tempdir().unwrap();
+    let sim = PtySim::spawn(XmodemSimConfig {
+        enter_command: Some(b"update\r".to_vec()),
+        version_command: Some(b"version\r".to_vec()),
+        ..Default::default()
+    })
+    .unwrap();
+    let img = versioned_image(200_000, "4.1.0");
+    let file = cache.path().join("fw.bin");
+    std::fs::write(&file, &img).unwrap();
+    let url = sim.url();
+    let common = [
+        "--family",
+        "xmodem",
+        "--link",
+        &url,
+        "--plugins-dir",
+        dir.path().to_str().unwrap(),
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        "-o",
+        "version_command=version\\r",
+    ];
+    let run = |args: Vec<&str>| {
+        tokio::process::Command::new(bin)
+            .args(args)
+            .kill_on_drop(true)
+            .output()
+    };
+    let mut args = vec!["flash", "--image", file.to_str().unwrap()];
+    args.extend(common);
+    args.extend(["-o", "enter_command=update\\r"]);
+    let out = run(args).await.expect("run the binary");
+    assert!(
+        out.status.success(),
+        "flash: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_padded(&sim.handle().next_image().await.data, &img, 0x1a);
+
+    let mut args = vec!["identify"];
+    args.extend(common);
+    let out = run(args).await.expect("run the binary");
+    assert!(
+        out.status.success(),
+        "identify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("4.1.0"), "identify printed {stdout:?}");
+    sim.shutdown().await;
+}

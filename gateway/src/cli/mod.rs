@@ -113,8 +113,23 @@ pub fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt.block_on(main_with_args(std::env::args_os())),
+    let cli = match parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    // `flash` and `identify` are one job on one link: on a current-thread
+    // runtime a link read that has to wait wakes the job on the same thread
+    // instead of another one (~10 µs a block; measured against lrzsz in
+    // BENCHMARKS.md). The daemon runs many jobs and uses every core.
+    let rt = if matches!(cli.command, Command::Flash(_) | Command::Identify(_)) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
+    };
+    match rt {
+        Ok(rt) => rt.block_on(run_to_exit(cli)),
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             std::process::ExitCode::FAILURE
@@ -129,17 +144,31 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let cli = match Cli::try_parse_from(args) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                std::process::ExitCode::from(64)
-            } else {
-                std::process::ExitCode::SUCCESS
-            };
+    match parse(args) {
+        Ok(cli) => run_to_exit(cli).await,
+        Err(code) => code,
+    }
+}
+
+/// Parse the command line; on an error (or `--help`) print it and return the
+/// exit status.
+fn parse<I, T>(args: I) -> Result<Cli, std::process::ExitCode>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    Cli::try_parse_from(args).map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            std::process::ExitCode::from(64)
+        } else {
+            std::process::ExitCode::SUCCESS
         }
-    };
+    })
+}
+
+/// Run `cli` and map the outcome to an exit status.
+async fn run_to_exit(cli: Cli) -> std::process::ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
