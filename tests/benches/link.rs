@@ -31,7 +31,9 @@ use std::time::{Duration, Instant};
 
 use otagw::plugin::{ImageSource, JobMeta, Limits, PluginHost};
 use otagw::progress::{JobEvent, Phase};
-use otagw_e2e::{PluginsDir, PtySim, SmpSimConfig, XmodemSimConfig, artifacts, image, imgtool};
+use otagw_e2e::{
+    PluginsDir, PtySim, SmpSimConfig, XmodemSimConfig, artifacts, image, imgtool, reference,
+};
 
 const BAUDS: [u32; 2] = [115_200, 921_600];
 /// XMODEM-1K: STX, block number, its complement, 1024 bytes, CRC-16; then the ACK.
@@ -341,7 +343,7 @@ async fn xmodem_run(host: &PluginHost, img: &[u8], baud: u32) -> Result<Run, Str
         .await
         .map_err(|_| "xmodem: the simulator holds no image after the flash".to_owned())?;
     sim.shutdown().await;
-    check_padded(&got.data, img, 0x1a)?;
+    reference::check_padded(&got.data, img, reference::PAD)?;
     let blocks = u64::from(got.blocks);
     if got.data.len() as u64 != blocks * 1024 {
         return Err(format!(
@@ -373,7 +375,8 @@ async fn reference_run(img: &[u8], baud: u32) -> Result<Run, String> {
     let path = sim.path().to_path_buf();
     let data = img.to_vec();
     let t0 = Instant::now();
-    let sender = tokio::task::spawn_blocking(move || minimal_xmodem_send(&path, &data));
+    let sender =
+        tokio::task::spawn_blocking(move || reference::send(&path, &data).map(|s| s.transfer));
     let transfer = tokio::time::timeout(Duration::from_secs(600), sender)
         .await
         .map_err(|_| "reference sender: no result within 600 s".to_owned())?
@@ -384,7 +387,7 @@ async fn reference_run(img: &[u8], baud: u32) -> Result<Run, String> {
         .await
         .map_err(|_| "reference: the simulator holds no image".to_owned())?;
     sim.shutdown().await;
-    check_padded(&got.data, img, 0x1a)?;
+    reference::check_padded(&got.data, img, reference::PAD)?;
     let blocks = u64::from(got.blocks);
     Ok(Run {
         job,
@@ -394,83 +397,6 @@ async fn reference_run(img: &[u8], baud: u32) -> Result<Run, String> {
         wire_bytes: blocks * XMODEM_EXCHANGE,
         chunk: 1024,
     })
-}
-
-/// XMODEM-1K with CRC-16, nothing else: wait for 'C', each block until ACK, EOT until ACK.
-/// Returns the time from the first block to the last block's ACK.
-fn minimal_xmodem_send(path: &std::path::Path, img: &[u8]) -> std::io::Result<Duration> {
-    use std::io::{Error, Read, Write};
-    const STX: u8 = 0x02;
-    const EOT: u8 = 0x04;
-    const ACK: u8 = 0x06;
-    const NAK: u8 = 0x15;
-    let mut port = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)?;
-    let mut byte = [0u8; 1];
-    let mut next = |port: &mut std::fs::File| -> std::io::Result<u8> {
-        match port.read(&mut byte)? {
-            0 => Err(Error::other("the link closed")),
-            _ => Ok(byte[0]),
-        }
-    };
-    while next(&mut port)? != b'C' {}
-    let t0 = Instant::now();
-    for (i, data) in img.chunks(1024).enumerate() {
-        let seq = (i + 1) as u8;
-        let mut frame = vec![STX, seq, !seq];
-        frame.extend_from_slice(data);
-        frame.resize(3 + 1024, 0x1a);
-        let crc = crc16_xmodem(&frame[3..]);
-        frame.extend_from_slice(&crc.to_be_bytes());
-        let mut tries = 0;
-        loop {
-            port.write_all(&frame)?;
-            match next(&mut port)? {
-                ACK => break,
-                NAK if tries < 10 => tries += 1,
-                NAK => return Err(Error::other(format!("block {} refused", i + 1))),
-                _ => {} // a stale 'C': its ACK follows
-            }
-        }
-    }
-    let transfer = t0.elapsed();
-    for _ in 0..10 {
-        port.write_all(&[EOT])?;
-        if next(&mut port)? == ACK {
-            return Ok(transfer);
-        }
-    }
-    Err(Error::other("EOT not acknowledged"))
-}
-
-/// CRC-16/XMODEM (polynomial 0x1021, initial value 0).
-fn crc16_xmodem(data: &[u8]) -> u16 {
-    let mut crc = 0u16;
-    for &b in data {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
-/// The device holds `img` and then nothing but `pad` up to the block boundary.
-fn check_padded(got: &[u8], img: &[u8], pad: u8) -> Result<(), String> {
-    if got.len() < img.len() || got[..img.len()] != *img {
-        return Err("the device's image differs from the one sent".into());
-    }
-    let tail = &got[img.len()..];
-    if tail.len() >= 1024 || tail.iter().any(|b| *b != pad) {
-        return Err(format!("bad padding: {} bytes", tail.len()));
-    }
-    Ok(())
 }
 
 async fn smp_run(

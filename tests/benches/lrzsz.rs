@@ -39,11 +39,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use otagw::plugin::{FileImage, JobMeta, Limits, PluginHost};
-use otagw_e2e::{PluginsDir, artifacts, image};
+use otagw_e2e::{PluginsDir, artifacts, image, reference};
 
 const GATEWAY: &str = env!("CARGO_BIN_EXE_otagw-e2e-gateway");
-/// The pad byte of both senders (CP/M EOF): lrzsz's `sx` and the xmodem plugin's default.
-const PAD: u8 = 0x1a;
+// The pad byte of both senders (CP/M EOF): lrzsz's `sx` and the xmodem plugin's default.
+use reference::PAD;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Sender {
@@ -292,14 +292,15 @@ impl Ctx<'_> {
             Sender::Sx => self.sx(&rx.tty).map(|t| (t, None)),
             Sender::OtagwProcess => self.otagw_process(&rx.tty),
             Sender::OtagwInProcess => self.otagw_in_process(&rx.tty).map(|t| (t, None)),
-            Sender::Minimal => minimal_xmodem_send(&rx.tty, self.img)
-                .map(|t| (t, None))
+            Sender::Minimal => reference::send(&rx.tty, self.img)
+                .map(|s| (s.total, None))
                 .map_err(|e| e.to_string()),
         };
         let received = rx.finish();
         let timed = result.map_err(|e| format!("{}: {e}", sender.name()))?;
         let got = received.map_err(|e| format!("{}: receiver: {e}", sender.name()))?;
-        check_padded(&got, self.img).map_err(|e| format!("{}: {e}", sender.name()))?;
+        reference::check_padded(&got, self.img, PAD)
+            .map_err(|e| format!("{}: {e}", sender.name()))?;
         Ok(timed)
     }
 
@@ -375,92 +376,11 @@ impl Ctx<'_> {
     }
 }
 
-/// The least a sender can do, in this thread with blocking I/O: wait for 'C', each
-/// XMODEM-1K block until ACK, EOT until ACK; no timeouts, no retries beyond NAKs. What it
-/// takes is what the receiver chain (pty, socat, rx) takes.
-fn minimal_xmodem_send(tty: &Path, img: &[u8]) -> std::io::Result<Duration> {
-    use std::io::{Error, Read, Write};
-    const STX: u8 = 0x02;
-    const EOT: u8 = 0x04;
-    const ACK: u8 = 0x06;
-    const NAK: u8 = 0x15;
-    let t0 = Instant::now();
-    let mut port = OpenOptions::new().read(true).write(true).open(tty)?;
-    let mut byte = [0u8; 1];
-    let mut next = |port: &mut std::fs::File| -> std::io::Result<u8> {
-        match port.read(&mut byte)? {
-            0 => Err(Error::other("the link closed")),
-            _ => Ok(byte[0]),
-        }
-    };
-    while next(&mut port)? != b'C' {}
-    for (i, data) in img.chunks(1024).enumerate() {
-        let seq = (i + 1) as u8;
-        let mut frame = vec![STX, seq, !seq];
-        frame.extend_from_slice(data);
-        frame.resize(3 + 1024, PAD);
-        let crc = crc16_xmodem(&frame[3..]);
-        frame.extend_from_slice(&crc.to_be_bytes());
-        let mut naks = 0;
-        loop {
-            port.write_all(&frame)?;
-            match next(&mut port)? {
-                ACK => break,
-                NAK if naks < 10 => naks += 1,
-                NAK => return Err(Error::other(format!("block {} refused", i + 1))),
-                _ => {} // a stale 'C': its ACK follows
-            }
-        }
-    }
-    for _ in 0..10 {
-        port.write_all(&[EOT])?;
-        if next(&mut port)? == ACK {
-            return Ok(t0.elapsed());
-        }
-    }
-    Err(Error::other("EOT not acknowledged"))
-}
-
-/// CRC-16/XMODEM (polynomial 0x1021, initial value 0).
-fn crc16_xmodem(data: &[u8]) -> u16 {
-    let mut crc = 0u16;
-    for &b in data {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
 /// The plugin's own duration from its summary ("..., 0 retries, 1.234 s").
 fn plugin_seconds(stdout: &str) -> Option<Duration> {
     let line = stdout.lines().find(|l| l.starts_with("flashed "))?;
     let secs = line.trim_end().strip_suffix(" s")?.rsplit(' ').next()?;
     secs.parse::<f64>().ok().map(Duration::from_secs_f64)
-}
-
-/// The file holds `img` and then nothing but [`PAD`] short of a 1K block.
-fn check_padded(got: &[u8], img: &[u8]) -> Result<(), String> {
-    if got.len() < img.len() || got[..img.len()] != *img {
-        return Err(format!(
-            "rx's file ({} bytes) does not start with the image ({} bytes)",
-            got.len(),
-            img.len()
-        ));
-    }
-    let tail = &got[img.len()..];
-    if tail.len() >= 1024 || tail.iter().any(|b| *b != PAD) {
-        return Err(format!(
-            "{} bytes after the image, not all padding",
-            tail.len()
-        ));
-    }
-    Ok(())
 }
 
 /// lrzsz `rx -c` behind socat on a new pty; cleaned up when finished or dropped.

@@ -126,6 +126,9 @@ pub fn assert_padded(received: &[u8], image: &[u8], pad: u8) {
 
 pub use otagw_testkit::{Fault, FileServer, Message, Mosquitto, MqttProbe};
 
+#[path = "reference.rs"]
+pub mod reference;
+
 /// A leaf for the daemon's configuration.
 #[derive(Debug, Clone)]
 pub struct LeafSpec {
