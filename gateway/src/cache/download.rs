@@ -325,10 +325,12 @@ impl Download<'_> {
             let item = tokio::select! {
                 _ = self.inner.shutdown.cancelled() => return Err(CacheError::ShutDown),
                 item = body.next() => item,
-                // The server went quiet: finish the write and the checkpoint in
-                // flight now, rather than whenever the next chunk fills.
+                // The server went quiet: finish the work in flight and make
+                // everything received durable now, rather than whenever the
+                // next chunk fills (a stalled server may never send it).
                 () = tokio::time::sleep(IDLE), if busy => {
-                    self.drain(p).await?;
+                    self.checkpoint(p).await?;
+                    self.report(p);
                     continue;
                 }
             };

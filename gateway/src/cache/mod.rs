@@ -53,7 +53,7 @@ use image::Pin;
 
 /// The default chunk size: the unit of a download's writes. A download buffers
 /// two: one being received, the one before it being written and hashed.
-pub const CHUNK_SIZE: usize = 256 * 1024;
+pub const CHUNK_SIZE: usize = 1024 * 1024;
 
 /// Tuning of the cache; [`Default`] is what the daemon uses.
 #[derive(Debug, Clone)]

@@ -819,12 +819,14 @@ async fn interrupt(fx: &Fixture, server: &Server, req: FetchRequest, stall: usiz
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_progress_never_runs_ahead_of_durable_bytes() {
     let server = Server::start().await;
-    let img = image(48 * CHUNK_SIZE, 51);
+    let chunk = 256 * 1024;
+    let img = image(48 * chunk, 51);
     let url = server.add("fw.bin", &img);
-    let flush_every = CHUNK_SIZE as u64;
+    let flush_every = chunk as u64;
     let fx = Fixture::new(
         GB,
         CacheOptions {
+            chunk_size: chunk,
             flush_every,
             ..fast()
         },
@@ -858,6 +860,53 @@ async fn cache_progress_never_runs_ahead_of_durable_bytes() {
             "progress {done} seen while only {durable} bytes were durable: {observed:?}"
         );
     }
+}
+
+/// A server that stalls mid-image: the work in flight settles and everything
+/// received becomes durable while the download waits (a kill then loses
+/// nothing), and the progress shows all of it. With `flush_every` of one byte,
+/// progress is at most one byte ahead of the meta's durable count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_stalled_download_makes_what_it_has_durable() {
+    let server = Server::start().await;
+    let chunk = 64 * 1024;
+    let img = image(8 * chunk + 9, 52);
+    let url = server.add("fw.bin", &img);
+    server.behave(Behaviour {
+        stall_after: Some(5 * chunk + 100),
+        ..Behaviour::default()
+    });
+    let fx = Fixture::new(
+        GB,
+        CacheOptions {
+            chunk_size: chunk,
+            flush_every: 1,
+            ..fast()
+        },
+    );
+    let req = request(&url, &img);
+    let digest = req.digest.clone();
+    let (tx, mut seen) = watch::channel(0u64);
+    let cache = fx.cache().clone();
+    let fetch = tokio::spawn(async move {
+        cache
+            .fetch(req, move |done, _| {
+                tx.send_replace(done);
+            })
+            .await
+    });
+    let want = 5 * chunk as u64;
+    tokio::time::timeout(Duration::from_secs(20), seen.wait_for(|d| *d == want))
+        .await
+        .expect("progress reaches every whole chunk received before the stall")
+        .unwrap();
+    let meta = fx.cache().inner.db.meta(&digest).unwrap().expect("a meta");
+    assert_eq!(meta.state, ImageState::Partial { received: want });
+    fx.cache().shutdown().await;
+    assert!(matches!(
+        fetch.await.unwrap().unwrap_err(),
+        CacheError::ShutDown
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
