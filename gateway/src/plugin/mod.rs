@@ -274,7 +274,8 @@ impl PluginHost {
         // at `max_parallel = 256`. That is nothing on x86-64 (128 TiB), but an
         // arm64 kernel with 39-bit addresses has 512 GiB in all. Where the
         // pool does not fit, reserve only the memory limit per slot; plugin
-        // code then checks bounds (~50 % more CPU per job, BENCHMARKS.md).
+        // code then checks bounds (~4 % more gateway CPU per job in the
+        // fan-out benchmark, BENCHMARKS.md).
         let (engine, compact) = match Engine::new(&engine_config(&limits, None)) {
             Ok(engine) => (engine, false),
             Err(first) => {
