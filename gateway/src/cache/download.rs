@@ -472,9 +472,9 @@ impl Download<'_> {
     async fn checkpoint(&self, p: &mut Progress) -> Result<(), CacheError> {
         let drained = self.drain(p).await;
         if p.received > p.durable {
-            self.sync().await?;
-            self.save(p.received)?;
-            self.inner.db.flush().await?;
+            self.background_checkpoint(p.received)
+                .await
+                .map_err(|e| self.corrupt(format!("sync: {e}")))??;
             p.durable = p.received;
         }
         drained
