@@ -79,11 +79,20 @@ pub struct UpstreamConfig {
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
     pub ca_file: Option<PathBuf>,
+    /// The largest MQTT message taken from the broker, in KiB.
+    #[serde(default = "default_max_message_kib")]
+    pub max_message_kib: usize,
 }
 
 fn default_keep_alive() -> Duration {
     Duration::from_secs(60)
 }
+
+fn default_max_message_kib() -> usize {
+    crate::upstream::DEFAULT_MAX_PACKET >> 10
+}
+
+pub const MAX_MESSAGE_KIB: std::ops::RangeInclusive<usize> = 16..=(256 << 10);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,16 +129,31 @@ impl Default for ApiConfig {
 pub struct JobsConfig {
     #[serde(default = "default_parallel")]
     pub max_parallel: usize,
+    /// Unclean stops of the gateway (crash, kill, power loss) while one leaf
+    /// is being flashed that its job survives; one more fails it with -4.
+    #[serde(default = "default_flash_restarts")]
+    pub flash_restarts: u32,
 }
 
 fn default_parallel() -> usize {
     8
 }
 
+fn default_flash_restarts() -> u32 {
+    crate::ota::job::DEFAULT_FLASH_RESTARTS
+}
+
+/// The ranges the numbers of the configuration must be in.
+pub const MAX_PARALLEL: std::ops::RangeInclusive<usize> = 1..=1024;
+pub const FLASH_RESTARTS: std::ops::RangeInclusive<u32> = 0..=100;
+pub const CACHE_MIB: std::ops::RangeInclusive<u64> = 1..=(1 << 24);
+pub const PLUGIN_MEMORY_MIB: std::ops::RangeInclusive<usize> = 1..=2048;
+
 impl Default for JobsConfig {
     fn default() -> Self {
         Self {
             max_parallel: default_parallel(),
+            flash_restarts: default_flash_restarts(),
         }
     }
 }
@@ -139,6 +163,18 @@ impl Default for JobsConfig {
 pub struct CacheConfig {
     #[serde(default = "default_cache_mib")]
     pub max_size_mib: u64,
+    /// The largest image a notice may announce; default: the cache size.
+    /// A larger notice is answered -2 and nothing is downloaded.
+    pub max_image_mib: Option<u64>,
+}
+
+impl CacheConfig {
+    /// The largest image in bytes (validated: no overflow).
+    pub fn max_image_bytes(&self) -> u64 {
+        self.max_image_mib
+            .unwrap_or(self.max_size_mib)
+            .saturating_mul(1 << 20)
+    }
 }
 
 fn default_cache_mib() -> u64 {
@@ -149,6 +185,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         Self {
             max_size_mib: default_cache_mib(),
+            max_image_mib: None,
         }
     }
 }
@@ -187,11 +224,15 @@ impl Default for PluginLimitsConfig {
 impl PluginLimitsConfig {
     pub fn limits(&self, max_parallel: usize) -> crate::plugin::Limits {
         crate::plugin::Limits {
-            memory: self.memory_mib << 20,
+            // Validated: within PLUGIN_MEMORY_MIB, so this fits any usize.
+            memory: self.memory_mib.saturating_mul(1 << 20),
             cpu: self.cpu,
             job: self.job_deadline,
             // Room for every running job plus loading and identify sessions.
-            max_instances: (max_parallel as u32).saturating_mul(2).max(8),
+            max_instances: u32::try_from(max_parallel)
+                .unwrap_or(u32::MAX)
+                .saturating_mul(2)
+                .max(8),
         }
     }
 }
@@ -221,6 +262,23 @@ impl DeviceConfig {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+}
+
+/// `v` of the setting `what` must be within `range`.
+fn within<T: PartialOrd + std::fmt::Display>(
+    what: &str,
+    v: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<(), String> {
+    if range.contains(&v) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} = {v} is out of range: it must be within {}..={}",
+            range.start(),
+            range.end()
+        ))
     }
 }
 
@@ -270,6 +328,11 @@ impl Config {
                         u.url
                     ));
                 }
+                within(
+                    "[upstream] max_message_kib",
+                    u.max_message_kib,
+                    MAX_MESSAGE_KIB,
+                )?;
                 let ka = u.keep_alive.as_secs();
                 if !(30..=1200).contains(&ka) {
                     return Err(format!(
@@ -299,8 +362,27 @@ impl Config {
                 }
             }
         }
-        if self.jobs.max_parallel == 0 {
-            return Err("[jobs] max_parallel must be at least 1".into());
+        within("[jobs] max_parallel", self.jobs.max_parallel, MAX_PARALLEL)?;
+        within(
+            "[jobs] flash_restarts",
+            self.jobs.flash_restarts,
+            FLASH_RESTARTS,
+        )?;
+        within("[cache] max_size_mib", self.cache.max_size_mib, CACHE_MIB)?;
+        if let Some(m) = self.cache.max_image_mib {
+            within(
+                "[cache] max_image_mib",
+                m,
+                1..=self.cache.max_size_mib.max(1),
+            )?;
+        }
+        within(
+            "[plugins] memory_mib",
+            self.plugins.memory_mib,
+            PLUGIN_MEMORY_MIB,
+        )?;
+        if self.plugins.cpu.is_zero() || self.plugins.job_deadline.is_zero() {
+            return Err("[plugins] cpu and job_deadline must be longer than 0s".into());
         }
         let mut seen = std::collections::BTreeSet::new();
         for d in &self.devices {
@@ -398,5 +480,54 @@ plugins_dir = "/tmp/p"
         assert!(parse(&ka).unwrap_err().to_string().contains("keep_alive"));
         let scheme = format!("{MINIMAL}\n[upstream]\nurl=\"http://h\"\nauth=\"none\"\n");
         assert!(parse(&scheme).unwrap_err().to_string().contains("mqtt://"));
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_by_name() {
+        for (section, key, value, expect) in [
+            (
+                "jobs",
+                "max_parallel",
+                "0",
+                "max_parallel = 0 is out of range",
+            ),
+            ("jobs", "max_parallel", "5000", "within 1..=1024"),
+            ("jobs", "flash_restarts", "101", "flash_restarts = 101"),
+            ("cache", "max_size_mib", "0", "max_size_mib = 0"),
+            ("cache", "max_size_mib", "99999999999", "max_size_mib"),
+            ("plugins", "memory_mib", "0", "memory_mib = 0"),
+            ("plugins", "memory_mib", "4096", "within 1..=2048"),
+            ("plugins", "cpu", "\"0s\"", "longer than 0s"),
+        ] {
+            let text = format!("{MINIMAL}\n[{section}]\n{key} = {value}\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expect), "{section}.{key}={value}: {err}");
+        }
+        // Negative numbers and numbers beyond u64 are parse errors, not wraps.
+        let err = parse(&format!("{MINIMAL}\n[jobs]\nmax_parallel = -1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_parallel"), "{err}");
+    }
+
+    #[test]
+    fn the_image_limit_defaults_to_the_cache_size_and_cannot_exceed_it() {
+        let cfg = parse(&format!("{MINIMAL}\n[cache]\nmax_size_mib = 16\n")).unwrap();
+        assert_eq!(cfg.cache.max_image_bytes(), 16 << 20);
+        let cfg = parse(&format!(
+            "{MINIMAL}\n[cache]\nmax_size_mib = 16\nmax_image_mib = 4\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.cache.max_image_bytes(), 4 << 20);
+        let err = parse(&format!(
+            "{MINIMAL}\n[cache]\nmax_size_mib = 16\nmax_image_mib = 17\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("max_image_mib = 17"), "{err}");
+        assert_eq!(
+            parse(MINIMAL).unwrap().jobs.flash_restarts,
+            crate::ota::job::DEFAULT_FLASH_RESTARTS
+        );
     }
 }

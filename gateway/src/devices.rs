@@ -1,11 +1,10 @@
 //! The leaf registry: every configured leaf (identity, module, family, link,
-//! options) and the last version known for it, persisted in the `devices` tree
-//! so a restart reports what the leaf really runs, not the configured version.
+//! options). The version a leaf last reported lives in the job journal
+//! (`ota::journal`), written together with the job that learnt it.
 
 use crate::config::DeviceConfig;
 use crate::link::LinkUrl;
 use crate::ota::topics::DeviceId;
-use crate::store::{Store, StoreError};
 
 /// One configured leaf (one firmware module of one device).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,17 +34,10 @@ impl Leaf {
 #[derive(Debug, Clone)]
 pub struct Devices {
     leaves: Vec<Leaf>,
-    versions: sled::Tree,
-}
-
-const TREE: &str = "devices";
-
-fn key(id: &DeviceId, module: &str) -> Vec<u8> {
-    format!("{}\0{}\0{}", id.product_key, id.device_name, module).into_bytes()
 }
 
 impl Devices {
-    pub fn new(config: &[DeviceConfig], store: &Store) -> Result<Devices, StoreError> {
+    pub fn new(config: &[DeviceConfig]) -> Devices {
         let leaves = config
             .iter()
             .map(|d| Leaf {
@@ -58,10 +50,7 @@ impl Devices {
                 configured_version: d.version.clone(),
             })
             .collect();
-        Ok(Devices {
-            leaves,
-            versions: store.tree(TREE)?,
-        })
+        Devices { leaves }
     }
 
     pub fn all(&self) -> &[Leaf] {
@@ -86,29 +75,5 @@ impl Devices {
         ids.sort();
         ids.dedup();
         ids
-    }
-
-    /// The last version read back from the leaf, or the configured one.
-    pub fn version(&self, leaf: &Leaf) -> String {
-        match self.versions.get(key(&leaf.id, &leaf.module)) {
-            Ok(Some(v)) => String::from_utf8_lossy(&v).into_owned(),
-            Ok(None) => leaf.configured_version.clone(),
-            Err(e) => {
-                tracing::warn!(leaf = %leaf.id, "cannot read the stored version ({e}); using the configured one");
-                leaf.configured_version.clone()
-            }
-        }
-    }
-
-    /// Remember the version a leaf reported (durably).
-    pub async fn set_version(&self, leaf: &Leaf, version: &str) -> Result<(), StoreError> {
-        let tree = |source| StoreError::Tree { tree: TREE, source };
-        self.versions
-            .insert(key(&leaf.id, &leaf.module), version.as_bytes())
-            .map_err(tree)?;
-        crate::store::flush_tree(&self.versions)
-            .await
-            .map_err(tree)?;
-        Ok(())
     }
 }

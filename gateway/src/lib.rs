@@ -8,8 +8,15 @@
 //! - [`progress`]: the typed event stream of a running job.
 //! - [`flash`]: one job on one leaf (verify, flash, identify), the path both
 //!   the CLI and the daemon take.
-//! - [`ota`]: the upstream OTA protocol (topics, payloads) and the job state
-//!   machine, sans-I/O; its `journal` persists jobs in sled.
+//! - [`ota`]: the upstream OTA protocol (topics, payloads), the job state
+//!   machine and the notice queue, sans-I/O; its `journal` persists jobs, the
+//!   versions leaves reported and report marks in sled.
+//! - [`daemon`]: `otagw run`: the job table (queue, live jobs, journal behind
+//!   one API), supervised job tasks (the runner), intake of notices, on-connect
+//!   informs, the summary, the status API's view; its ports (publisher, clock)
+//!   are traits so its rules are unit-tested without sockets.
+//! - [`devices`]: the leaf registry from the configuration (identity, family,
+//!   link, options).
 //! - [`cli`]: one file per `otagw` subcommand.
 //! - [`config`]: the typed TOML configuration (binds and opens nothing).
 //! - [`store`]: the one sled database, handed out as named trees.

@@ -99,6 +99,22 @@ impl Store {
         }
     }
 
+    /// An in-memory store that vanishes when dropped (unit tests of the
+    /// modules that own a tree).
+    pub fn temporary() -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: PathBuf::from("(temporary)"),
+                source,
+            })?;
+        Ok(Store {
+            db,
+            path: PathBuf::from("(temporary)"),
+        })
+    }
+
     /// A named tree; the name is a constant of the module that owns it.
     pub fn tree(&self, name: &'static str) -> Result<sled::Tree, StoreError> {
         self.db

@@ -190,7 +190,13 @@ async fn bad_inputs_get_the_right_step_code_and_the_gateway_keeps_serving() {
         serde_json::json!({"code":"1000","id":3,"data":{"size":30000,"version":"2.0.0",
         "url":url,"sign":md5_hex(&img),"signMethod":"Md5","module":"MCU"}})
         .to_string();
+    // A notice that claims a terabyte: refused before a byte is fetched.
+    let huge = serde_json::json!({"code":"1000","id":9,"data":{"size":1_000_000_000_000u64,
+        "version":"9.9.9","url":s.files.add("huge.bin", b"tiny".to_vec()),
+        "sign":md5_hex(b"tiny"),"signMethod":"Md5"}})
+    .to_string();
     let cases: Vec<(String, &str, &[&str])> = vec![
+        (huge, "-2", &["1000000000000 bytes", "max_image_mib"]),
         ("{not json".into(), "-1", &["not JSON"]),
         (
             r#"{"code":"1000","id":4,"data":{"version":"2.0.0"}}"#.into(),
@@ -233,6 +239,10 @@ async fn bad_inputs_get_the_right_step_code_and_the_gateway_keeps_serving() {
             );
         }
     }
+    assert!(
+        s.files.requests("huge.bin").is_empty(),
+        "nothing was downloaded for the 1 TB notice"
+    );
     // A leaf that never answers: -4.
     s.probe
         .publish(&topic("upgrade", "silent"), notice(7, "2.0.0", &url, &img))

@@ -356,13 +356,26 @@ impl GatewayProcess {
         path: &Path,
         rust_log: &str,
     ) -> GatewayProcess {
+        Self::start_with_env(bin, config, path, &[("RUST_LOG", rust_log)]).await
+    }
+
+    /// [`GatewayProcess::start`] with extra environment variables, e.g.
+    /// `FAILPOINTS` for the fault injection points of the `failpoints`
+    /// feature (`runner-flash=1*panic`).
+    pub async fn start_with_env(
+        bin: &str,
+        config: &str,
+        path: &Path,
+        env: &[(&str, &str)],
+    ) -> GatewayProcess {
         use tokio::io::AsyncBufReadExt;
         std::fs::write(path, config).expect("write the config");
         let mut child = tokio::process::Command::new(bin)
             .arg("run")
             .arg("--config")
             .arg(path)
-            .env("RUST_LOG", rust_log)
+            .env("RUST_LOG", "otagw=info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -386,6 +399,14 @@ impl GatewayProcess {
     /// SIGKILL: no drain, no goodbye.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill the gateway");
+    }
+
+    /// Wait (at most `limit`) for the process to end by itself.
+    pub async fn exited(mut self, limit: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("the gateway process ends in time")
+            .expect("wait for the gateway process")
     }
 
     /// The process id (for /proc/<pid>/stat and status in benchmarks).

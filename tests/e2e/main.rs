@@ -4,6 +4,7 @@ mod cli;
 mod daemon;
 mod links;
 mod plugin_host;
+mod resilience;
 mod smp;
 mod stm32;
 mod xmodem;

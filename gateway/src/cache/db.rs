@@ -293,7 +293,7 @@ impl Db {
         Ok(())
     }
 
-    #[cfg(test)]
+    /// The directory of the image files.
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }

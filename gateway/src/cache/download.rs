@@ -28,9 +28,6 @@ use super::digest::{DigestMethod, Hasher};
 use super::error::{CacheError, reason};
 use super::{CachedImage, FetchRequest, FlightState, Inner};
 
-/// A body silent this long lets the work in flight settle (see `attempt`).
-const IDLE: std::time::Duration = std::time::Duration::from_millis(20);
-
 /// Refuse what HTTP cannot fetch before starting a flight.
 pub(super) fn check_url(req: &FetchRequest) -> Result<(), CacheError> {
     match url::Url::parse(&req.url) {
@@ -61,6 +58,10 @@ struct Progress {
     writing: Option<InFlight>,
     /// A checkpoint running in the background, and the count it records.
     syncing: Option<(JoinHandle<Result<(), CacheError>>, u64)>,
+    /// When received bytes were last handed to a write, and when a checkpoint
+    /// last started: both happen at least every `checkpoint_every`.
+    committed_at: tokio::time::Instant,
+    checkpointed_at: tokio::time::Instant,
 }
 
 /// A chunk being appended to the file and hashed, on two blocking threads at
@@ -82,6 +83,8 @@ impl Progress {
             spare: None,
             writing: None,
             syncing: None,
+            committed_at: tokio::time::Instant::now(),
+            checkpointed_at: tokio::time::Instant::now(),
         }
     }
 
@@ -132,6 +135,19 @@ pub(super) async fn run(
         },
         _ => None,
     };
+    // Bounded before a byte is written: the notice's size is a claim, and a
+    // lie must not fill the disk (the body is cut at `size` as it comes; the
+    // daemon refuses notices over `[cache] max_image_mib` before this).
+    let needed = req.size - resume.unwrap_or(0).min(req.size);
+    let dir = inner.db.dir();
+    let free = free_space(dir).map_err(file_error("read the free space of", dir))?;
+    if needed > free {
+        return Err(CacheError::NoSpace {
+            needed,
+            free,
+            path: dir.to_path_buf(),
+        });
+    }
     if resume.is_none() {
         // Nothing to continue (or a complete image of another size, or
         // another chunk size): start clean. The meta goes before the file is
@@ -172,6 +188,12 @@ pub(super) async fn run(
         Ok(_) => {}
     }
     result
+}
+
+/// Bytes an unprivileged writer may still write in `dir`'s file system.
+fn free_space(dir: &std::path::Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Record a partial state of `received` bytes.
@@ -216,9 +238,12 @@ impl Download<'_> {
             match self.attempt(p).await? {
                 Attempt::Complete => break,
                 Attempt::Retry(e) => {
-                    // The next request starts after the last whole chunk.
+                    // Keep every byte received (they are the body's, in
+                    // order); the next request starts after them.
+                    if !p.buf.is_empty() {
+                        self.commit(p).await?;
+                    }
                     self.settle_write(p).await?;
-                    p.buf.clear();
                     if p.received > before {
                         failures = 0;
                     }
@@ -320,15 +345,19 @@ impl Download<'_> {
         }
 
         let mut body = resp.bytes_stream();
+        let every = self.inner.opts.checkpoint_every;
         loop {
-            let busy = p.writing.is_some() || p.syncing.is_some();
+            let busy = p.writing.is_some() || p.syncing.is_some() || !p.buf.is_empty();
             let item = tokio::select! {
                 _ = self.inner.shutdown.cancelled() => return Err(CacheError::ShutDown),
                 item = body.next() => item,
                 // The server went quiet: finish the work in flight and make
                 // everything received durable now, rather than whenever the
                 // next chunk fills (a stalled server may never send it).
-                () = tokio::time::sleep(IDLE), if busy => {
+                () = tokio::time::sleep(self.inner.opts.idle), if busy => {
+                    if !p.buf.is_empty() {
+                        self.commit(p).await?;
+                    }
                     self.checkpoint(p).await?;
                     self.report(p);
                     continue;
@@ -350,6 +379,12 @@ impl Download<'_> {
                 if p.buf.len() == self.chunk as usize {
                     self.commit(p).await?;
                 }
+            }
+            // A slow body or a small image: hand what arrived to a write by
+            // time too, so checkpoints (and resumes) do not wait for a whole
+            // chunk.
+            if !p.buf.is_empty() && p.committed_at.elapsed() >= every {
+                self.commit(p).await?;
             }
         }
         let seen = p.at();
@@ -379,6 +414,7 @@ impl Download<'_> {
             .take()
             .unwrap_or_else(|| BytesMut::with_capacity(self.chunk as usize));
         let buf = Arc::new(std::mem::replace(&mut p.buf, next));
+        p.committed_at = tokio::time::Instant::now();
         self.inner.peak_buffer.fetch_max(
             buf.capacity().max(len) + p.buf.capacity(),
             Ordering::Relaxed,
@@ -419,7 +455,11 @@ impl Download<'_> {
         if p.syncing.as_ref().is_some_and(|(t, _)| t.is_finished()) {
             self.settle_sync(p).await?;
         }
-        if p.syncing.is_none() && p.received - p.durable >= self.inner.opts.flush_every {
+        let opts = &self.inner.opts;
+        let due = p.received - p.durable >= opts.flush_every
+            || (p.received > p.durable && p.checkpointed_at.elapsed() >= opts.checkpoint_every);
+        if p.syncing.is_none() && due {
+            p.checkpointed_at = tokio::time::Instant::now();
             p.syncing = Some((self.background_checkpoint(p.received), p.received));
         }
         Ok(())
@@ -549,9 +589,9 @@ impl Download<'_> {
         Ok(image)
     }
 
-    /// Rehash the stored prefix (the hash state cannot be persisted), one
-    /// chunk at a time. Returns how much of it is really there: up to the
-    /// first short chunk of the file.
+    /// Rehash the stored prefix of `received` bytes (the hash state cannot be
+    /// persisted), one chunk at a time. Returns how much of it is really
+    /// there: up to the first short read of the file.
     async fn rehash(&self, received: u64) -> Result<(u64, Hasher), CacheError> {
         let file = Arc::clone(&self.file);
         let (chunk, size) = (self.chunk, self.req.size);
@@ -561,7 +601,7 @@ impl Download<'_> {
             let mut buf = vec![0u8; chunk as usize];
             let mut stored = 0u64;
             while stored < received {
-                let want = chunk.min(size - stored) as usize;
+                let want = chunk.min(received.min(size) - stored) as usize;
                 if !read_exact_at(&file, &mut buf[..want], stored)? {
                     break;
                 }

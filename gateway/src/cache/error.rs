@@ -49,6 +49,13 @@ pub enum CacheError {
         expected: u64,
         got: u64,
     },
+    /// The disk of `data_dir` has not got room for the rest of the image.
+    #[error("not enough free space for the image: {needed} bytes needed, {free} free in {}", path.display())]
+    NoSpace {
+        needed: u64,
+        free: u64,
+        path: std::path::PathBuf,
+    },
     /// The request cannot be downloaded at all (not an http(s) URL).
     #[error("cannot download {}: {reason}", host(url))]
     BadRequest { url: String, reason: String },
@@ -92,6 +99,7 @@ impl CacheError {
             CacheError::Download { .. }
             | CacheError::Status { .. }
             | CacheError::UrlExpired { .. }
+            | CacheError::NoSpace { .. }
             | CacheError::BadRequest { .. } => -2,
             CacheError::Digest { .. } | CacheError::Size { .. } | CacheError::BadDigest(_) => -3,
             CacheError::Store { .. }

@@ -71,8 +71,13 @@ pub struct CacheOptions {
     /// Longest silence of a server in the middle of a body.
     pub read_timeout: Duration,
     /// Sync the image file and record its length after this many new bytes
-    /// (a kill loses at most this).
+    /// (a kill loses at most this)...
     pub flush_every: u64,
+    /// ...or after this long, whichever comes first, however small the image
+    /// or slow the server (received bytes are written out at the same pace).
+    pub checkpoint_every: Duration,
+    /// A body silent this long makes everything received durable at once.
+    pub idle: Duration,
 }
 
 impl Default for CacheOptions {
@@ -85,6 +90,8 @@ impl Default for CacheOptions {
             connect_timeout: Duration::from_secs(15),
             read_timeout: Duration::from_secs(30),
             flush_every: 1024 * 1024,
+            checkpoint_every: Duration::from_millis(500),
+            idle: Duration::from_millis(20),
         }
     }
 }

@@ -42,6 +42,9 @@ struct Behaviour {
     wrong_bytes: bool,
     /// Send no Content-Length (chunked).
     no_length: bool,
+    /// Send the body in pieces of this many bytes, this many ms apart (a slow
+    /// server that never goes quiet for long).
+    trickle: Option<(usize, u64)>,
 }
 
 struct ServerState {
@@ -177,11 +180,17 @@ async fn serve(
         .or(behaviour.stall_after)
         .unwrap_or(len)
         .min(len);
+    let (piece, gap) = behaviour.trickle.unwrap_or((16 * 1024, 0));
     let pieces: Vec<Result<Bytes, std::io::Error>> = (0..limit)
-        .step_by(16 * 1024)
-        .map(|o| Ok(body.slice(o..(o + 16 * 1024).min(limit))))
+        .step_by(piece)
+        .map(|o| Ok(body.slice(o..(o + piece).min(limit))))
         .collect();
-    let head = futures_util::stream::iter(pieces);
+    let head = futures_util::stream::iter(pieces).then(move |p| async move {
+        if gap > 0 {
+            tokio::time::sleep(Duration::from_millis(gap)).await;
+        }
+        p
+    });
     let stream = if behaviour.cut_once.is_some() {
         let cut = futures_util::stream::once(async move {
             cut.notified().await;
@@ -561,17 +570,15 @@ async fn cache_truncated_download_resumes_with_range() {
             })
             .await
     });
-    stored
-        .wait_for(|d| *d == 2 * CHUNK_SIZE as u64)
-        .await
-        .unwrap();
+    let before_cut = 2 * CHUNK_SIZE as u64 + 500;
+    stored.wait_for(|d| *d == before_cut).await.unwrap();
     server.cut.notify_one(); // the connection breaks mid-chunk
     let got = fetch.await.unwrap().unwrap();
     assert_eq!(read_all(&got), img);
-    // The stored whole chunks are kept; the broken chunk is fetched again.
+    // Every byte received before the break is kept, the partial chunk too.
     assert_eq!(
         server.ranges(),
-        [None, Some(format!("bytes={}-", 2 * CHUNK_SIZE))]
+        [None, Some(format!("bytes={before_cut}-"))]
     );
 }
 
@@ -594,7 +601,7 @@ async fn cache_server_ignoring_range_restarts_cleanly() {
     assert_eq!(read_all(&got), img, "the image verified after the restart");
     assert_eq!(
         server.ranges(),
-        [None, Some(format!("bytes={}-", 3 * CHUNK_SIZE))]
+        [None, Some(format!("bytes={}-", 3 * CHUNK_SIZE + 1))]
     );
 }
 
@@ -618,22 +625,16 @@ async fn cache_restart_mid_download_resumes_with_range() {
             })
             .await
     });
-    stored
-        .wait_for(|d| *d == 3 * CHUNK_SIZE as u64)
-        .await
-        .unwrap();
+    // Everything sent before the stall is stored, the partial chunk too.
+    let at = 3 * CHUNK_SIZE as u64 + 100;
+    stored.wait_for(|d| *d == at).await.unwrap();
     // "Kill" the gateway: stop, drop the cache and its store, open again.
     fx.cache().shutdown().await;
     let err = fetch.await.unwrap().unwrap_err();
     assert!(matches!(err, CacheError::ShutDown), "{err:?}");
     fx.reopen(GB, fast()).await;
     let partial = fx.cache().list();
-    assert_eq!(
-        partial[0].state,
-        ImageState::Partial {
-            received: 3 * CHUNK_SIZE as u64
-        }
-    );
+    assert_eq!(partial[0].state, ImageState::Partial { received: at });
 
     server.behave(Behaviour::default());
     let got = fx
@@ -642,10 +643,7 @@ async fn cache_restart_mid_download_resumes_with_range() {
         .await
         .unwrap();
     assert_eq!(read_all(&got), img);
-    assert_eq!(
-        server.ranges(),
-        [None, Some(format!("bytes={}-", 3 * CHUNK_SIZE))]
-    );
+    assert_eq!(server.ranges(), [None, Some(format!("bytes={at}-"))]);
 
     // Restart again: the complete image is there without any request.
     drop(got);
@@ -895,10 +893,11 @@ async fn cache_stalled_download_makes_what_it_has_durable() {
             })
             .await
     });
-    let want = 5 * chunk as u64;
+    // Everything received, the partial chunk too.
+    let want = 5 * chunk as u64 + 100;
     tokio::time::timeout(Duration::from_secs(20), seen.wait_for(|d| *d == want))
         .await
-        .expect("progress reaches every whole chunk received before the stall")
+        .expect("progress reaches every byte received before the stall")
         .unwrap();
     let meta = fx.cache().inner.db.meta(&digest).unwrap().expect("a meta");
     assert_eq!(meta.state, ImageState::Partial { received: want });
@@ -922,7 +921,7 @@ async fn cache_keeps_bytes_in_files_and_cuts_an_unsynced_tail_on_resume() {
         path.file_name().unwrap().to_str().unwrap(),
         format!("sha256-{}.img", digest.hex())
     );
-    let at = 3 * CHUNK_SIZE as u64;
+    let at = 3 * CHUNK_SIZE as u64 + 100;
     interrupt(&fx, &server, request(&url, &img), 3 * CHUNK_SIZE + 100, at).await;
     assert_eq!(std::fs::metadata(&path).unwrap().len(), at);
 
@@ -986,7 +985,7 @@ async fn cache_open_drops_images_whose_file_is_missing_or_short() {
         &server,
         request(&uc, &c),
         4 * CHUNK_SIZE + 100,
-        4 * CHUNK_SIZE as u64,
+        4 * CHUNK_SIZE as u64 + 100,
     )
     .await;
     // Behind the cache's back: A's file is deleted, B's and C's cut short.
@@ -1065,4 +1064,105 @@ async fn cache_image_whose_file_vanished_is_fetched_again() {
         .unwrap();
     assert_eq!(read_all(&got), img);
     assert_eq!(server.requests().len(), 2);
+}
+
+/// An image smaller than a chunk from a slow server that never pauses long:
+/// bytes are handed to writes by time, so they become durable as they come and
+/// a kill mid-way keeps them (before, nothing was written until a whole 1 MiB
+/// chunk filled, so such an image restarted from byte 0 after every kill).
+/// With `flush_every` of one byte the progress seen is at most one byte ahead
+/// of what the meta counts as durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_a_slow_small_download_is_durable_as_it_comes_and_resumes() {
+    let server = Server::start().await;
+    let img = image(200_000, 61);
+    let url = server.add("slow.bin", &img);
+    // ~2 s of body, then silence one byte before the end.
+    let stall = img.len() - 1;
+    server.behave(Behaviour {
+        trickle: Some((1_000, 10)),
+        stall_after: Some(stall),
+        ..Behaviour::default()
+    });
+    let opts = CacheOptions {
+        flush_every: 1,
+        checkpoint_every: Duration::from_millis(50),
+        // Only the pause at the end counts as one.
+        idle: Duration::from_millis(500),
+        ..fast()
+    };
+    let mut fx = Fixture::new(GB, opts.clone());
+    let req = request(&url, &img);
+    let digest = req.digest.clone();
+    let (tx, mut seen) = watch::channel(0u64);
+    let history = Arc::new(Mutex::new(Vec::new()));
+    let (cache, h) = (fx.cache().clone(), history.clone());
+    let fetch = tokio::spawn(async move {
+        cache
+            .fetch(req, move |done, _| {
+                h.lock().unwrap().push(done);
+                tx.send_replace(done);
+            })
+            .await
+    });
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        seen.wait_for(|d| *d == stall as u64),
+    )
+    .await
+    .expect("everything sent becomes durable")
+    .unwrap();
+    let meta = fx.cache().inner.db.meta(&digest).unwrap().expect("a meta");
+    assert_eq!(
+        meta.state,
+        ImageState::Partial {
+            received: stall as u64
+        }
+    );
+    // And it became durable along the way, not only when the server paused.
+    let history = history.lock().unwrap().clone();
+    assert!(
+        history
+            .iter()
+            .filter(|d| (1_000..stall as u64).contains(d))
+            .count()
+            >= 5,
+        "hardly any durable progress before the pause: {history:?}"
+    );
+    fx.cache().shutdown().await;
+    assert!(matches!(
+        fetch.await.unwrap().unwrap_err(),
+        CacheError::ShutDown
+    ));
+    fx.reopen(GB, opts).await;
+    server.behave(Behaviour::default());
+    let got = fx
+        .cache()
+        .fetch(request(&url, &img), no_progress)
+        .await
+        .unwrap();
+    assert_eq!(read_all(&got), img);
+    assert_eq!(server.ranges(), [None, Some(format!("bytes={stall}-"))]);
+}
+
+/// A notice whose size the disk cannot hold: refused before a request is made
+/// or a byte written (the size is the notice's claim; it may be a lie).
+#[tokio::test]
+async fn cache_refuses_an_image_larger_than_the_free_space_before_writing() {
+    let server = Server::start().await;
+    let img = image(1_000, 62);
+    let url = server.add("huge.bin", &img);
+    let fx = Fixture::new(u64::MAX, fast());
+    let req = FetchRequest {
+        size: 1 << 60,
+        ..request(&url, &img)
+    };
+    let digest = req.digest.clone();
+    let err = fx.cache().fetch(req, no_progress).await.unwrap_err();
+    assert!(matches!(err, CacheError::NoSpace { .. }), "{err}");
+    assert_eq!(err.step_code(), -2);
+    assert!(err.to_string().contains("not enough free space"), "{err}");
+    assert!(server.requests().is_empty(), "nothing was requested");
+    assert!(fx.cache().image_files().is_empty(), "nothing was written");
+    assert!(fx.cache().inner.db.meta(&digest).unwrap().is_none());
 }

@@ -9,8 +9,12 @@
 //! `ota::job`; [`runner`] performs its actions. Every job is persisted before
 //! its actions run, so a restart resumes it or fails it with a reason.
 
+mod ports;
 mod runner;
 mod status;
+mod table;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -18,8 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -27,13 +30,15 @@ use crate::broker::EmbeddedBroker;
 use crate::cache::Cache;
 use crate::config::{AuthKind, Config};
 use crate::devices::{Devices, Leaf};
+use crate::ota::job::{Action, Event, Restart};
 use crate::ota::journal::{JobRecord, Journal};
 use crate::ota::protocol::{self, Download, Inform, Notice, Progress, Step};
-use crate::ota::queue::{Offer, Queue};
 use crate::ota::topics::{self, DeviceId, TopicKind};
 use crate::plugin::PluginHost;
 use crate::store::Store;
 use crate::upstream::{self, Delivery, SubDevice, Upstream, UpstreamEvent};
+use ports::{Clock, Publisher};
+use table::{Intake, JobKey, JobTable, Resume, Ticket};
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -64,44 +69,41 @@ pub enum DaemonError {
     },
 }
 
-/// Milliseconds since the unix epoch: the jobs' clock.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
+/// What the intake refuses before a notice becomes a job.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IntakeLimits {
+    /// The largest image a notice may announce (`[cache] max_image_mib`).
+    pub max_image_bytes: u64,
 }
 
-/// A job's key: one job per leaf and module.
-pub(crate) type JobKey = (DeviceId, String);
-
-/// A live job record and the generation of the task that owns it.
-pub(crate) struct Live {
-    pub record: JobRecord,
-    pub generation: u64,
-    pub last_error: Option<String>,
-}
-
-/// Everything the daemon's tasks share.
+/// Everything the daemon's tasks share. Each field says why it is here.
 pub(crate) struct Core {
+    /// The gateway's own identity upstream: its modules are its plugins, and
+    /// notices for them are refused until remote plugin updates exist.
     pub gw: DeviceId,
+    /// The configured leaves (identity, family, link, options).
     pub devices: Devices,
+    /// Every job, the queue of notices and their persistence.
+    pub table: JobTable,
+    /// Firmware images, downloaded once each.
     pub cache: Cache,
-    pub journal: Journal,
+    /// Device-family plugins.
     pub plugins: PluginHost,
-    pub upstream: Upstream,
-    pub queue: Mutex<Queue>,
-    pub jobs: Mutex<BTreeMap<JobKey, Live>>,
-    /// Terminal reports known to be published (leaf, module → version+sign).
-    pub reported: sled::Tree,
+    /// Where reports, informs and requests go upstream.
+    pub publisher: Arc<dyn Publisher>,
+    /// What the intake refuses up front.
+    pub limits: IntakeLimits,
+    /// The global limit of jobs holding a link at once (`[jobs] max_parallel`).
     pub permits: Arc<Semaphore>,
-    pub links: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per physical link (`Leaf::link_key`): one job per bus.
+    links: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Message ids of what the daemon publishes (seeded with the clock).
     next_id: AtomicU64,
-    next_generation: AtomicU64,
+    /// Every task the daemon spawns, waited for at shutdown.
     pub tasks: TaskTracker,
+    /// Cancelled when the daemon stops taking work.
     pub shutdown: CancellationToken,
-    /// Something a summary counts changed.
-    pub changed: Notify,
+    /// Image bytes received, for the summary.
     pub bytes_downloaded: AtomicU64,
 }
 
@@ -114,15 +116,19 @@ impl Core {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The lock of `leaf`'s physical link.
+    fn link_lock(&self, leaf: &Leaf) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.links)
+            .entry(leaf.link_key())
+            .or_default()
+            .clone()
+    }
+
     /// Publish, logging (not failing) when upstream cannot take it: durable
     /// messages are in the outbox by then, best-effort ones are replaced by
     /// later ones.
     pub async fn publish(&self, topic: &str, payload: Vec<u8>, delivery: Delivery) {
-        if let Err(e) = self
-            .upstream
-            .publish(topic, Bytes::from(payload), delivery)
-            .await
-        {
+        if let Err(e) = self.publisher.publish(topic, payload, delivery).await {
             match delivery {
                 Delivery::Durable => tracing::error!(topic, "cannot publish: {e}"),
                 Delivery::BestEffort => tracing::debug!(topic, "not published: {e}"),
@@ -130,9 +136,41 @@ impl Core {
         }
     }
 
+    /// Publish one report of a job: progress (durable when terminal, with the
+    /// job's stable message id), the leaf's version, or a `firmware/get`.
+    async fn publish_report(&self, record: &JobRecord, action: &Action) {
+        let id = &record.leaf;
+        let terminal_id = record.job.terminal_id();
+        match action {
+            Action::Report(p) => {
+                let (msg_id, delivery) = match terminal_id {
+                    Some(t) if p.step.is_failure() || p.step == Step::Percent(100) => {
+                        (t, Delivery::Durable)
+                    }
+                    _ => (self.next_id(), Delivery::BestEffort),
+                };
+                let topic = topics::progress(&id.product_key, &id.device_name);
+                self.publish(&topic, p.payload(msg_id), delivery).await;
+            }
+            Action::ReportInform { version } => {
+                let msg_id = terminal_id.map_or_else(|| self.next_id(), |t| t + 1);
+                let inform = Inform::new(msg_id, version.clone(), record.module.clone());
+                let topic = topics::inform(&id.product_key, &id.device_name);
+                self.publish(&topic, inform.payload(), Delivery::Durable)
+                    .await;
+            }
+            Action::AskFirmwareGet => {
+                let req = protocol::firmware_get_request(self.next_id(), &record.module);
+                let topic = topics::firmware_get(&id.product_key, &id.device_name);
+                self.publish(&topic, req, Delivery::BestEffort).await;
+            }
+            _ => {}
+        }
+    }
+
     /// Report a failure of a notice that never became a job.
     async fn reject(&self, id: &DeviceId, module: &str, step: Step, desc: String) {
-        tracing::warn!(device = %id, module, "upgrade notice rejected: {desc}");
+        tracing::warn!(device = %id, module, step = step.code(), "upgrade notice rejected: {desc}");
         let p = Progress::new(step, desc, module);
         let payload = p.payload(self.next_id());
         self.publish(
@@ -143,113 +181,92 @@ impl Core {
         .await;
     }
 
-    fn leaf(&self, key: &JobKey) -> Option<&Leaf> {
-        self.devices.find(&key.0, &key.1)
+    /// Why a notice for `id` cannot become a job, if it cannot.
+    fn refuse(&self, id: &DeviceId, notice: &Notice) -> Option<(Step, String)> {
+        let module = &notice.module;
+        if *id == self.gw {
+            let desc =
+                format!("the gateway's own module {module:?} cannot be upgraded over the air");
+            return Some((Step::UpgradeFailed, desc));
+        }
+        if self.devices.find(id, module).is_none() {
+            let desc = if self.devices.knows(id) {
+                format!("module {module:?} of {id} is not managed by this gateway")
+            } else {
+                format!("device {id} is not managed by this gateway")
+            };
+            return Some((Step::UpgradeFailed, desc));
+        }
+        if let Download::Mqtt { .. } = notice.download {
+            let desc = "download over MQTT (dProtocol mqtt) is not supported; send an http(s) url";
+            return Some((Step::DownloadFailed, desc.into()));
+        }
+        let max = self.limits.max_image_bytes;
+        if notice.size > max {
+            let desc = format!(
+                "the image is {} bytes, more than this gateway takes ({} MiB, [cache] max_image_mib)",
+                notice.size,
+                max >> 20
+            );
+            return Some((Step::DownloadFailed, desc));
+        }
+        None
     }
 
     /// Take a notice for a leaf: validate, dedupe, persist, start.
     async fn offer(self: &Arc<Self>, id: DeviceId, notice: Notice) {
         let module = notice.module.clone();
-        if id == self.gw {
-            return self
-                .reject(
-                    &id,
-                    &module,
-                    Step::UpgradeFailed,
-                    format!("the gateway's own module {module:?} cannot be upgraded over the air"),
-                )
-                .await;
+        if let Some((step, desc)) = self.refuse(&id, &notice) {
+            return self.reject(&id, &module, step, desc).await;
         }
-        if self.devices.find(&id, &module).is_none() {
-            let desc = if self.devices.knows(&id) {
-                format!("module {module:?} of {id} is not managed by this gateway")
-            } else {
-                format!("device {id} is not managed by this gateway")
-            };
-            return self.reject(&id, &module, Step::UpgradeFailed, desc).await;
-        }
-        if let Download::Mqtt { .. } = notice.download {
-            return self
-                .reject(
-                    &id,
-                    &module,
-                    Step::DownloadFailed,
-                    "download over MQTT (dProtocol mqtt) is not supported; send an http(s) url"
-                        .into(),
-                )
-                .await;
-        }
-        let offer = lock(&self.queue).offer(&id, &notice, now_ms());
-        tracing::info!(device = %id, module, version = %notice.version, ?offer, "upgrade notice");
-        match offer {
-            Offer::Ignored(_) | Offer::AfterCurrent => {}
-            Offer::Queued | Offer::Replaced(_) => self.create(id, notice).await,
-            Offer::Refreshed => {
-                let key = (id, module);
-                let record = {
-                    let mut jobs = lock(&self.jobs);
-                    let Some(live) = jobs.get_mut(&key) else {
-                        return;
-                    };
-                    live.record.notice = notice;
-                    live.record
-                        .job
-                        .on(crate::ota::job::Event::NoticeRefreshed, now_ms());
-                    live.record.clone()
-                };
-                if let Err(e) = self.journal.put(&record).await {
-                    tracing::error!("{e}");
-                }
-                self.spawn(key, None);
+        tracing::info!(device = %id, module, version = %notice.version, size = notice.size, "upgrade notice");
+        self.start(self.table.offer(&id, notice).await, &id, &module)
+            .await;
+    }
+
+    /// Act on an intake: run the job, or refuse the notice.
+    async fn start(self: &Arc<Self>, intake: Intake, id: &DeviceId, module: &str) {
+        match intake {
+            Intake::Run(ticket) => self.spawn(ticket, None),
+            Intake::Held(offer) => {
+                tracing::info!(device = %id, module, ?offer, "upgrade notice held")
+            }
+            Intake::Refused(desc) => {
+                self.reject(id, module, Step::UpgradeFailed, desc).await;
             }
         }
     }
 
-    /// A new job for a notice: persisted, then scheduled.
-    async fn create(self: &Arc<Self>, id: DeviceId, notice: Notice) {
-        let record = JobRecord::new(id.clone(), notice, now_ms());
-        let key = (id, record.module.clone());
-        if let Err(e) = self.journal.put(&record).await {
-            tracing::error!("{e}");
-            return;
-        }
-        lock(&self.jobs).insert(
-            key.clone(),
-            Live {
-                record,
-                generation: 0,
-                last_error: None,
-            },
-        );
-        self.changed.notify_one();
-        self.spawn(key, None);
-    }
-
-    /// Start the task that runs a job (a newer task makes older ones of the
-    /// same key give up before they touch anything).
-    fn spawn(self: &Arc<Self>, key: JobKey, first: Option<crate::ota::job::Event>) {
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        if let Some(live) = lock(&self.jobs).get_mut(&key) {
-            live.generation = generation;
-        }
-        let core = self.clone();
+    /// Start the supervised task that runs a job.
+    fn spawn(self: &Arc<Self>, ticket: Ticket, first: Option<Event>) {
         self.tasks
-            .spawn(async move { runner::run(core, key, generation, first).await });
+            .spawn(runner::supervise(self.clone(), ticket, first));
     }
 
-    /// A job's task is over: free its place in the queue and start the notice
-    /// that waited behind it.
-    pub async fn finished(self: &Arc<Self>, key: &JobKey, succeeded: bool) {
-        let next = lock(&self.queue).finished(&key.0, &key.1, succeeded, now_ms());
-        self.changed.notify_one();
-        if let Some(notice) = next {
-            self.create(key.0.clone(), notice).await;
+    /// A terminal job's reports, published again if they are not known to
+    /// have reached the outbox (the gateway may have died between persisting
+    /// the job and publishing its end). The same messages, the same ids.
+    async fn ensure_reported(&self, key: &JobKey) {
+        let record = match self.table.unreported(key) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!("{e}");
+                return;
+            }
+        };
+        tracing::info!(device = %key.0, module = %key.1, state = %record.job.state(), "publishing the end of a job again after a restart");
+        for a in record.job.terminal_reports() {
+            self.publish_report(&record, &a).await;
+        }
+        if let Err(e) = self.table.mark_reported(&record).await {
+            tracing::error!("{e}");
         }
     }
 
     async fn on_connected(self: &Arc<Self>) {
         for leaf in self.devices.all() {
-            let v = self.devices.version(leaf);
+            let v = self.table.version(leaf);
             let inform = Inform::new(self.next_id(), v, leaf.module.clone());
             self.publish(
                 &topics::inform(&leaf.id.product_key, &leaf.id.device_name),
@@ -271,12 +288,9 @@ impl Core {
             )
             .await;
         }
-        // Ask for pending packages for every leaf with no job in progress.
+        // Ask for pending packages for every leaf with no job under way.
         for leaf in self.devices.all() {
-            let busy = lock(&self.jobs)
-                .get(&(leaf.id.clone(), leaf.module.clone()))
-                .is_some_and(|l| !l.record.job.is_terminal() && !l.record.job.awaiting_notice());
-            if !busy {
+            if !self.table.busy(&(leaf.id.clone(), leaf.module.clone())) {
                 let req = protocol::firmware_get_request(self.next_id(), &leaf.module);
                 self.publish(
                     &topics::firmware_get(&leaf.id.product_key, &leaf.id.device_name),
@@ -318,7 +332,7 @@ impl Core {
 
     /// The summary of all jobs, for `/{gwPk}/{gwDn}/user/ota/summary`.
     fn summary(&self) -> serde_json::Value {
-        let jobs = lock(&self.jobs);
+        let jobs = self.table.snapshot();
         let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
         for s in [
             "queued",
@@ -331,12 +345,13 @@ impl Core {
         ] {
             counts.insert(s, 0);
         }
-        let now = now_ms();
+        let now = self.table.now_ms();
         let mut eta_ms: u64 = 0;
         for live in jobs.values() {
             let job = &live.record.job;
-            *counts.entry(job.state().name()).or_default() += 1;
-            if job.state().is_running()
+            *counts.entry(JobTable::shown_state(live)).or_default() += 1;
+            if live.active
+                && job.state().is_running()
                 && let (Some(p), Some(start)) = (
                     job.percent(),
                     job.history()
@@ -368,7 +383,10 @@ pub struct Gateway {
     api: Option<tokio::net::TcpListener>,
     api_addr: Option<SocketAddr>,
     broker: Option<EmbeddedBroker>,
-    restored: Vec<JobRecord>,
+    /// What to do with the journal's jobs once running.
+    resume: Vec<Resume>,
+    /// Resolves when the upstream session has stopped.
+    upstream_stopped: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -396,9 +414,16 @@ impl Gateway {
             );
         }
         let cache = Cache::open(&store, cfg.cache.max_size_mib << 20)?;
-        let journal = Journal::new(store.tree(crate::ota::journal::TREE)?);
-        let devices = Devices::new(&cfg.devices, &store)?;
-        let reported = store.tree("reported")?;
+        let journal = Journal::open(&store)?;
+        let devices = Devices::new(&cfg.devices);
+        let clean = journal.begin_run().await?;
+        if !clean {
+            tracing::warn!("the previous run did not stop cleanly: resuming its jobs");
+        }
+        let restart = Restart {
+            unclean: !clean,
+            max_flash_restarts: cfg.jobs.flash_restarts,
+        };
 
         let plugins = PluginHost::new(
             cfg.plugins.limits(cfg.jobs.max_parallel),
@@ -437,6 +462,7 @@ impl Gateway {
                 c.client_id = u.client_id.clone();
                 c.keep_alive = u.keep_alive;
                 c.ca_file = u.ca_file.clone();
+                c.max_packet = u.max_message_kib << 10;
                 c
             }
             None => {
@@ -488,37 +514,25 @@ impl Gateway {
             None => (None, None),
         };
 
-        let restored = journal.all()?;
-        let mut queue = Queue::new();
-        let mut jobs = BTreeMap::new();
-        for r in &restored {
-            queue.restore(r);
-            jobs.insert(
-                (r.leaf.clone(), r.module.clone()),
-                Live {
-                    record: r.clone(),
-                    generation: 0,
-                    last_error: None,
-                },
-            );
-        }
+        let clock: Arc<dyn Clock> = ports::system_clock();
+        let next_id = AtomicU64::new(clock.now_ms());
+        let (table, resume) = JobTable::restore(journal, clock, restart)?;
+        let upstream_stopped = Box::pin(upstream.stopped());
         let core = Arc::new(Core {
             gw,
             devices,
+            table,
             cache,
-            journal,
             plugins,
-            upstream,
-            queue: Mutex::new(queue),
-            jobs: Mutex::new(jobs),
-            reported,
+            publisher: Arc::new(upstream),
+            limits: IntakeLimits {
+                max_image_bytes: cfg.cache.max_image_bytes(),
+            },
             permits: Arc::new(Semaphore::new(cfg.jobs.max_parallel)),
             links: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(now_ms()),
-            next_generation: AtomicU64::new(1),
+            next_id,
             tasks: TaskTracker::new(),
             shutdown,
-            changed: Notify::new(),
             bytes_downloaded: AtomicU64::new(0),
         });
         Ok(Gateway {
@@ -527,7 +541,8 @@ impl Gateway {
             api,
             api_addr,
             broker,
-            restored,
+            resume,
+            upstream_stopped,
         })
     }
 
@@ -559,17 +574,18 @@ impl Gateway {
                 }
             });
         }
+        // The upstream session's driver is the daemon's too: shutdown waits
+        // for it within the grace.
+        core.tasks.spawn(std::mem::replace(
+            &mut self.upstream_stopped,
+            Box::pin(std::future::ready(())),
+        ));
         // Resume what the journal holds.
-        for r in std::mem::take(&mut self.restored) {
-            let key = (r.leaf.clone(), r.module.clone());
-            if r.job.is_terminal() {
-                runner::ensure_terminal_reported(&core, &key).await;
-            } else if r.job.state().is_running() {
-                core.spawn(key, Some(crate::ota::job::Event::Restarted));
-            } else if r.job.ready() {
-                core.spawn(key, None);
+        for r in std::mem::take(&mut self.resume) {
+            match r {
+                Resume::Report(key) => core.ensure_reported(&key).await,
+                Resume::Run(ticket, first) => core.spawn(ticket, first),
             }
-            // Waiting for a fresh notice: firmware/get on connect brings it.
         }
         {
             let core = core.clone();
@@ -602,6 +618,10 @@ impl Gateway {
             tracing::warn!("jobs still running after {grace:?}: they resume at the next start");
         }
         core.cache.shutdown().await;
+        // Whatever was interrupted was stopped by us, not by a crash.
+        if let Err(e) = core.table.end_run().await {
+            tracing::error!("{e}");
+        }
         Ok(())
     }
 }
@@ -612,7 +632,7 @@ async fn summary_loop(core: Arc<Core>) {
     loop {
         tokio::select! {
             _ = core.shutdown.cancelled() => return,
-            _ = core.changed.notified() => {}
+            _ = core.table.changed().notified() => {}
         }
         let payload = serde_json::to_vec(&core.summary()).unwrap_or_default();
         core.publish(&topic, payload, Delivery::BestEffort).await;

@@ -1,34 +1,139 @@
 //! Runs one job: waits for its link and a slot, then feeds the job machine
-//! (`ota::job`) events and performs the actions it returns: download into the
-//! cache, verify / flash / identify through the family plugin, report
-//! upstream. The record is persisted before each action runs.
+//! (`ota::job`) events and performs the actions it returns, in the order it
+//! returns them: download into the cache, verify / flash / identify through
+//! the family plugin, report upstream. The job table persists every change
+//! before the action runs. The runner decides nothing the machine decides
+//! (order, step codes, report texts): it only performs and observes.
 //!
-//! On shutdown a job stops where it is; its persisted state resumes at the
-//! next start.
+//! [`supervise`] is the job's task: a panic or an unexpected error inside the
+//! run ends the job with -1 and a desc naming what happened, reported durably
+//! like any other end; the link, the bus and the slot are freed as the run
+//! unwinds, and the leaf takes its next notice. On shutdown a job stops where
+//! it is; its persisted state resumes at the next start.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 
-use super::{Core, JobKey, lock, now_ms};
+use super::Core;
+use super::table::Ticket;
 use crate::cache::{CachedImage, Digest, FetchRequest};
 use crate::devices::Leaf;
 use crate::link::Link;
 use crate::ota::job::{Action, Event, State};
-use crate::ota::journal::JobRecord;
-use crate::ota::protocol::{Inform, Progress, Step};
-use crate::ota::topics;
+use crate::ota::journal::{JobRecord, JournalError};
 use crate::plugin::{FlashError, JobMeta, PluginError, PluginSession};
 use crate::progress::JobEvent;
-use crate::upstream::Delivery;
+
+/// How a run ended, when it did not fail.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The machine said `Done`: terminal, or waiting for a fresh notice.
+    Ended,
+    /// The daemon is shutting down: the job resumes at the next start.
+    Stopped,
+    /// A newer notice took the job over.
+    Superseded,
+}
+
+/// Something the job machine has no state for.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("{0}")]
+    Journal(#[from] JournalError),
+    #[error("device {0} is no longer in the configuration")]
+    Unconfigured(String),
+}
+
+/// The task of one job: run it, and end it with -1 if the run panics or fails
+/// in a way the machine does not know.
+pub(super) async fn supervise(core: Arc<Core>, ticket: Ticket, first: Option<Event>) {
+    // The run's future (its link guard, slot and plugin session) is dropped
+    // at the end of this statement, before anything below runs.
+    let result = AssertUnwindSafe(run(core.clone(), ticket.clone(), first))
+        .catch_unwind()
+        .await;
+    let failure = match result {
+        Ok(Ok(Outcome::Ended)) => None,
+        Ok(Ok(Outcome::Stopped | Outcome::Superseded)) => return,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(panic) => Some(format!("panic: {}", panic_message(panic.as_ref()))),
+    };
+    if let Some(what) = failure {
+        crashed(&core, &ticket, what).await;
+    }
+    match core.table.end(&ticket).await {
+        Ok(Some(next)) => {
+            let (id, module) = ticket.key;
+            core.start(next, &id, &module).await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(device = %ticket.key.0, module = %ticket.key.1, "{e}"),
+    }
+}
+
+/// End the job with -1 after the gateway failed inside it; its reports go out
+/// even if the journal cannot record the end (the outbox may still take them).
+async fn crashed(core: &Core, ticket: &Ticket, what: String) {
+    let Some(before) = core.table.record(ticket) else {
+        return;
+    };
+    let phase = before.job.state().name();
+    let desc = format!("the gateway failed while the job was {phase}: {what}");
+    tracing::error!(
+        device = %ticket.key.0, module = %ticket.key.1, job = %job_id(&before),
+        "job failed inside the gateway: {desc}"
+    );
+    if let Err(e) = core.table.apply(ticket, Event::Crashed { desc }).await {
+        tracing::error!(device = %ticket.key.0, "{e}");
+    }
+    if let Some(record) = core.table.record(ticket) {
+        for a in record.job.terminal_reports() {
+            core.publish_report(&record, &a).await;
+        }
+        log_end(&record);
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
+/// A job's name in the log: the notice's version and when it was queued.
+fn job_id(r: &JobRecord) -> String {
+    let queued = r.job.history().first().map_or(0, |t| t.at_ms);
+    format!("{}@{queued}", r.notice.version)
+}
+
+/// One line for a job's end: success with the version read back, or the
+/// failure with its step code and reason.
+fn log_end(r: &JobRecord) {
+    let (device, module, job) = (&r.leaf, &r.module, job_id(r));
+    match r.job.state() {
+        State::Succeeded { version } => {
+            tracing::info!(%device, %module, %job, %version, "job succeeded: the leaf runs {version}")
+        }
+        State::Failed { step, desc } => {
+            tracing::warn!(%device, %module, %job, step = step.code(), "job failed ({step}): {desc}")
+        }
+        _ => {}
+    }
+}
 
 struct Ctx {
     core: Arc<Core>,
-    key: JobKey,
+    ticket: Ticket,
     leaf: Leaf,
-    generation: u64,
     image: Option<CachedImage>,
     session: Option<PluginSession>,
     link: Option<Link>,
@@ -37,247 +142,162 @@ struct Ctx {
     events_rx: Option<mpsc::UnboundedReceiver<JobEvent>>,
 }
 
-/// Run the job of `key` to its end (or to shutdown).
-pub(super) async fn run(core: Arc<Core>, key: JobKey, generation: u64, first: Option<Event>) {
-    let Some(leaf) = core.leaf(&key).cloned() else {
-        return;
+/// Run the job of `ticket` to its end (or to shutdown).
+async fn run(core: Arc<Core>, ticket: Ticket, first: Option<Event>) -> Result<Outcome, RunError> {
+    let (id, module) = &ticket.key;
+    let Some(leaf) = core.devices.find(id, module).cloned() else {
+        return Err(RunError::Unconfigured(format!("{id} module {module}")));
     };
-    let link_lock = lock(&core.links)
-        .entry(leaf.link_key())
-        .or_default()
-        .clone();
+    let link_lock = core.link_lock(&leaf);
     let stop = core.shutdown.clone();
     let _link_guard = tokio::select! {
-        _ = stop.cancelled() => return,
+        _ = stop.cancelled() => return Ok(Outcome::Stopped),
         g = link_lock.lock_owned() => g,
     };
     let _permit = tokio::select! {
-        _ = stop.cancelled() => return,
-        p = core.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        _ = stop.cancelled() => return Ok(Outcome::Stopped),
+        p = core.permits.clone().acquire_owned() => match p {
+            Ok(p) => p,
+            Err(_) => return Ok(Outcome::Stopped),
+        },
     };
+    if !core.table.begin(&ticket) {
+        return Ok(Outcome::Superseded);
+    }
+    if let Some(r) = core.table.record(&ticket) {
+        tracing::info!(
+            device = %id, module = %module, family = %leaf.family, job = %job_id(&r),
+            state = %r.job.state(), "job started: upgrading to {}", r.notice.version
+        );
+    }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let mut ctx = Ctx {
         core: core.clone(),
-        key: key.clone(),
+        ticket: ticket.clone(),
         leaf,
-        generation,
         image: None,
         session: None,
         link: None,
         events_tx,
         events_rx: Some(events_rx),
     };
-    if !ctx.current() {
-        return;
-    }
-    lock(&core.queue).started(&key.0, &key.1);
     let mut pending = VecDeque::from([first.unwrap_or(Event::Start)]);
-    let mut done = false;
     while let Some(ev) = pending.pop_front() {
-        let Some(mut actions) = ctx.apply(ev, true).await else {
-            return;
+        let Some(actions) = core.table.apply(&ticket, ev).await? else {
+            return Ok(Outcome::Superseded);
         };
-        // Reports describe the state just entered: publish them before the
-        // long-running action of that state starts, whatever order the machine
-        // listed them in.
-        actions.sort_by_key(|a| match a {
-            Action::Report(_) | Action::ReportInform { .. } | Action::AskFirmwareGet => 0,
-            Action::StartDownload
-            | Action::StartVerify
-            | Action::StartFlash
-            | Action::StartIdentify => 1,
-            Action::Done => 2,
-        });
+        // Fault injection: the gateway dies right after a job's end is
+        // persisted, before anything about it is published
+        // (`FAILPOINTS=job-ended-unpublished=return`).
+        #[cfg(feature = "failpoints")]
+        if core
+            .table
+            .record(&ticket)
+            .is_some_and(|r| r.job.is_terminal())
+        {
+            fail::fail_point!("job-ended-unpublished", |_| -> Result<Outcome, RunError> {
+                std::process::abort()
+            });
+        }
         for action in actions {
             let more = tokio::select! {
-                _ = stop.cancelled() => return,
-                more = ctx.perform(action) => more,
+                _ = stop.cancelled() => return Ok(Outcome::Stopped),
+                more = ctx.perform(action) => more?,
             };
             match more {
-                Step2::Events(evs) => pending.extend(evs),
-                Step2::Done => done = true,
+                Some(evs) => pending.extend(evs),
+                None => {
+                    if let Some(r) = core.table.record(&ticket) {
+                        log_end(&r);
+                    }
+                    return Ok(Outcome::Ended);
+                }
             }
         }
-        if done && pending.is_empty() {
-            break;
-        }
     }
-    drop(ctx.link.take());
-    let (terminal, succeeded, awaiting) = {
-        let jobs = lock(&core.jobs);
-        match jobs.get(&key) {
-            Some(l) => (
-                l.record.job.is_terminal(),
-                matches!(l.record.job.state(), State::Succeeded { .. }),
-                l.record.job.awaiting_notice(),
-            ),
-            None => (false, false, false),
-        }
-    };
-    if terminal {
-        mark_reported(&core, &key).await;
-        core.finished(&key, succeeded).await;
-    } else if awaiting {
-        lock(&core.queue).awaiting_notice(&key.0, &key.1);
-        core.changed.notify_one();
-    }
-}
-
-/// What performing an action led to.
-enum Step2 {
-    Events(Vec<Event>),
-    Done,
+    Ok(Outcome::Ended)
 }
 
 impl Ctx {
-    fn current(&self) -> bool {
-        lock(&self.core.jobs)
-            .get(&self.key)
-            .is_some_and(|l| l.generation == self.generation)
-    }
-
     fn record(&self) -> Option<JobRecord> {
-        lock(&self.core.jobs)
-            .get(&self.key)
-            .map(|l| l.record.clone())
-    }
-
-    /// Feed one event to the job; persist when it changed state or reports.
-    /// `None` when this task no longer owns the job.
-    async fn apply(&mut self, ev: Event, persist: bool) -> Option<Vec<Action>> {
-        let (actions, record) = {
-            let mut jobs = lock(&self.core.jobs);
-            let live = jobs.get_mut(&self.key)?;
-            if live.generation != self.generation {
-                return None;
-            }
-            let before = live.record.job.state().name();
-            if let Event::DownloadFailed { desc }
-            | Event::VerifyFailed { desc }
-            | Event::FlashFailed { desc, .. }
-            | Event::IdentifyFailed { desc } = &ev
-            {
-                live.last_error = Some(desc.clone());
-            }
-            let actions = live.record.job.on(ev, now_ms());
-            let changed = before != live.record.job.state().name() || !actions.is_empty();
-            (actions, (persist && changed).then(|| live.record.clone()))
-        };
-        if let Some(r) = record {
-            if let Err(e) = self.core.journal.put(&r).await {
-                tracing::error!("{e}");
-            }
-            self.core.changed.notify_one();
-        }
-        Some(actions)
+        self.core.table.record(&self.ticket)
     }
 
     /// Feed a progress event and publish the reports it yields at once.
-    async fn progress(&mut self, ev: Event) {
-        if let Some(actions) = self.apply(ev, true).await {
+    async fn progress(&mut self, ev: Event) -> Result<(), JournalError> {
+        if let Some(actions) = self.core.table.apply(&self.ticket, ev).await?
+            && let Some(r) = self.record()
+        {
             for a in actions {
-                if let Action::Report(p) = a {
-                    self.report(p).await;
-                }
+                self.core.publish_report(&r, &a).await;
             }
         }
+        Ok(())
     }
 
-    async fn perform(&mut self, action: Action) -> Step2 {
-        match action {
-            Action::StartDownload => Step2::Events(self.download().await),
-            Action::StartVerify => Step2::Events(vec![self.verify().await]),
-            Action::StartFlash => Step2::Events(vec![self.flash().await]),
-            Action::StartIdentify => Step2::Events(vec![self.identify().await]),
-            Action::Report(p) => {
-                self.report(p).await;
-                Step2::Events(vec![])
-            }
-            Action::ReportInform { version } => {
-                if let Err(e) = self.core.devices.set_version(&self.leaf, &version).await {
-                    tracing::error!("{e}");
+    /// Perform one action; `None` when the machine said `Done`.
+    async fn perform(&mut self, action: Action) -> Result<Option<Vec<Event>>, RunError> {
+        let ev = match action {
+            Action::StartDownload => return Ok(Some(self.download().await?)),
+            Action::StartVerify => self.verify().await,
+            Action::StartFlash => self.flash().await?,
+            Action::StartIdentify => self.identify().await,
+            Action::Report(_) | Action::ReportInform { .. } | Action::AskFirmwareGet => {
+                if let Some(r) = self.record() {
+                    self.core.publish_report(&r, &action).await;
                 }
-                let inform = Inform::new(self.core.next_id(), version, self.key.1.clone());
-                let id = &self.key.0;
-                self.core
-                    .publish(
-                        &topics::inform(&id.product_key, &id.device_name),
-                        inform.payload(),
-                        Delivery::Durable,
-                    )
-                    .await;
-                Step2::Events(vec![])
+                return Ok(Some(vec![]));
             }
-            Action::AskFirmwareGet => {
-                let req =
-                    crate::ota::protocol::firmware_get_request(self.core.next_id(), &self.key.1);
-                let id = &self.key.0;
-                self.core
-                    .publish(
-                        &topics::firmware_get(&id.product_key, &id.device_name),
-                        req,
-                        Delivery::BestEffort,
-                    )
-                    .await;
-                Step2::Events(vec![])
+            Action::Done => {
+                drop(self.link.take());
+                return Ok(None);
             }
-            Action::Done => Step2::Done,
-        }
-    }
-
-    async fn report(&mut self, p: Progress) {
-        let terminal = p.step.is_failure() || p.step == Step::Percent(100);
-        let id = &self.key.0;
-        let payload = p.payload(self.core.next_id());
-        let delivery = if terminal {
-            Delivery::Durable
-        } else {
-            Delivery::BestEffort
         };
-        self.core
-            .publish(
-                &topics::progress(&id.product_key, &id.device_name),
-                payload,
-                delivery,
-            )
-            .await;
+        Ok(Some(vec![ev]))
     }
 
     fn meta(&self) -> JobMeta {
         let version = self.record().map(|r| r.notice.version);
         JobMeta {
             version,
-            module: self.key.1.clone(),
+            module: self.ticket.key.1.clone(),
             options: self.leaf.options.clone(),
         }
     }
 
-    /// Download (or find) the image; progress goes to the job as it comes.
-    async fn download(&mut self) -> Vec<Event> {
+    /// What to fetch for the job's notice, or why it cannot be fetched (as
+    /// the event that tells the machine).
+    fn fetch_request(&self) -> Result<FetchRequest, Event> {
         let Some(r) = self.record() else {
-            return vec![];
+            return Err(Event::Crashed {
+                desc: "the job is gone".into(),
+            });
         };
         let n = &r.notice;
-        let digest = match Digest::from_sign(n.sign_method.wire_name(), &n.sign) {
-            Ok(d) => d,
-            Err(e) => {
-                return vec![
-                    Event::Downloaded,
-                    Event::VerifyFailed {
-                        desc: e.to_string(),
-                    },
-                ];
+        let digest = Digest::from_sign(n.sign_method.wire_name(), &n.sign).map_err(|e| {
+            Event::ImageRejected {
+                desc: e.to_string(),
             }
-        };
+        })?;
         let Some(url) = n.url() else {
-            return vec![Event::DownloadFailed {
+            return Err(Event::DownloadFailed {
                 desc: "the notice has no http(s) url".into(),
-            }];
+            });
         };
-        let req = FetchRequest {
+        Ok(FetchRequest {
             url: url.to_string(),
             size: n.size,
             digest,
+        })
+    }
+
+    /// Download (or find) the image; progress goes to the job as it comes.
+    async fn download(&mut self) -> Result<Vec<Event>, JournalError> {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("runner-download");
+        let req = match self.fetch_request() {
+            Ok(r) => r,
+            Err(ev) => return Ok(vec![ev]),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let cache = self.core.cache.clone();
@@ -294,26 +314,23 @@ impl Ctx {
                         self.core.bytes_downloaded.fetch_add(done - last, Ordering::Relaxed);
                         last = done;
                     }
-                    self.progress(Event::DownloadProgress { done, total }).await;
+                    self.progress(Event::DownloadProgress { done, total }).await?;
                 }
             }
         };
-        match result {
+        Ok(vec![match result {
             Ok(img) => {
                 self.image = Some(img);
-                vec![Event::Downloaded]
+                Event::Downloaded
             }
-            Err(e) if e.url_expired() => vec![Event::UrlExpired],
-            Err(e) if e.step_code() == -3 => vec![
-                Event::Downloaded,
-                Event::VerifyFailed {
-                    desc: e.to_string(),
-                },
-            ],
-            Err(e) => vec![Event::DownloadFailed {
+            Err(e) if e.url_expired() => Event::UrlExpired,
+            Err(e) if e.step_code() == -3 => Event::ImageRejected {
                 desc: e.to_string(),
-            }],
-        }
+            },
+            Err(e) => Event::DownloadFailed {
+                desc: e.to_string(),
+            },
+        }])
     }
 
     /// The image, from the cache (after a restart the download is not redone).
@@ -321,20 +338,16 @@ impl Ctx {
         if let Some(i) = &self.image {
             return Ok(i.clone());
         }
-        let r = self.record().ok_or("the job is gone")?;
-        let digest = Digest::from_sign(r.notice.sign_method.wire_name(), &r.notice.sign)
-            .map_err(|e| e.to_string())?;
+        let req = self.fetch_request().map_err(|e| match e {
+            Event::ImageRejected { desc }
+            | Event::DownloadFailed { desc }
+            | Event::Crashed { desc } => desc,
+            other => format!("{other:?}"),
+        })?;
         let img = self
             .core
             .cache
-            .fetch(
-                FetchRequest {
-                    url: r.notice.url().unwrap_or_default().to_string(),
-                    size: r.notice.size,
-                    digest,
-                },
-                |_, _| {},
-            )
+            .fetch(req, |_, _| {})
             .await
             .map_err(|e| e.to_string())?;
         self.image = Some(img.clone());
@@ -378,22 +391,26 @@ impl Ctx {
         }
     }
 
-    async fn flash(&mut self) -> Event {
-        let failed = |step: Step, desc: String| Event::FlashFailed { step, desc };
+    async fn flash(&mut self) -> Result<Event, JournalError> {
+        // Fault injection for the supervision tests (`FAILPOINTS=runner-flash=panic`).
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("runner-flash");
+        let failed = |step, desc: String| Event::FlashFailed { step, desc };
+        use crate::ota::protocol::Step;
         let img = match self.image().await {
             Ok(i) => i,
-            Err(desc) => return failed(Step::UpgradeFailed, desc),
+            Err(desc) => return Ok(failed(Step::UpgradeFailed, desc)),
         };
         let meta = self.meta();
         let link = match self.take_link().await {
             Ok(l) => l,
-            Err(desc) => return failed(Step::FlashFailed, desc),
+            Err(desc) => return Ok(failed(Step::FlashFailed, desc)),
         };
         let mut session = match self.session().await {
             Ok(s) => s,
             Err(e) => {
                 self.link = Some(link);
-                return failed(Step::UpgradeFailed, e.to_string());
+                return Ok(failed(Step::UpgradeFailed, e.to_string()));
             }
         };
         let mut rx = self.events_rx.take();
@@ -411,7 +428,7 @@ impl Ctx {
                     r = &mut fut => break r,
                     Some(ev) = ev => {
                         if let JobEvent::Progress { done, total, .. } = ev {
-                            self.progress(Event::FlashProgress { done, total }).await;
+                            self.progress(Event::FlashProgress { done, total }).await?;
                         }
                     }
                 }
@@ -420,13 +437,13 @@ impl Ctx {
         self.events_rx = rx;
         self.session = Some(session);
         self.link = Some(link);
-        match result {
+        Ok(match result {
             Ok(_) => Event::Flashed,
             Err(e) => failed(
                 Step::from_code(e.step_code().into()).unwrap_or(Step::FlashFailed),
                 e.to_string(),
             ),
-        }
+        })
     }
 
     /// The link of this job: the one flashing used, or a fresh one.
@@ -465,82 +482,4 @@ impl Ctx {
             },
         }
     }
-}
-
-fn reported_key(key: &JobKey) -> Vec<u8> {
-    format!("{}\0{}\0{}", key.0.product_key, key.0.device_name, key.1).into_bytes()
-}
-
-fn reported_mark(r: &JobRecord) -> Vec<u8> {
-    format!(
-        "{}\0{}\0{}",
-        r.notice.version,
-        r.notice.sign,
-        r.job.history().len()
-    )
-    .into_bytes()
-}
-
-/// Remember (durably) that a terminal job's reports are in the outbox.
-async fn mark_reported(core: &Core, key: &JobKey) {
-    let Some(r) = lock(&core.jobs).get(key).map(|l| l.record.clone()) else {
-        return;
-    };
-    let stored = match core.reported.insert(reported_key(key), reported_mark(&r)) {
-        Ok(_) => crate::store::flush_tree(&core.reported).await.map(|_| ()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = stored {
-        tracing::error!("cannot record a terminal report: {e}");
-    }
-}
-
-/// After a restart: publish a terminal job's reports again unless they are
-/// known to have reached the outbox (the gateway may have died between
-/// persisting the job and publishing its end).
-pub(super) async fn ensure_terminal_reported(core: &Arc<Core>, key: &JobKey) {
-    let Some(r) = lock(&core.jobs).get(key).map(|l| l.record.clone()) else {
-        return;
-    };
-    if core
-        .reported
-        .get(reported_key(key))
-        .ok()
-        .flatten()
-        .as_deref()
-        == Some(&reported_mark(&r)[..])
-    {
-        return;
-    }
-    let id = &key.0;
-    let progress_topic = topics::progress(&id.product_key, &id.device_name);
-    match r.job.state() {
-        State::Succeeded { version } => {
-            let p = Progress::new(Step::Percent(100), "upgrade complete", key.1.clone());
-            core.publish(
-                &progress_topic,
-                p.payload(core.next_id()),
-                Delivery::Durable,
-            )
-            .await;
-            let inform = Inform::new(core.next_id(), version.clone(), key.1.clone());
-            core.publish(
-                &topics::inform(&id.product_key, &id.device_name),
-                inform.payload(),
-                Delivery::Durable,
-            )
-            .await;
-        }
-        State::Failed { step, desc } => {
-            let p = Progress::new(*step, desc.clone(), key.1.clone());
-            core.publish(
-                &progress_topic,
-                p.payload(core.next_id()),
-                Delivery::Durable,
-            )
-            .await;
-        }
-        _ => return,
-    }
-    mark_reported(core, key).await;
 }

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use super::{Core, lock};
+use super::Core;
+use super::table::JobTable;
 use crate::api::{DeviceStatus, JobStatus, StatusSource};
 use crate::ota::job::State;
 
@@ -18,7 +19,7 @@ fn step_desc(state: &State) -> (Option<i32>, Option<String>) {
 impl StatusSource for Status {
     fn devices(&self) -> Vec<DeviceStatus> {
         let core = &self.0;
-        let jobs = lock(&core.jobs);
+        let jobs = core.table.snapshot();
         core.devices
             .all()
             .iter()
@@ -31,8 +32,8 @@ impl StatusSource for Status {
                     module: leaf.module.clone(),
                     family: leaf.family.clone(),
                     link: leaf.link.clone(),
-                    version: core.devices.version(leaf),
-                    state: job.map_or("idle", |j| j.state().name()).to_string(),
+                    version: core.table.version(leaf),
+                    state: live.map_or("idle", JobTable::shown_state).to_string(),
                     progress: job.and_then(|j| match j.state() {
                         State::Succeeded { .. } => Some(100),
                         _ => j.percent(),
@@ -47,7 +48,9 @@ impl StatusSource for Status {
     }
 
     fn jobs(&self) -> Vec<JobStatus> {
-        lock(&self.0.jobs)
+        self.0
+            .table
+            .snapshot()
             .values()
             .map(|l| {
                 let job = &l.record.job;
@@ -56,7 +59,7 @@ impl StatusSource for Status {
                     device: l.record.leaf.to_string(),
                     module: l.record.module.clone(),
                     version: job.version().to_string(),
-                    state: job.state().name().to_string(),
+                    state: JobTable::shown_state(l).to_string(),
                     progress: match job.state() {
                         State::Succeeded { .. } => 100,
                         s => crate::ota::job::overall_percent(s).unwrap_or(0),

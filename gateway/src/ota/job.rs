@@ -22,8 +22,18 @@
 //!   backwards, never 0 (the platform's percentages start at 1) and never 100
 //!   before success. Terminal states are always reported.
 //! - Restart: a job persisted mid-way resumes its phase (download resumes with
-//!   HTTP Range in the cache; a flash starts again from the beginning, once: a
-//!   second restart during flashing fails with -4).
+//!   HTTP Range in the cache; a flash starts again from the beginning). A
+//!   flash survives [`Restart::max_flash_restarts`] *unclean* restarts (the
+//!   gateway died while flashing); more fail it with -4, so a flash that
+//!   crashes the gateway cannot loop for ever. A clean stop does not count.
+//! - Order: the actions of one event are listed in the order the driver must
+//!   perform them: a report of the state just entered comes before that
+//!   state's long-running action, so progress never goes backwards on the wire.
+//! - Truth about the leaf: the version read back from the leaf is part of the
+//!   record ([`Job::leaf_version`]), so the journal stores the terminal state
+//!   and the leaf's version in one write. [`Job::terminal_reports`] rebuilds a
+//!   terminal job's reports, byte for byte (same message ids), for a restart
+//!   that does not know whether they went out.
 
 use std::fmt;
 
@@ -36,8 +46,19 @@ pub const REPORT_EVERY_PERCENT: u8 = 5;
 /// ...or minimum time between two reports, in milliseconds.
 pub const REPORT_EVERY_MS: u64 = 2_000;
 
-/// Restarts of the gateway during flashing that a job survives.
-pub const FLASH_RESTARTS_ALLOWED: u32 = 1;
+/// Unclean restarts of the gateway during flashing that a job survives by
+/// default (`[jobs] flash_restarts`).
+pub const DEFAULT_FLASH_RESTARTS: u32 = 3;
+
+/// How the gateway came back up, told to a persisted job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restart {
+    /// The previous run ended without a clean shutdown (a crash, a kill, power
+    /// loss): only these count against [`Restart::max_flash_restarts`].
+    pub unclean: bool,
+    /// Unclean restarts during one flash that the job survives.
+    pub max_flash_restarts: u32,
+}
 
 /// Where a job is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,10 +161,20 @@ pub enum Event {
     IdentifyFailed {
         desc: String,
     },
+    /// The image was downloaded but is not the one the notice describes
+    /// (digest mismatch, an unusable `sign`): a verification failure (-3).
+    ImageRejected {
+        desc: String,
+    },
     /// The gateway came back up with this job persisted.
-    Restarted,
+    Restarted(Restart),
     /// The job is abandoned (an operator, or the platform no longer has the package).
     Cancelled {
+        desc: String,
+    },
+    /// The gateway itself failed while running the job (its task panicked or
+    /// hit an error the job has no state for): a generic failure (-1).
+    Crashed {
         desc: String,
     },
 }
@@ -201,6 +232,9 @@ pub struct Job {
     /// Queued after an expired URL, until a fresh notice arrives.
     awaiting_notice: bool,
     last_report: Option<Reported>,
+    /// The version the leaf reported after flashing (whatever it was).
+    #[serde(default)]
+    read_back: Option<String>,
 }
 
 impl Job {
@@ -220,6 +254,7 @@ impl Job {
             flash_restarts: 0,
             awaiting_notice: false,
             last_report: None,
+            read_back: None,
         }
     }
 
@@ -264,6 +299,63 @@ impl Job {
         overall_percent(&self.state)
     }
 
+    /// The version this job learnt the leaf runs, once terminal: the new one
+    /// after a success (read back, or trusted when the family cannot read it),
+    /// or the one a lying leaf reported. The journal stores it with the
+    /// terminal record in one write: it is what the gateway informs from then
+    /// on.
+    pub fn leaf_version(&self) -> Option<&str> {
+        match &self.state {
+            State::Succeeded { version } => Some(version),
+            State::Failed { .. } => self.read_back.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The message id of a terminal job's progress report (its inform takes the
+    /// next one): derived from the terminal transition, so a report published
+    /// again after a restart is the same message, not a second outcome.
+    pub fn terminal_id(&self) -> Option<u64> {
+        if !self.is_terminal() {
+            return None;
+        }
+        // Four ids per millisecond: above any id the gateway's counter (which
+        // starts at the clock in ms and counts one per message) will reach.
+        self.history.last().map(|t| t.at_ms.saturating_mul(4))
+    }
+
+    /// The reports of a terminal state, in order: its progress report, then
+    /// the leaf's version on `inform` when it is known. Empty for a job that
+    /// is not terminal.
+    pub fn terminal_reports(&self) -> Vec<Action> {
+        match &self.state {
+            State::Succeeded { version } => vec![
+                Action::Report(Progress::new(
+                    Step::Percent(100),
+                    format!("upgraded to {version}"),
+                    self.module.clone(),
+                )),
+                Action::ReportInform {
+                    version: version.clone(),
+                },
+            ],
+            State::Failed { step, desc } => {
+                let mut a = vec![Action::Report(Progress::new(
+                    *step,
+                    desc.clone(),
+                    self.module.clone(),
+                ))];
+                if let Some(version) = &self.read_back {
+                    a.push(Action::ReportInform {
+                        version: version.clone(),
+                    });
+                }
+                a
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Apply `event` at `now` (ms since the unix epoch) and return what to do.
     /// An event that does not apply to the current state (a late progress
     /// event, anything after a terminal state) changes nothing and returns no
@@ -276,6 +368,9 @@ impl Job {
             (s, event) if s.is_terminal() => return self.ignore(&event),
             (_, Event::Cancelled { desc }) => {
                 return self.fail(Step::UpgradeFailed, format!("cancelled: {desc}"), now);
+            }
+            (_, Event::Crashed { desc }) => {
+                return self.fail(Step::UpgradeFailed, desc, now);
             }
 
             (S::Queued, Event::Start) if !self.awaiting_notice => {
@@ -291,11 +386,11 @@ impl Job {
                 self.go(S::Queued, "fresh notice received: ready to resume", now);
                 vec![]
             }
-            (S::Queued, Event::Restarted) if self.awaiting_notice => {
+            (S::Queued, Event::Restarted(_)) if self.awaiting_notice => {
                 // The earlier request may have been lost with the connection.
                 vec![A::AskFirmwareGet]
             }
-            (S::Queued, Event::Restarted) => vec![],
+            (S::Queued, Event::Restarted(_)) => vec![],
 
             (S::Downloading { .. }, Event::DownloadProgress { done, total }) => {
                 self.state = S::Downloading { done, total };
@@ -308,6 +403,9 @@ impl Job {
             (S::Downloading { .. }, Event::DownloadFailed { desc }) => {
                 return self.fail(Step::DownloadFailed, desc, now);
             }
+            (S::Downloading { .. }, Event::ImageRejected { desc }) => {
+                return self.fail(Step::VerifyFailed, desc, now);
+            }
             (S::Downloading { .. }, Event::UrlExpired) => {
                 self.awaiting_notice = true;
                 self.go(
@@ -317,7 +415,7 @@ impl Job {
                 );
                 vec![A::AskFirmwareGet, A::Done]
             }
-            (S::Downloading { done, total }, Event::Restarted) => {
+            (S::Downloading { done, total }, Event::Restarted(_)) => {
                 let note = format!("gateway restarted: resuming the download at {done} bytes");
                 self.go(S::Downloading { done, total }, note, now);
                 vec![A::StartDownload]
@@ -330,7 +428,7 @@ impl Job {
             (S::Verifying, Event::VerifyFailed { desc }) => {
                 return self.fail(Step::VerifyFailed, desc, now);
             }
-            (S::Verifying, Event::Restarted) => {
+            (S::Verifying, Event::Restarted(_)) => {
                 self.go(S::Verifying, "gateway restarted: verifying again", now);
                 vec![A::StartVerify]
             }
@@ -352,21 +450,30 @@ impl Job {
                 };
                 return self.fail(step, desc, now);
             }
-            (S::Flashing { total, .. }, Event::Restarted) => {
-                self.flash_restarts += 1;
-                if self.flash_restarts > FLASH_RESTARTS_ALLOWED {
-                    return self.fail(
-                        Step::FlashFailed,
-                        "gateway restarted twice during flashing",
-                        now,
+            (S::Flashing { total, .. }, Event::Restarted(restart)) => {
+                if restart.unclean {
+                    self.flash_restarts += 1;
+                }
+                if self.flash_restarts > restart.max_flash_restarts {
+                    let desc = format!(
+                        "the gateway stopped uncleanly {} times while flashing this leaf \
+                         (limit [jobs] flash_restarts = {}); not trying again",
+                        self.flash_restarts, restart.max_flash_restarts
                     );
+                    return self.fail(Step::FlashFailed, desc, now);
                 }
                 let to = S::Flashing { done: 0, total };
-                self.go(to, "gateway restarted: flashing again from the start", now);
+                let note = if restart.unclean {
+                    "gateway restarted after an unclean stop: flashing again from the start"
+                } else {
+                    "gateway restarted: flashing again from the start"
+                };
+                self.go(to, note, now);
                 vec![A::StartFlash]
             }
 
             (S::Identifying, Event::Identified { version }) if version == self.version => {
+                self.read_back = Some(version.clone());
                 return self.succeed(version, "the leaf reports the new version", now);
             }
             (S::Identifying, Event::Identified { version }) => {
@@ -374,10 +481,10 @@ impl Job {
                     "leaf reports version {version} after flashing, expected {}",
                     self.version
                 );
-                let mut actions = self.fail(Step::FlashFailed, desc, now);
-                // Tell the platform the truth, before freeing the slot.
-                actions.insert(actions.len() - 1, A::ReportInform { version });
-                return actions;
+                // Tell the platform the truth: the failure, then the version
+                // the leaf really runs (see `terminal_reports`).
+                self.read_back = Some(version);
+                return self.fail(Step::FlashFailed, desc, now);
             }
             (S::Identifying, Event::IdentifyUnsupported) => {
                 let version = self.version.clone();
@@ -394,15 +501,17 @@ impl Job {
                     now,
                 );
             }
-            (S::Identifying, Event::Restarted) => {
+            (S::Identifying, Event::Restarted(_)) => {
                 self.go(S::Identifying, "gateway restarted: identifying again", now);
                 vec![A::StartIdentify]
             }
 
             (_, event) => return self.ignore(&event),
         };
+        // The report describes the state just entered: it goes out before the
+        // state's long-running action starts.
         if let Some(report) = self.progress_due(now) {
-            actions.push(A::Report(report));
+            actions.insert(0, A::Report(report));
         }
         actions
     }
@@ -433,10 +542,9 @@ impl Job {
             percent: self.last_report.map_or(0, |r| r.percent),
             at_ms: now,
         });
-        vec![
-            Action::Report(Progress::new(step, desc, self.module.clone())),
-            Action::Done,
-        ]
+        let mut actions = self.terminal_reports();
+        actions.push(Action::Done);
+        actions
     }
 
     fn succeed(&mut self, version: String, note: &str, now: u64) -> Vec<Action> {
@@ -451,15 +559,9 @@ impl Job {
             percent: 100,
             at_ms: now,
         });
-        vec![
-            Action::Report(Progress::new(
-                Step::Percent(100),
-                format!("upgraded to {version}"),
-                self.module.clone(),
-            )),
-            Action::ReportInform { version },
-            Action::Done,
-        ]
+        let mut actions = self.terminal_reports();
+        actions.push(Action::Done);
+        actions
     }
 
     /// The progress report to send now, if one is due; records it as sent.
@@ -534,6 +636,11 @@ fn describe(state: &State) -> String {
 mod tests {
     use super::*;
     use crate::ota::protocol::{Download, SignMethod};
+
+    const UNCLEAN: Restart = Restart {
+        unclean: true,
+        max_flash_restarts: 1,
+    };
 
     fn notice() -> Notice {
         Notice {
@@ -659,7 +766,7 @@ mod tests {
         );
         assert_eq!(job.history().last().unwrap().at_ms, 5_000);
         // Nothing moves a terminal job.
-        assert!(job.on(Event::Restarted, 6_000).is_empty());
+        assert!(job.on(Event::Restarted(UNCLEAN), 6_000).is_empty());
         assert!(
             job.on(Event::Cancelled { desc: "x".into() }, 6_000)
                 .is_empty()
@@ -789,7 +896,10 @@ mod tests {
         // Not startable before a fresh notice.
         assert!(job.on(Event::Start, 3).is_empty());
         // A restart asks again.
-        assert_eq!(job.on(Event::Restarted, 4), [Action::AskFirmwareGet]);
+        assert_eq!(
+            job.on(Event::Restarted(UNCLEAN), 4),
+            [Action::AskFirmwareGet]
+        );
         assert!(job.on(Event::NoticeRefreshed, 5).is_empty());
         assert!(job.ready());
         assert_eq!(
@@ -801,7 +911,7 @@ mod tests {
     #[test]
     fn restart_resumes_each_phase() {
         let mut job = Job::new(&notice(), 0);
-        assert!(job.on(Event::Restarted, 1).is_empty());
+        assert!(job.on(Event::Restarted(UNCLEAN), 1).is_empty());
         assert_eq!(job.state(), &State::Queued);
 
         job.on(Event::Start, 1);
@@ -812,7 +922,10 @@ mod tests {
             },
             2,
         );
-        assert_eq!(job.on(Event::Restarted, 3), [Action::StartDownload]);
+        assert_eq!(
+            job.on(Event::Restarted(UNCLEAN), 3),
+            [Action::StartDownload]
+        );
         assert_eq!(
             job.state(),
             &State::Downloading {
@@ -823,37 +936,77 @@ mod tests {
         assert!(job.history().last().unwrap().note.contains("resuming"));
 
         job.on(Event::Downloaded, 4);
-        assert_eq!(job.on(Event::Restarted, 5), [Action::StartVerify]);
+        assert_eq!(job.on(Event::Restarted(UNCLEAN), 5), [Action::StartVerify]);
         assert_eq!(job.state(), &State::Verifying);
 
         let mut job = identifying();
-        assert_eq!(job.on(Event::Restarted, 5), [Action::StartIdentify]);
+        assert_eq!(
+            job.on(Event::Restarted(UNCLEAN), 5),
+            [Action::StartIdentify]
+        );
         assert_eq!(job.state(), &State::Identifying);
     }
 
     #[test]
-    fn restart_during_flashing_flashes_again_once() {
+    fn restart_during_flashing_flashes_again_up_to_the_limit() {
         let mut job = flashing();
         job.on(Event::FlashProgress { done: 7, total: 10 }, 4_000);
-        assert_eq!(job.on(Event::Restarted, 5_000), [Action::StartFlash]);
+        assert_eq!(
+            job.on(Event::Restarted(UNCLEAN), 5_000),
+            [Action::StartFlash]
+        );
         assert_eq!(job.state(), &State::Flashing { done: 0, total: 10 });
         // It survives serialisation (the journal) with its counter.
         let mut job: Job = serde_json::from_str(&serde_json::to_string(&job).unwrap()).unwrap();
-        let a = job.on(Event::Restarted, 6_000);
+        let a = job.on(Event::Restarted(UNCLEAN), 6_000);
         assert_eq!(
             reports(&a),
-            [(-4, "gateway restarted twice during flashing".to_string())]
+            [(
+                -4,
+                "the gateway stopped uncleanly 2 times while flashing this leaf \
+                 (limit [jobs] flash_restarts = 1); not trying again"
+                    .to_string()
+            )]
         );
         assert_eq!(a.last(), Some(&Action::Done));
         assert!(job.is_terminal());
     }
 
     #[test]
+    fn clean_restarts_do_not_count_against_the_flash_limit() {
+        let mut job = flashing();
+        let clean = Restart {
+            unclean: false,
+            ..UNCLEAN
+        };
+        for t in 0..5 {
+            assert_eq!(
+                job.on(Event::Restarted(clean), 5_000 + t),
+                [Action::StartFlash]
+            );
+        }
+        assert_eq!(
+            job.on(Event::Restarted(UNCLEAN), 6_000),
+            [Action::StartFlash]
+        );
+        let limit = Restart {
+            max_flash_restarts: 3,
+            ..UNCLEAN
+        };
+        assert_eq!(job.on(Event::Restarted(limit), 7_000), [Action::StartFlash]);
+        assert_eq!(job.on(Event::Restarted(limit), 8_000), [Action::StartFlash]);
+        assert_eq!(reports(&job.on(Event::Restarted(limit), 9_000))[0].0, -4);
+    }
+
+    #[test]
     fn restart_after_a_completed_flash_does_not_count() {
         let mut job = flashing();
-        job.on(Event::Restarted, 5_000);
+        job.on(Event::Restarted(UNCLEAN), 5_000);
         job.on(Event::Flashed, 6_000);
-        assert_eq!(job.on(Event::Restarted, 7_000), [Action::StartIdentify]);
+        assert_eq!(
+            job.on(Event::Restarted(UNCLEAN), 7_000),
+            [Action::StartIdentify]
+        );
     }
 
     #[test]
@@ -915,7 +1068,7 @@ mod tests {
 
         // A flash restarted from the start does not report lower percentages.
         let last = job.last_report().unwrap().percent;
-        job.on(Event::Restarted, now + 10_000);
+        job.on(Event::Restarted(UNCLEAN), now + 10_000);
         for done in 1..=50 {
             let a = job.on(
                 Event::FlashProgress { done, total: 100 },
@@ -1000,5 +1153,114 @@ mod tests {
         let json = serde_json::to_string(&failed_job).unwrap();
         assert!(json.contains(r#""step":"-4""#), "{json}");
         assert_eq!(serde_json::from_str::<Job>(&json).unwrap(), failed_job);
+    }
+
+    #[test]
+    fn a_report_of_the_state_entered_comes_before_its_action() {
+        let mut job = Job::new(&notice(), 0);
+        let a = job.on(Event::Start, 1_000);
+        assert!(matches!(a[0], Action::Report(_)), "{a:?}");
+        assert_eq!(a[1], Action::StartDownload);
+        let mut job = flashing();
+        let a = job.on(Event::Flashed, 10_000);
+        assert!(matches!(a[0], Action::Report(_)), "{a:?}");
+        assert_eq!(a.last(), Some(&Action::StartIdentify));
+    }
+
+    #[test]
+    fn the_leaf_version_is_part_of_the_terminal_record() {
+        let mut job = identifying();
+        assert_eq!(job.leaf_version(), None);
+        job.on(
+            Event::Identified {
+                version: "2.0.0".into(),
+            },
+            5_000,
+        );
+        assert_eq!(job.leaf_version(), Some("2.0.0"));
+
+        // A lying leaf: the version it really runs is recorded and reported.
+        let mut job = identifying();
+        let a = job.on(
+            Event::Identified {
+                version: "1.0.0".into(),
+            },
+            5_000,
+        );
+        assert_eq!(job.leaf_version(), Some("1.0.0"));
+        assert_eq!(
+            a[1],
+            Action::ReportInform {
+                version: "1.0.0".into()
+            }
+        );
+        // A failure before identify learnt nothing about the leaf.
+        let mut job = flashing();
+        job.on(
+            Event::FlashFailed {
+                step: Step::FlashFailed,
+                desc: "NAK".into(),
+            },
+            5_000,
+        );
+        assert_eq!(job.leaf_version(), None);
+        // The record round-trips with it.
+        let back: Job = serde_json::from_str(&serde_json::to_string(&job).unwrap()).unwrap();
+        assert_eq!(back, job);
+    }
+
+    #[test]
+    fn terminal_reports_are_the_reports_sent_at_the_end_with_stable_ids() {
+        for ev in [
+            Event::Identified {
+                version: "2.0.0".into(),
+            },
+            Event::Identified {
+                version: "0.9.0".into(),
+            },
+            Event::IdentifyUnsupported,
+            Event::IdentifyFailed {
+                desc: "silent".into(),
+            },
+        ] {
+            let mut job = identifying();
+            assert_eq!(job.terminal_id(), None);
+            let mut sent = job.on(ev, 5_000);
+            assert_eq!(sent.pop(), Some(Action::Done));
+            assert_eq!(job.terminal_reports(), sent);
+            let id = job.terminal_id().unwrap();
+            let back: Job = serde_json::from_str(&serde_json::to_string(&job).unwrap()).unwrap();
+            assert_eq!(back.terminal_id(), Some(id));
+            assert_eq!(back.terminal_reports(), sent);
+        }
+        assert!(identifying().terminal_reports().is_empty());
+    }
+
+    #[test]
+    fn a_rejected_image_is_a_verify_failure_and_a_crash_a_generic_one() {
+        let mut job = Job::new(&notice(), 0);
+        job.on(Event::Start, 1);
+        let a = job.on(
+            Event::ImageRejected {
+                desc: "md5 mismatch".into(),
+            },
+            2,
+        );
+        assert_eq!(reports(&a), [(-3, "md5 mismatch".to_string())]);
+
+        let mut job = flashing();
+        let a = job.on(
+            Event::Crashed {
+                desc: "the gateway failed while flashing: boom".into(),
+            },
+            2,
+        );
+        assert_eq!(
+            reports(&a),
+            [(-1, "the gateway failed while flashing: boom".to_string())]
+        );
+        assert_eq!(a.last(), Some(&Action::Done));
+        // Nothing is left to crash once terminal.
+        assert!(job.on(Event::Crashed { desc: "x".into() }, 3).is_empty());
     }
 }

@@ -1,21 +1,38 @@
-//! The job journal: the typed wrapper over the sled `jobs` tree, one
-//! [`JobRecord`] per leaf and module, stored as JSON.
+//! The job journal: what the gateway must remember about its jobs and leaves
+//! across a crash, in four sled trees that only this file touches:
 //!
-//! This is the only file of `ota/` that does I/O. Every [`Journal::put`] and
-//! [`Journal::remove`] flushes the tree before it returns, so the driver can
-//! persist a job *before* it performs the job's actions: a restart then
-//! resumes the job or fails it with a reason. The tree comes from
-//! [`crate::store::Store::tree`] (the module that opens the database); this
-//! file opens nothing and knows nothing of sled's recovery.
+//! | tree | key | value |
+//! |---|---|---|
+//! | `jobs` | leaf, module | the [`JobRecord`] (JSON) |
+//! | `devices` | leaf, module | the version the leaf last reported |
+//! | `reported` | leaf, module | which terminal record's reports are in the outbox |
+//! | `lifecycle` | `run` | whether the last run stopped cleanly |
+//!
+//! A terminal record and the leaf's version are written in **one sled
+//! transaction** ([`Journal::put`]): after a crash at the moment of success the
+//! gateway can never inform the old version while the journal says the leaf
+//! was upgraded. Every write is flushed before it returns, so the driver can
+//! persist a job *before* it performs the job's actions.
+//!
+//! This is the only file of `ota/` that does I/O. The trees come from
+//! [`crate::store::Store`] (which opens the database and knows sled's recovery).
 
 use serde::{Deserialize, Serialize};
+use sled::Transactional;
 
 use super::job::Job;
 use super::protocol::Notice;
 use super::topics::DeviceId;
+use crate::store::{Store, StoreError};
 
-/// The name of the sled tree the journal lives in.
+/// The trees of the journal.
 pub const TREE: &str = "jobs";
+const VERSIONS: &str = "devices";
+const REPORTED: &str = "reported";
+const LIFECYCLE: &str = "lifecycle";
+const RUN_KEY: &[u8] = b"run";
+const RUNNING: &[u8] = b"running";
+const STOPPED: &[u8] = b"stopped";
 
 /// One leaf's job for one module, as persisted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,11 +54,25 @@ impl JobRecord {
             notice,
         }
     }
+
+    /// What marks this terminal record as reported: a newer terminal record of
+    /// the same leaf and module has another mark.
+    fn mark(&self) -> Vec<u8> {
+        format!(
+            "{}\0{}\0{}",
+            self.notice.version,
+            self.notice.sign,
+            self.job.history().len()
+        )
+        .into_bytes()
+    }
 }
 
 /// Why the journal could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
+    #[error("job journal: {0}")]
+    Open(#[from] StoreError),
     #[error("job journal: cannot {op} the job of {key}: {source}")]
     Store {
         op: &'static str,
@@ -69,10 +100,13 @@ pub enum JournalError {
     },
 }
 
-/// The `jobs` tree.
+/// The journal's trees.
 #[derive(Debug, Clone)]
 pub struct Journal {
     tree: sled::Tree,
+    versions: sled::Tree,
+    reported: sled::Tree,
+    lifecycle: sled::Tree,
 }
 
 /// The key of a leaf's module: the JSON array `[pk, dn, module]`, unambiguous
@@ -80,6 +114,11 @@ pub struct Journal {
 fn key(leaf: &DeviceId, module: &str) -> Vec<u8> {
     serde_json::to_vec(&(&leaf.product_key, &leaf.device_name, module))
         .expect("a tuple of strings always serialises")
+}
+
+/// The key the leaf registry used for versions before the journal owned them.
+fn legacy_key(leaf: &DeviceId, module: &str) -> Vec<u8> {
+    format!("{}\0{}\0{}", leaf.product_key, leaf.device_name, module).into_bytes()
 }
 
 /// A key for messages: `pk/dn module`.
@@ -95,9 +134,18 @@ fn label_of_raw(key: &[u8]) -> String {
 }
 
 impl Journal {
-    /// The journal over `tree` (normally `store.tree(journal::TREE)`).
-    pub fn new(tree: sled::Tree) -> Journal {
-        Journal { tree }
+    /// The journal in `store`.
+    pub fn open(store: &Store) -> Result<Journal, JournalError> {
+        Ok(Journal {
+            tree: store.tree(TREE)?,
+            versions: store.tree(VERSIONS)?,
+            reported: store.tree(REPORTED)?,
+            lifecycle: store.tree(LIFECYCLE)?,
+        })
+    }
+
+    fn store_error(op: &'static str, key: String) -> impl FnOnce(sled::Error) -> JournalError {
+        move |source| JournalError::Store { op, key, source }
     }
 
     async fn flush(&self, label: impl FnOnce() -> String) -> Result<(), JournalError> {
@@ -110,22 +158,113 @@ impl Journal {
             })
     }
 
-    /// Write `record` (replacing the one of the same leaf and module) and make
-    /// it durable.
+    /// Write `record` (replacing the one of the same leaf and module) and,
+    /// when the job has learnt the leaf's version, that version, in one
+    /// transaction; then make it durable.
     pub async fn put(&self, record: &JobRecord) -> Result<(), JournalError> {
         let name = || label(&record.leaf, &record.module);
         let value = serde_json::to_vec(record).map_err(|source| JournalError::Encode {
             key: name(),
             source,
         })?;
-        self.tree
-            .insert(key(&record.leaf, &record.module), value)
-            .map_err(|source| JournalError::Store {
-                op: "write",
+        let k = key(&record.leaf, &record.module);
+        let version = record.job.leaf_version().map(str::as_bytes);
+        (&self.tree, &self.versions)
+            .transaction(|(jobs, versions)| {
+                jobs.insert(&k[..], &value[..])?;
+                if let Some(v) = version {
+                    versions.insert(&k[..], v)?;
+                }
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(source) => JournalError::Store {
+                    op: "write",
+                    key: name(),
+                    source,
+                },
+                sled::transaction::TransactionError::Abort(()) => JournalError::Store {
+                    op: "write",
+                    key: name(),
+                    source: sled::Error::Unsupported("transaction aborted".into()),
+                },
+            })?;
+        self.flush(name).await
+    }
+
+    /// The version `leaf`/`module` last reported (through a job), if any.
+    pub fn version(&self, leaf: &DeviceId, module: &str) -> Result<Option<String>, JournalError> {
+        let read = |k: Vec<u8>| {
+            self.versions.get(k).map_err(Self::store_error(
+                "read the version of",
+                label(leaf, module),
+            ))
+        };
+        let v = match read(key(leaf, module))? {
+            Some(v) => Some(v),
+            // Written by gateways before the journal owned the versions.
+            None => read(legacy_key(leaf, module))?,
+        };
+        Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Whether the reports of terminal `record` are known to be in the outbox.
+    pub fn is_reported(&self, record: &JobRecord) -> Result<bool, JournalError> {
+        let name = label(&record.leaf, &record.module);
+        let got = self
+            .reported
+            .get(key(&record.leaf, &record.module))
+            .map_err(Self::store_error("read the report mark of", name))?;
+        Ok(got.as_deref() == Some(&record.mark()[..]))
+    }
+
+    /// Remember (durably) that the reports of terminal `record` are in the
+    /// outbox, so a restart does not publish them again.
+    pub async fn mark_reported(&self, record: &JobRecord) -> Result<(), JournalError> {
+        let name = || label(&record.leaf, &record.module);
+        self.reported
+            .insert(key(&record.leaf, &record.module), record.mark())
+            .map_err(Self::store_error("mark the reports of", name()))?;
+        crate::store::flush_tree(&self.reported)
+            .await
+            .map(|_| ())
+            .map_err(|source| JournalError::Flush {
+                key: name(),
+                source,
+            })
+    }
+
+    /// A run starts: returns whether the previous one stopped cleanly (a new
+    /// store counts as clean), and records that this one is running.
+    pub async fn begin_run(&self) -> Result<bool, JournalError> {
+        let name = || "the run marker".to_string();
+        let before = self
+            .lifecycle
+            .insert(RUN_KEY, RUNNING)
+            .map_err(Self::store_error("write", name()))?;
+        crate::store::flush_tree(&self.lifecycle)
+            .await
+            .map_err(|source| JournalError::Flush {
                 key: name(),
                 source,
             })?;
-        self.flush(name).await
+        Ok(before.as_deref() != Some(RUNNING))
+    }
+
+    /// The run stops cleanly (whatever jobs were interrupted were stopped by
+    /// the gateway, not by a crash).
+    pub async fn end_run(&self) -> Result<(), JournalError> {
+        let name = || "the run marker".to_string();
+        self.lifecycle
+            .insert(RUN_KEY, STOPPED)
+            .map_err(Self::store_error("write", name()))?;
+        crate::store::flush_tree(&self.lifecycle)
+            .await
+            .map(|_| ())
+            .map_err(|source| JournalError::Flush {
+                key: name(),
+                source,
+            })
     }
 
     /// The record of `leaf`/`module`, if any.
@@ -220,8 +359,7 @@ mod tests {
     }
 
     fn temporary() -> Journal {
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        Journal::new(db.open_tree(TREE).unwrap())
+        Journal::open(&Store::temporary().unwrap()).unwrap()
     }
 
     #[tokio::test]
@@ -276,21 +414,96 @@ mod tests {
             .job
             .on(Event::FlashProgress { done: 5, total: 10 }, 5_000);
         {
-            let db = sled::open(&path).unwrap();
-            let journal = Journal::new(db.open_tree(TREE).unwrap());
+            let (store, _) = Store::open(&path).unwrap();
+            let journal = Journal::open(&store).unwrap();
             journal.put(&record).await.unwrap();
         }
         crate::store::wait_unlocked(&path);
-        let db = sled::open(&path).unwrap();
-        let journal = Journal::new(db.open_tree(TREE).unwrap());
+        let (store, _) = Store::open(&path).unwrap();
+        let journal = Journal::open(&store).unwrap();
         let mut back = journal.get(&leaf, "MCU").unwrap().unwrap();
         assert_eq!(back, record);
         assert_eq!(back.job.history().len(), 4);
         // And it resumes: a restart during flashing flashes again.
         assert!(
             back.job
-                .on(Event::Restarted, 6_000)
+                .on(
+                    Event::Restarted(crate::ota::job::Restart {
+                        unclean: true,
+                        max_flash_restarts: 1
+                    }),
+                    6_000
+                )
                 .contains(&crate::ota::Action::StartFlash)
         );
+    }
+
+    fn succeeded(leaf: &DeviceId) -> JobRecord {
+        let mut record = JobRecord::new(leaf.clone(), notice("MCU"), 1_000);
+        for ev in [
+            Event::Start,
+            Event::Downloaded,
+            Event::Verified,
+            Event::Flashed,
+        ] {
+            record.job.on(ev, 2_000);
+        }
+        record.job.on(
+            Event::Identified {
+                version: "2.0.0".into(),
+            },
+            3_000,
+        );
+        record
+    }
+
+    #[tokio::test]
+    async fn a_terminal_record_and_the_leaf_version_are_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let leaf = DeviceId::new("pk", "leaf-01");
+        let record = succeeded(&leaf);
+        {
+            let (store, _) = Store::open(&path).unwrap();
+            let journal = Journal::open(&store).unwrap();
+            assert_eq!(journal.version(&leaf, "MCU").unwrap(), None);
+            journal.put(&record).await.unwrap();
+            // Nothing else is written: a crash right here keeps both.
+        }
+        crate::store::wait_unlocked(&path);
+        let (store, _) = Store::open(&path).unwrap();
+        let journal = Journal::open(&store).unwrap();
+        assert_eq!(journal.get(&leaf, "MCU").unwrap().as_ref(), Some(&record));
+        assert_eq!(
+            journal.version(&leaf, "MCU").unwrap().as_deref(),
+            Some("2.0.0")
+        );
+    }
+
+    #[tokio::test]
+    async fn report_marks_name_one_terminal_record() {
+        let journal = temporary();
+        let leaf = DeviceId::new("pk", "leaf-01");
+        let record = succeeded(&leaf);
+        assert!(!journal.is_reported(&record).unwrap());
+        journal.mark_reported(&record).await.unwrap();
+        assert!(journal.is_reported(&record).unwrap());
+        // A later job of the same leaf and module is not covered by it.
+        let mut next = JobRecord::new(leaf.clone(), notice("MCU"), 5_000);
+        next.notice.version = "3.0.0".into();
+        next.job.on(Event::Start, 5_001);
+        next.job
+            .on(Event::DownloadFailed { desc: "404".into() }, 5_002);
+        assert!(!journal.is_reported(&next).unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_run_marker_tells_a_clean_stop_from_a_crash() {
+        let journal = temporary();
+        assert!(journal.begin_run().await.unwrap(), "a new store is clean");
+        // Killed: no end_run.
+        assert!(!journal.begin_run().await.unwrap());
+        journal.end_run().await.unwrap();
+        assert!(journal.begin_run().await.unwrap());
     }
 }

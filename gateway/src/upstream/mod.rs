@@ -63,6 +63,9 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     /// Delay between connection attempts.
     pub backoff: Backoff,
+    /// The largest MQTT packet taken or sent, in bytes. A larger incoming
+    /// one drops the connection (rumqttc cannot skip it).
+    pub max_packet: usize,
 }
 
 impl UpstreamConfig {
@@ -75,17 +78,21 @@ impl UpstreamConfig {
             keep_alive: DEFAULT_KEEP_ALIVE,
             ca_file: None,
             backoff: Backoff::default(),
+            max_packet: DEFAULT_MAX_PACKET,
         }
     }
 }
 
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(60);
+/// Notices carry URLs and extData (the platform's are a few KiB); a broker
+/// may hold larger retained messages on our topics.
+pub const DEFAULT_MAX_PACKET: usize = 16 << 20;
 /// The platform rejects a keep-alive outside this range.
 pub const KEEP_ALIVE_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(30)..=Duration::from_secs(1200);
 
 /// Reconnection delays: `initial`, doubled after each failure up to `max`,
-/// back to `initial` after each successful connect.
+/// back to `initial` after a connection that stayed up for 30 s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     pub initial: Duration,

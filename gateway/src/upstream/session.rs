@@ -46,8 +46,11 @@ use crate::store::Store;
 const REQUEST_CAPACITY: usize = 64;
 /// Publishes in flight (unacknowledged) at once.
 const MAX_INFLIGHT: u16 = 100;
-/// Notices carry URLs and extData; stay well above what the platform sends.
-const MAX_PACKET: usize = 1 << 20;
+/// A connection must stay up this long before a failure starts the backoff
+/// from its beginning again: a connection that drops right after its ConnAck
+/// (a retained message too large for us, a broker kicking us) must not turn
+/// into reconnects as fast as the broker answers.
+const STABLE_CONNECTION: Duration = Duration::from_secs(30);
 const EVENT_CAPACITY: usize = 1024;
 /// How long a graceful DISCONNECT may take at shutdown.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
@@ -70,6 +73,10 @@ pub(super) struct Shared {
     /// Serialises sends into rumqttc's channel with `tags`.
     sender: tokio::sync::Mutex<()>,
     tags: Mutex<VecDeque<Tag>>,
+    /// Outbox entries already sent on the connection of the given epoch:
+    /// `publish` and the on-connect replay may both see a new entry, and only
+    /// one of them sends it.
+    sent: Mutex<(u64, std::collections::HashSet<u64>)>,
     pub(super) done: CancellationToken,
 }
 
@@ -80,6 +87,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Shared {
     pub(super) fn is_connected(&self) -> bool {
         self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Whether outbox entry `seq` is still to be sent on the current
+    /// connection; claims it when it is.
+    fn claim(&self, seq: u64) -> bool {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let mut sent = lock(&self.sent);
+        if sent.0 != epoch {
+            *sent = (epoch, Default::default());
+        }
+        sent.1.insert(seq)
     }
 
     pub(super) async fn publish(
@@ -107,6 +125,7 @@ impl Shared {
                 // started before the write sees `connected` set first, so either
                 // it replays this entry or we send it here (or both).
                 if self.is_connected()
+                    && self.claim(seq)
                     && let Err(e) = self
                         .send_publish(topic, QoS::AtLeastOnce, payload, Tag::Durable(seq))
                         .await
@@ -245,7 +264,7 @@ pub(super) fn spawn(
         .set_keep_alive(cfg.keep_alive)
         .set_clean_session(true)
         .set_inflight(MAX_INFLIGHT)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        .set_max_packet_size(cfg.max_packet, cfg.max_packet);
     if endpoint.tls {
         let tls = transport::client_config(cfg.ca_file.as_deref())?;
         options.set_transport(Transport::tls_with_config(
@@ -283,6 +302,7 @@ pub(super) fn spawn(
         subscriptions: Mutex::new(subs),
         sender: tokio::sync::Mutex::new(()),
         tags: Mutex::new(VecDeque::new()),
+        sent: Mutex::new((0, Default::default())),
         done: CancellationToken::new(),
     });
     let (events, rx) = mpsc::channel(EVENT_CAPACITY);
@@ -318,6 +338,7 @@ pub(super) fn spawn(
 impl Driver {
     async fn run(mut self) {
         let mut backoff = self.cfg.backoff.initial;
+        let mut connected_at: Option<tokio::time::Instant> = None;
         tracing::info!(
             host = %self.endpoint.host, port = self.endpoint.port, tls = self.endpoint.tls,
             client_id = %self.client_id, "upstream session starting"
@@ -332,7 +353,7 @@ impl Driver {
             };
             match polled {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    backoff = self.cfg.backoff.initial;
+                    connected_at = Some(tokio::time::Instant::now());
                     let epoch = self.shared.epoch.fetch_add(1, Ordering::SeqCst) + 1;
                     self.shared.connected.store(true, Ordering::SeqCst);
                     tracing::info!(session_present = ack.session_present, "upstream connected");
@@ -400,7 +421,13 @@ impl Driver {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let reason = describe(&e);
+                    if connected_at
+                        .take()
+                        .is_some_and(|t| t.elapsed() >= STABLE_CONNECTION)
+                    {
+                        backoff = self.cfg.backoff.initial;
+                    }
+                    let reason = describe(&e, self.cfg.max_packet);
                     self.reset().await;
                     tracing::warn!(retry_in = ?backoff, "upstream connection: {reason}");
                     self.emit(UpstreamEvent::Disconnected {
@@ -563,6 +590,11 @@ async fn on_connect(shared: Arc<Shared>, ctx: Arc<Ctx>, epoch: u64, session_pres
             }
         }
     }
+    // The outbox first: terminal reports of jobs that ended while we were
+    // away (or before a restart) must reach the platform before anything the
+    // daemon sends on `Connected` (a `firmware/get` answered before a -4 is
+    // on its way would bring the failed package back).
+    replay_outbox(&shared, &current).await;
     if !current() {
         return;
     }
@@ -570,6 +602,13 @@ async fn on_connect(shared: Arc<Shared>, ctx: Arc<Ctx>, epoch: u64, session_pres
         .events
         .send(UpstreamEvent::Connected { session_present })
         .await;
+}
+
+/// Send every outbox entry not yet sent on this connection.
+async fn replay_outbox(shared: &Shared, current: &impl Fn() -> bool) {
+    if !current() {
+        return;
+    }
     let entries = match shared.outbox.entries() {
         Ok(e) => e,
         Err(e) => {
@@ -584,8 +623,8 @@ async fn on_connect(shared: Arc<Shared>, ctx: Arc<Ctx>, epoch: u64, session_pres
         if !current() {
             return;
         }
-        // Acknowledged meanwhile (sent by `publish` during this replay)?
-        if !shared.outbox.contains(e.seq) {
+        // Acknowledged meanwhile, or sent by `publish` on this connection?
+        if !shared.outbox.contains(e.seq) || !shared.claim(e.seq) {
             continue;
         }
         if let Err(err) = shared
@@ -598,8 +637,16 @@ async fn on_connect(shared: Arc<Shared>, ctx: Arc<Ctx>, epoch: u64, session_pres
 }
 
 /// A connection error in words an operator can act on.
-fn describe(e: &ConnectionError) -> String {
+fn describe(e: &ConnectionError, max_packet: usize) -> String {
     match e {
+        ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
+        )) => format!(
+            "the broker sent a message of {size} bytes, more than [upstream] max_message_kib \
+             ({} KiB) allows; a retained message on a subscribed topic comes back at every \
+             connect: remove it on the broker, or raise max_message_kib",
+            max_packet >> 10
+        ),
         ConnectionError::ConnectionRefused(code) => {
             let why = match code {
                 ConnectReturnCode::BadUserNamePassword => {

@@ -353,6 +353,82 @@ async fn durable_messages_survive_a_restart_of_the_upstream() {
     eventually("the outbox empties", || up.outbox_len() == 0).await;
 }
 
+/// After a connect the outbox (terminal reports from before) goes out before
+/// the daemon is told `Connected` (and sends informs and `firmware/get`), and
+/// an entry that both a live publish and the replay see is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_goes_out_before_connected_and_each_entry_once() {
+    let mut broker = Mosquitto::start(BrokerOpts {
+        persistence: true,
+        ..BrokerOpts::default()
+    });
+    let mut platform =
+        TestClient::connect(broker.port, "platform-o", None, &["/ota/device/#"], true).await;
+    broker.stop();
+    let (_d, store) = temp_store();
+    let (up, mut events) = Upstream::start(
+        cfg(broker.url(), Auth::None, "gw-o"),
+        gw(),
+        vec![],
+        vec![],
+        &store,
+        CancellationToken::new(),
+    )
+    .unwrap();
+    until_disconnected(&mut events).await;
+    let topic = "/ota/device/progress/a1GwPK/gw-01";
+    let mut expected = Vec::new();
+    for i in 0..20 {
+        let p = format!("old-{i}");
+        up.publish(topic, p.clone(), Delivery::Durable)
+            .await
+            .unwrap();
+        expected.push(p);
+    }
+    broker.spawn();
+    // Durable publishes racing the connect and its replay.
+    let mut i = 0;
+    loop {
+        let p = format!("live-{i}");
+        up.publish(topic, p.clone(), Delivery::Durable)
+            .await
+            .unwrap();
+        expected.push(p);
+        i += 1;
+        match tokio::time::timeout(Duration::from_millis(2), events.recv()).await {
+            Ok(Some(UpstreamEvent::Connected { .. })) => break,
+            Ok(Some(_)) | Err(_) => {}
+            Ok(None) => panic!("upstream stopped"),
+        }
+    }
+    // What the daemon sends on `Connected` comes after the whole outbox.
+    up.publish(topic, "after-connected", Delivery::BestEffort)
+        .await
+        .unwrap();
+    up.publish(topic, "end", Delivery::Durable).await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        let (_, p) = platform.next_msg().await;
+        let p = String::from_utf8(p.to_vec()).unwrap();
+        if p == "end" {
+            break;
+        }
+        got.push(p);
+    }
+    assert_eq!(
+        got.last().map(String::as_str),
+        Some("after-connected"),
+        "{got:?}"
+    );
+    got.pop();
+    let mut sorted = got.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), got.len(), "an entry was sent twice: {got:?}");
+    expected.sort();
+    assert_eq!(sorted, expected);
+}
+
 #[tokio::test]
 async fn aliyun_mode_adds_and_logs_in_the_leaves_with_valid_signatures() {
     let broker = Mosquitto::start(BrokerOpts::default());

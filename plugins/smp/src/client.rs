@@ -224,7 +224,13 @@ impl<'p, P: Port> Client<'p, P> {
             Ok(v) => {
                 let size = v.get("buf_size").and_then(Value::as_u64);
                 let count = v.get("buf_count").and_then(Value::as_u64).unwrap_or(1);
-                Ok(size.map(|s| (s.min(u64::from(u32::MAX)) as u32, count as u32)))
+                let count = u32::try_from(count).map_err(|_| {
+                    Error::Transfer(format!(
+                        "MCUmgr parameters: buf_count {count} is out of range"
+                    ))
+                })?;
+                // A buffer larger than 4 GiB is as good as 4 GiB: saturate.
+                Ok(size.map(|s| (u32::try_from(s).unwrap_or(u32::MAX), count)))
             }
             Err(Error::Device(m) | Error::Timeout(m)) => {
                 self.log(Level::Info, &format!("{m}; assuming the default buffer"));
@@ -385,13 +391,21 @@ fn parse_slots(name: &str, v: &Value) -> Result<Vec<Slot>, Error> {
     let flag = |e: &Value, k: &str| e.get(k).and_then(Value::as_bool).unwrap_or(false);
     let mut out = Vec::new();
     for e in images {
+        let number = |k: &str, v: u64| {
+            u32::try_from(v).map_err(|_| {
+                Error::Transfer(format!(
+                    "{name}: an image entry's `{k}` {v} is out of range"
+                ))
+            })
+        };
         out.push(Slot {
-            image: e.get("image").and_then(Value::as_u64).unwrap_or(0) as u32,
-            slot: e
-                .get("slot")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| Error::Transfer(format!("{name}: an image entry has no `slot`")))?
-                as u32,
+            image: number("image", e.get("image").and_then(Value::as_u64).unwrap_or(0))?,
+            slot: number(
+                "slot",
+                e.get("slot").and_then(Value::as_u64).ok_or_else(|| {
+                    Error::Transfer(format!("{name}: an image entry has no `slot`"))
+                })?,
+            )?,
             version: e
                 .get("version")
                 .and_then(Value::as_text)
@@ -417,4 +431,32 @@ pub fn find_slot(slots: &[Slot], image: u32, slot: u32) -> Option<&Slot> {
     let mut it = slots.iter().filter(|s| s.image == image && s.slot == slot);
     let all: Vec<&Slot> = it.by_ref().collect();
     all.iter().find(|s| s.active).or(all.first()).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(slot: i128) -> Value {
+        Value::Map(vec![
+            (Value::Text("slot".into()), Value::Int(slot)),
+            (Value::Text("version".into()), Value::Text("1.2.3".into())),
+        ])
+    }
+
+    fn state(entries: Vec<Value>) -> Value {
+        Value::Map(vec![(Value::Text("images".into()), Value::Array(entries))])
+    }
+
+    #[test]
+    fn slot_numbers_from_the_device_are_checked_not_truncated() {
+        let ok = parse_slots("state", &state(vec![entry(1)])).unwrap();
+        assert_eq!((ok[0].image, ok[0].slot), (0, 1));
+        // 2^32 + 1 would have become slot 1 with `as u32`.
+        let err = parse_slots("state", &state(vec![entry((1 << 32) + 1)])).unwrap_err();
+        assert_eq!(
+            err,
+            Error::Transfer("state: an image entry's `slot` 4294967297 is out of range".into())
+        );
+    }
 }

@@ -181,8 +181,9 @@ const STALE_WAIT_MAX_MS: u64 = 20_000;
 ///
 /// A receiver still inside an earlier, interrupted session (the gateway
 /// restarted mid-transfer, a technician pulled a cable) cancels our first
-/// block as out of sequence. Then, once, wait for the line to go quiet and
-/// start over from the enter-bootloader command.
+/// block as out of sequence, or aborts its old session (CAN CAN) while we
+/// wait for its start character. Then, once, wait for the line to go quiet
+/// and start over from the enter-bootloader command.
 pub fn flash<P: Port, S: Source>(
     port: &mut P,
     image: &mut S,
@@ -592,6 +593,11 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
                     can = false;
                 }
                 CAN if can => {
+                    // Before our first block, a cancel can only end a session
+                    // we are not in: a receiver still inside an interrupted
+                    // transfer (the gateway restarted) aborting it while we
+                    // re-sent the enter command. `flash` starts over once.
+                    self.cancelled_at_start = !self.started;
                     return Err(Error::Transfer(format!(
                         "{phase}: the receiver cancelled the transfer (CAN CAN)"
                     )));

@@ -792,12 +792,31 @@ fn receiver_cancel_mid_transfer() {
 }
 
 #[test]
-fn receiver_cancel_during_handshake() {
-    let mut port = ScriptPort::new(vec![(100, vec![CAN, CAN])]);
-    let err = flash(&mut port, &mut Img::new(10), &xmodem()).unwrap_err();
-    assert_eq!(
-        err,
-        Error::Transfer("handshake: the receiver cancelled the transfer (CAN CAN)".into())
+fn receiver_cancel_during_handshake_starts_over_once() {
+    // A stale receiver aborts its old session while we wait for 'C'; the
+    // second start sees the 'C' of its new session and sends block 1 (this
+    // script never acknowledges it).
+    let mut port = ScriptPort::new(vec![(100, vec![CAN, CAN]), (4_000, vec![CRC_C])]);
+    let err = flash(&mut port, &mut Img::new(10), &xmodem())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with(
+            "transfer: handshake: the receiver cancelled the transfer (CAN CAN); starting over \
+             failed too: timeout: transfer: block 1"
+        ),
+        "{err}"
+    );
+    assert_eq!(port.written.first(), Some(&SOH), "block 1 went out");
+
+    // A receiver that keeps cancelling is not retried a second time.
+    let mut port = ScriptPort::new(vec![(100, vec![CAN, CAN]), (4_000, vec![CAN, CAN])]);
+    let err = flash(&mut port, &mut Img::new(10), &xmodem())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.ends_with("starting over failed too: transfer: handshake: the receiver cancelled the transfer (CAN CAN)"),
+        "{err}"
     );
     assert!(port.written.is_empty());
 }
