@@ -36,6 +36,9 @@ pub enum Fault {
     StallAfter(usize),
     /// Ignore Range headers (always 200 with the whole file).
     NoRanges,
+    /// Serve the body at about this many bytes a second, in small pieces
+    /// (a slow server, so a client can be interrupted mid-download).
+    Throttle(u64),
 }
 
 #[derive(Default)]
@@ -43,6 +46,8 @@ struct Inner {
     files: HashMap<String, Bytes>,
     faults: HashMap<String, Fault>,
     log: Vec<Request>,
+    /// Body bytes handed to the connection, per path.
+    served: HashMap<String, u64>,
 }
 
 /// The running server.
@@ -106,6 +111,14 @@ impl FileServer {
             .filter(|r| r.path == name)
             .cloned()
             .collect()
+    }
+
+    /// Body bytes of `/{name}` handed to connections so far, over every
+    /// request: what clients fetched, counted in pieces of at most 16 KiB as
+    /// the connection takes them (a client that goes away mid-body is
+    /// counted up to the piece in flight).
+    pub fn bytes_served(&self, name: &str) -> u64 {
+        self.lock().served.get(name).copied().unwrap_or(0)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -197,7 +210,10 @@ async fn serve(
             let part = body.slice(..n.min(full_len));
             Body::from_stream(futures_once(part, true))
         }
-        _ => Body::from(body),
+        Some(Fault::Throttle(rate)) => {
+            Body::from_stream(counted(body, Some(rate), inner.clone(), path.clone()))
+        }
+        _ => Body::from_stream(counted(body, None, inner.clone(), path.clone())),
     };
     let mut resp = Response::builder()
         .status(status)
@@ -226,4 +242,39 @@ fn futures_once(
         ))]))
         .boxed()
     }
+}
+
+/// Piece size of a counted body.
+const PIECE: usize = 16 * 1024;
+
+/// `body` in pieces of [`PIECE`] bytes, each added to the path's served count
+/// when the connection asks for it; with `rate`, piece k is not handed out
+/// before k pieces' worth of time at `rate` bytes a second has passed.
+fn counted(
+    body: Bytes,
+    rate: Option<u64>,
+    inner: Arc<Mutex<Inner>>,
+    path: String,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    let start = tokio::time::Instant::now();
+    futures_util::stream::unfold(0usize, move |at| {
+        let (body, inner, path) = (body.clone(), inner.clone(), path.clone());
+        async move {
+            if at >= body.len() {
+                return None;
+            }
+            if let Some(rate) = rate.filter(|r| *r > 0) {
+                let due = std::time::Duration::from_secs_f64(at as f64 / rate as f64);
+                tokio::time::sleep_until(start + due).await;
+            }
+            let piece = body.slice(at..(at + PIECE).min(body.len()));
+            *inner
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .served
+                .entry(path)
+                .or_default() += piece.len() as u64;
+            Some((Ok(piece), at + PIECE))
+        }
+    })
 }
