@@ -97,6 +97,9 @@ pub(crate) struct Core {
     pub permits: Arc<Semaphore>,
     /// One lock per physical link (`Leaf::link_key`): one job per bus.
     links: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Leaves being asked for their version (unknown to the journal), so a
+    /// reconnect does not ask twice.
+    identifying: Mutex<std::collections::HashSet<JobKey>>,
     /// Message ids of what the daemon publishes (seeded with the clock).
     next_id: AtomicU64,
     /// Every task the daemon spawns, waited for at shutdown.
@@ -264,16 +267,34 @@ impl Core {
         }
     }
 
+    /// Inform `leaf`'s version upstream (best effort: every connect informs
+    /// again).
+    async fn inform(&self, leaf: &Leaf, version: String) {
+        let inform = Inform::new(self.next_id(), version, leaf.module.clone());
+        self.publish(
+            &topics::inform(&leaf.id.product_key, &leaf.id.device_name),
+            inform.payload(),
+            Delivery::BestEffort,
+        )
+        .await;
+    }
+
     async fn on_connected(self: &Arc<Self>) {
         for leaf in self.devices.all() {
-            let v = self.table.version(leaf);
-            let inform = Inform::new(self.next_id(), v, leaf.module.clone());
-            self.publish(
-                &topics::inform(&leaf.id.product_key, &leaf.id.device_name),
-                inform.payload(),
-                Delivery::BestEffort,
-            )
-            .await;
+            let key = (leaf.id.clone(), leaf.module.clone());
+            match self.table.known_version(leaf) {
+                Some(v) => self.inform(leaf, v).await,
+                // A job under way reports the version it reads back.
+                None if self.table.busy(&key) => {}
+                // Never inform a guess: ask the leaf first (a new or rebuilt
+                // store does not know what it runs).
+                None => {
+                    if lock(&self.identifying).insert(key.clone()) {
+                        self.tasks
+                            .spawn(runner::identify_unknown(self.clone(), leaf.clone()));
+                    }
+                }
+            }
         }
         for p in self.plugins.families() {
             let inform = Inform::new(
@@ -530,6 +551,7 @@ impl Gateway {
             },
             permits: Arc::new(Semaphore::new(cfg.jobs.max_parallel)),
             links: Mutex::new(HashMap::new()),
+            identifying: Mutex::new(Default::default()),
             next_id,
             tasks: TaskTracker::new(),
             shutdown,

@@ -483,3 +483,63 @@ impl Ctx {
         }
     }
 }
+
+/// Ask a leaf whose version the journal does not know (a new or rebuilt store)
+/// what it runs, then record and inform it. A family that cannot read a
+/// version informs the configured one; a leaf that does not answer is not
+/// informed (the next connect asks again): the platform is never told a guess.
+pub(super) async fn identify_unknown(core: Arc<Core>, leaf: Leaf) {
+    let key = (leaf.id.clone(), leaf.module.clone());
+    let read = read_version(&core, &leaf).await;
+    super::lock(&core.identifying).remove(&key);
+    let (device, module) = (&leaf.id, &leaf.module);
+    match read {
+        None => {}
+        Some(Ok(version)) => {
+            tracing::info!(%device, %module, %version, "version read from the leaf (unknown to the journal)");
+            if let Err(e) = core.table.record_version(&leaf, &version).await {
+                tracing::error!(%device, "{e}");
+            }
+            core.inform(&leaf, version).await;
+        }
+        Some(Err(PluginError::Failed {
+            error: FlashError::Unsupported(_),
+            ..
+        })) => {
+            let version = leaf.configured_version.clone();
+            tracing::info!(%device, %module, %version, "the family cannot read a version: informing the configured one");
+            core.inform(&leaf, version).await;
+        }
+        Some(Err(e)) => tracing::warn!(
+            %device, %module,
+            "cannot read the leaf's version ({e}); not informing it until it can be read (at the next connect)"
+        ),
+    }
+}
+
+/// Identify `leaf` holding its link and a slot; `None` on shutdown.
+async fn read_version(core: &Core, leaf: &Leaf) -> Option<Result<String, PluginError>> {
+    let stop = core.shutdown.clone();
+    let link_lock = core.link_lock(leaf);
+    let _link_guard = tokio::select! {
+        _ = stop.cancelled() => return None,
+        g = link_lock.lock_owned() => g,
+    };
+    let _permit = tokio::select! {
+        _ = stop.cancelled() => return None,
+        p = core.permits.clone().acquire_owned() => p.ok()?,
+    };
+    let work = async {
+        let link = Link::open(&leaf.link).await?;
+        let mut session = core.plugins.session(&leaf.family, None).await?;
+        session
+            .identify(link, &leaf.options)
+            .await
+            .1
+            .map(|d| d.version)
+    };
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        r = work => Some(r),
+    }
+}

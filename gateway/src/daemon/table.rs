@@ -391,14 +391,28 @@ impl JobTable {
     /// The version `leaf` runs as far as the gateway knows: the last one a job
     /// read back (or trusted), else the configured one.
     pub fn version(&self, leaf: &Leaf) -> String {
+        self.known_version(leaf)
+            .unwrap_or_else(|| leaf.configured_version.clone())
+    }
+
+    /// The version the journal knows `leaf` runs (read back from it), if any.
+    /// `None` on a new or rebuilt store: the configured version is only the
+    /// operator's word, and the leaf must be asked before it is informed.
+    pub fn known_version(&self, leaf: &Leaf) -> Option<String> {
         match self.journal.version(&leaf.id, &leaf.module) {
-            Ok(Some(v)) => v,
-            Ok(None) => leaf.configured_version.clone(),
+            Ok(v) => v,
             Err(e) => {
-                tracing::warn!(device = %leaf.id, module = %leaf.module, "{e}; using the configured version");
-                leaf.configured_version.clone()
+                tracing::warn!(device = %leaf.id, module = %leaf.module, "{e}");
+                None
             }
         }
+    }
+
+    /// Remember the version read back from `leaf` outside a job.
+    pub async fn record_version(&self, leaf: &Leaf, version: &str) -> Result<(), JournalError> {
+        self.journal
+            .set_version(&leaf.id, &leaf.module, version)
+            .await
     }
 
     /// A copy of every job, for the status API and the summary.

@@ -69,6 +69,7 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
         },
         permits: Arc::new(Semaphore::new(4)),
         links: Mutex::new(HashMap::new()),
+        identifying: Mutex::new(Default::default()),
         next_id: AtomicU64::new(1),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
@@ -274,13 +275,9 @@ async fn on_connect_informs_the_journal_version_and_asks_only_for_idle_leaves() 
             )
         })
         .collect();
-    assert_eq!(
-        informs,
-        [
-            (topics::inform("pk", "a"), "2.0".to_string()),
-            (topics::inform("pk", "b"), "1.0.0".to_string()),
-        ]
-    );
+    // b's version is unknown to the journal and b is busy: its job reports
+    // the version it reads back; nothing is informed for it now.
+    assert_eq!(informs, [(topics::inform("pk", "a"), "2.0".to_string())]);
     let gets: Vec<&str> = sent
         .iter()
         .filter(|s| s.topic.ends_with("/thing/ota/firmware/get"))
@@ -325,4 +322,30 @@ async fn an_unreported_end_is_published_again_with_the_same_messages_once() {
     // Marked: a second start publishes nothing.
     f.core.ensure_reported(&key).await;
     assert!(f.sent.take().is_empty());
+}
+
+/// A leaf whose version the journal does not know (a new or rebuilt store) is
+/// asked before it is informed; one that cannot be asked is not informed at
+/// all: the configured version is only the operator's word.
+#[tokio::test]
+async fn a_leaf_of_unknown_version_is_not_informed_a_guess() {
+    let f = fixture(&[device("new")]).await;
+    f.core.on_connected().await;
+    settle(&f.core).await;
+    let sent = f.sent.take();
+    assert!(
+        !sent
+            .iter()
+            .any(|s| s.topic.starts_with("/ota/device/inform/")),
+        "no plugin, no link: nothing may be informed: {sent:?}"
+    );
+    // It is idle: asked for pending packages all the same.
+    assert!(
+        sent.iter()
+            .any(|s| s.topic == topics::firmware_get("pk", "new"))
+    );
+    assert!(
+        lock(&f.core.identifying).is_empty(),
+        "asked again next time"
+    );
 }

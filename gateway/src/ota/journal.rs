@@ -208,6 +208,27 @@ impl Journal {
         Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
+    /// Remember (durably) the version `leaf`/`module` reported outside a job
+    /// (read back at start because the journal did not know it).
+    pub async fn set_version(
+        &self,
+        leaf: &DeviceId,
+        module: &str,
+        version: &str,
+    ) -> Result<(), JournalError> {
+        let name = || label(leaf, module);
+        self.versions
+            .insert(key(leaf, module), version.as_bytes())
+            .map_err(Self::store_error("write the version of", name()))?;
+        crate::store::flush_tree(&self.versions)
+            .await
+            .map(|_| ())
+            .map_err(|source| JournalError::Flush {
+                key: name(),
+                source,
+            })
+    }
+
     /// Whether the reports of terminal `record` are known to be in the outbox.
     pub fn is_reported(&self, record: &JobRecord) -> Result<bool, JournalError> {
         let name = label(&record.leaf, &record.module);
