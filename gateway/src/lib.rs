@@ -27,6 +27,8 @@
 //!   verified download per image, LRU eviction that spares images in use.
 //! - [`upstream`]: the MQTT session to the cloud: auth modes, TLS, reconnects,
 //!   subscriptions, the aliyun sub-device handshake, the durable outbox.
+//! - `fuzzing` (hidden): what one input of the notice and config fuzz targets
+//!   in `fuzz/` does, shared with the tests that replay their corpus.
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -37,6 +39,8 @@ pub mod config;
 pub mod daemon;
 pub mod devices;
 pub mod flash;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod link;
 pub mod ota;
 pub mod plugin;

@@ -4,10 +4,18 @@
 //! every family. Plain Rust, no bindings: families convert [`OptionError`]
 //! into their own error type.
 //!
+//! Also, natively only and hidden from the docs: `fuzzing`, the scripted
+//! device link the fuzz targets in `fuzz/` drive the families' protocol code
+//! with, and the replay of their corpus as tests.
+//!
 //! Not here (yet): the wasm glue each family repeats in its `guest.rs`
 //! (see ARCHITECTURE.md, "a plugin SDK crate").
 
 use std::fmt;
+
+#[cfg(not(target_arch = "wasm32"))]
+#[doc(hidden)]
+pub mod fuzzing;
 
 /// A device option with a value the family cannot use. The message names the
 /// option, its value (shortened) and why, e.g.

@@ -24,12 +24,17 @@
 //! - [`flash`](mod@flash): upload, resume, test, reset, confirm.
 //! - [`identify`](mod@identify): running version and model.
 //! - [`error`]: [`Error`] and [`LinkFault`].
+//! - `fuzzing` (hidden, not for wasm): what one input of each SMP fuzz
+//!   target in `fuzz/` does, shared with the tests that replay its corpus.
 //! - `guest` (wasm32 only): the WIT bindings and the adapters from the host's
 //!   `link` / `image` resources to [`Port`] / [`Source`].
 
 pub mod client;
 pub mod error;
 pub mod flash;
+#[cfg(not(target_arch = "wasm32"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identify;
 pub mod keys;
 pub mod mcuboot;

@@ -20,12 +20,17 @@
 //! - [`protocol`]: AN3155 framing, commands, sync, retries.
 //! - [`flash`](mod@flash): `verify`, `flash` and `identify`.
 //! - [`error`]: [`Error`] and [`LinkFault`].
+//! - `fuzzing` (hidden, not for wasm): what one input of the `stm32_session`
+//!   fuzz target in `fuzz/` does, shared with the test that replays its corpus.
 //! - `testing` (tests only): a simulated bootloader on a virtual clock.
 //! - `guest` (wasm32 only): the WIT bindings and the adapters from the host's
 //!   `link` / `image` resources to [`Port`] / [`Source`].
 
 pub mod error;
 pub mod flash;
+#[cfg(not(target_arch = "wasm32"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod options;
 pub mod parts;
 pub mod port;

@@ -18,10 +18,15 @@
 //! - [`verify`](mod@verify): pre-flight checks of the image.
 //! - [`version`]: `identify` through a version command.
 //! - [`error`]: [`Error`] and [`LinkFault`].
+//! - `fuzzing` (hidden, not for wasm): what one input of the `xmodem_session`
+//!   fuzz target in `fuzz/` does, shared with the test that replays its corpus.
 //! - `guest` (wasm32 only): the WIT bindings and the adapters from the host's
 //!   `link` / `image` resources to [`Port`] / [`Source`].
 
 pub mod error;
+#[cfg(not(target_arch = "wasm32"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod options;
 pub mod port;
 pub mod sender;

@@ -1,0 +1,6 @@
+// The TOML configuration (gateway/src/fuzzing.rs).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    otagw::fuzzing::config(data);
+});

@@ -1,0 +1,6 @@
+// CBOR bodies of SMP answers (plugins/smp/src/fuzzing.rs).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    otagw_plugin_smp::fuzzing::cbor(data);
+});
