@@ -60,14 +60,44 @@ pub struct Report {
 }
 
 /// Counters of one upload.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Upload {
-    /// Bytes the device accepted.
-    acked: u64,
+    /// The image ranges `[start, end)` the device confirmed receiving from
+    /// this call's requests, sorted and disjoint: a byte sent again after the
+    /// device rewound (a reset lost its session) counts once, and bytes the
+    /// device says it had before (a jump forward) do not count.
+    accepted: Vec<(u64, u64)>,
     /// Data bytes put into requests (retries and the resume probe included).
     wire: u64,
     resyncs: u32,
     resumed_from: Option<u64>,
+}
+
+impl Upload {
+    /// The device confirmed `[start, end)` of the data this call sent.
+    fn accept(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut s, mut e) = (start, end);
+        // Merge every range that touches [s, e) into it (they are sorted, so
+        // a range that comes to touch it as it grows is merged too).
+        self.accepted.retain(|&(a, b)| {
+            if b < s || a > e {
+                return true;
+            }
+            s = s.min(a);
+            e = e.max(b);
+            false
+        });
+        let at = self.accepted.partition_point(|&(a, _)| a < s);
+        self.accepted.insert(at, (s, e));
+    }
+
+    /// Image bytes the device accepted during this call, each counted once.
+    fn acked(&self) -> u64 {
+        self.accepted.iter().map(|(a, b)| b - a).sum()
+    }
 }
 
 /// Flash `src` to the device behind `port`.
@@ -137,12 +167,13 @@ pub fn flash<P: Port, S: Source>(port: &mut P, src: &mut S, s: &Settings) -> Res
         .map(|o| format!(", resumed at offset {o}"))
         .unwrap_or_default();
     Ok(Report {
-        bytes_sent: up.acked,
+        bytes_sent: up.acked(),
         retries,
         resumed_from: up.resumed_from,
         summary: format!(
             "image {new_ver} uploaded ({} bytes accepted, {} data bytes sent{resumed}, {retries} retries), tested, booted and confirmed",
-            up.acked, up.wire
+            up.acked(),
+            up.wire
         ),
     })
 }
@@ -286,7 +317,7 @@ fn upload<P: Port, S: Source>(
             )));
         }
         if next == off + n as u64 {
-            up.acked += n as u64;
+            up.accept(off, next);
             stalls = 0;
         } else if off == 0 && next > n as u64 {
             up.resumed_from = Some(next);
@@ -303,7 +334,8 @@ fn upload<P: Port, S: Source>(
                 &format!("image upload: sent offset {off}, the device expects offset {next}: continuing from there"),
             );
             if next > off {
-                up.acked += next - off;
+                // Part of the chunk, or all of it and more the device had.
+                up.accept(off, next.min(off + n as u64));
                 stalls = 0;
             } else if next == off {
                 stalls += 1;

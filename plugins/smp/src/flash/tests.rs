@@ -247,6 +247,24 @@ fn a_device_reset_mid_upload_starts_over_from_the_offset_it_reports() {
     );
     assert!(r.retries >= 1);
     assert_eq!(sim.resets, 2);
+    // Bytes the device took twice (before and after its reset) count once
+    // (found by fuzz/ `smp_session`: the report claimed more than the image).
+    assert_eq!(r.bytes_sent, bytes.len() as u64);
+}
+
+#[test]
+fn accepted_bytes_count_each_image_byte_once() {
+    let mut up = Upload::default();
+    up.accept(0, 128);
+    up.accept(10, 138); // after a rewind to 10
+    up.accept(1000, 1128); // after a jump forward
+    up.accept(138, 138);
+    assert_eq!(up.accepted, vec![(0, 138), (1000, 1128)]);
+    up.accept(200, 1000); // fills the gap, touching both sides
+    assert_eq!(up.accepted, vec![(0, 138), (200, 1128)]);
+    up.accept(100, 300);
+    assert_eq!(up.accepted, vec![(0, 1128)]);
+    assert_eq!(up.acked(), 1128);
 }
 
 #[test]
