@@ -30,6 +30,9 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 
 export RUSTC_BOOTSTRAP=1
+# The fuzz crate builds into fuzz/target (its own workspace), never into a
+# shared target directory with other flags.
+unset CARGO_TARGET_DIR
 nice_cmd=(nice -n "${FUZZ_NICE:-19}")
 flags=(--sanitizer "${FUZZ_SANITIZER:-none}" --debug-assertions)
 

@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! cargo bench -p otagw-e2e --bench campaign -- [--seed N] [--kills N] [--leaves N] [--quick]
-//! cargo test  -p otagw-e2e --bench campaign -- --quick   # the CI form: a debug build, no release wasmtime
+//! cargo test  -p otagw-e2e --bench campaign   # the quick form, a debug build; also run by `cargo test --workspace`
 //! ```
 //!
 //! Exit status 0 when every invariant held, 1 when one broke (each is printed,
@@ -114,15 +114,29 @@ struct Opts {
     quick: bool,
 }
 
-const USAGE: &str = "usage: campaign [--seed N] [--kills N] [--leaves N] [--quick]";
+const USAGE: &str = "usage: campaign [--seed N] [--kills N] [--leaves N] [--quick | --full]";
 
-fn parse_args() -> Result<Opts, String> {
+/// What the command line asks for: a run, or nothing (a `cargo test` filter
+/// that does not name the campaign).
+enum Ask {
+    Run(Opts),
+    Skip,
+}
+
+/// `cargo bench` passes `--bench`: a full run unless `--quick`. `cargo test`
+/// (the test command, `cargo test --workspace`, runs this target too) passes
+/// no `--bench`: a quick run unless `--full`; there, libtest's own flags are
+/// ignored and a filter that "campaign" does not contain skips the run, as a
+/// test filter would.
+fn parse_args() -> Result<Ask, String> {
     let mut o = Opts {
         seed: 1,
         kills: None,
         leaves: None,
         quick: false,
     };
+    let (mut bench, mut full) = (false, false);
+    let mut filters: Vec<String> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut number = |name: &str| -> Result<u64, String> {
@@ -135,16 +149,46 @@ fn parse_args() -> Result<Opts, String> {
             "--kills" => o.kills = Some(number("--kills")? as usize),
             "--leaves" => o.leaves = Some(number("--leaves")? as usize),
             "--quick" => o.quick = true,
+            "--full" => full = true,
             // What `cargo bench` passes to a custom main.
-            "--bench" => {}
+            "--bench" => bench = true,
             "-h" | "--help" => return Err(USAGE.to_string()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            // libtest's flags that take a value, as `cargo test -- …` may pass
+            // them to every test binary.
+            "--test-threads" | "--skip" | "--color" | "--format" | "--logfile"
+            | "--shuffle-seed" | "-Z" => {
+                args.next();
+            }
+            other => filters.push(other.to_string()),
         }
+    }
+    if bench {
+        if let Some(f) = filters.first() {
+            return Err(format!("unknown argument {f:?}\n{USAGE}"));
+        }
+    } else {
+        // Under `cargo test`: honour its filters and `--list`/`--ignored`
+        // (the campaign is one test, not ignored), ignore its other flags.
+        if filters.iter().any(|f| f == "--list") {
+            println!("campaign: test");
+            return Ok(Ask::Skip);
+        }
+        if filters.iter().any(|f| f == "--ignored") {
+            return Ok(Ask::Skip);
+        }
+        let names: Vec<&String> = filters.iter().filter(|f| !f.starts_with('-')).collect();
+        if !names.is_empty() && !names.iter().any(|f| "campaign".contains(f.as_str())) {
+            return Ok(Ask::Skip);
+        }
+        o.quick = !full;
+    }
+    if o.quick && full {
+        return Err(format!("--quick and --full exclude each other\n{USAGE}"));
     }
     if o.leaves.is_some_and(|n| n < 2) {
         return Err("--leaves: at least 2 (a scenario needs a victim and others)".into());
     }
-    Ok(o)
+    Ok(Ask::Run(o))
 }
 
 /// The shape of a run (full or quick).
@@ -200,7 +244,7 @@ impl Params {
             Params {
                 leaves: 20,
                 kills: 50,
-                kills_per_round: 4,
+                kills_per_round: 3,
                 image_sizes: [640 << 10, 1536 << 10],
                 line_rate: 2_000_000,
                 download_rate: 512 << 10,
@@ -483,10 +527,15 @@ impl Tracker {
             .all(|n| n.terminal.is_some())
     }
 
-    fn all_informed_since(&self, idx: usize) -> bool {
+    /// Every leaf informed after record index `idx`, except those in
+    /// `exempt` (a leaf whose link is gone: a gateway that no longer knows its
+    /// version, after a store rebuild, cannot read it back and must not
+    /// guess it; when it does inform it, `check_informs` checks the version).
+    fn all_informed_since(&self, idx: usize, exempt: &[bool]) -> bool {
         self.last_inform_idx
             .iter()
-            .all(|i| i.is_some_and(|i| i >= idx))
+            .zip(exempt)
+            .all(|(i, ex)| *ex || i.is_some_and(|i| i >= idx))
     }
 
     fn first_inform_since(&self, leaf: usize, idx: usize) -> Option<&str> {
@@ -967,7 +1016,7 @@ impl Campaign {
         let deadline = t0 + UP_LIMIT;
         loop {
             self.t.pump(&self.probe);
-            if self.t.all_informed_since(idx) {
+            if self.t.all_informed_since(idx, &self.linkless()) {
                 break;
             }
             if let Some(gw) = self.gw.as_mut()
@@ -1003,6 +1052,11 @@ impl Campaign {
         for (l, _) in settled.iter().enumerate().filter(|(_, s)| **s) {
             let runs = self.leaves[l].version();
             let said = self.t.first_inform_since(l, idx).map(str::to_string);
+            if said.is_none() && self.leaves[l].sim.is_none() {
+                // Its link is gone: not informing it is right when the
+                // gateway cannot know its version (see `all_informed_since`).
+                continue;
+            }
             if said.as_deref() != Some(runs.as_str()) {
                 self.violation(
                     Kind::StaleInform,
@@ -1014,6 +1068,11 @@ impl Campaign {
                 );
             }
         }
+    }
+
+    /// The leaves whose link is gone (their simulator shut down).
+    fn linkless(&self) -> Vec<bool> {
+        self.leaves.iter().map(|l| l.sim.is_none()).collect()
     }
 
     fn settled_now(&mut self) -> Vec<bool> {
@@ -1212,7 +1271,7 @@ impl Campaign {
         let Some(gw) = self.gw.take() else {
             return Ok(());
         };
-        let stage = if self.t.all_informed_since(idx) {
+        let stage = if self.t.all_informed_since(idx, &self.linkless()) {
             "connected and informed"
         } else if gw.api().is_some() {
             "API bound, not yet informed"
@@ -1376,7 +1435,7 @@ impl Campaign {
         let deadline = Instant::now() + UP_LIMIT;
         loop {
             self.t.pump(&self.probe);
-            if self.t.all_informed_since(idx) {
+            if self.t.all_informed_since(idx, &self.linkless()) {
                 self.check_informs(idx, &settled, "reconnect after the broker restart");
                 return Ok(());
             }
@@ -1748,14 +1807,20 @@ impl Campaign {
                     self.violation(
                         Kind::UnprovenSuccess,
                         Some(l),
-                        format!("step 100 for {} without an inform of it", img.version),
+                        format!(
+                            "step 100 ({desc:?}) for the notice of {} without an inform of it",
+                            img.version
+                        ),
                     );
                 }
                 if runs != img.version {
                     self.violation(
                         Kind::UnprovenSuccess,
                         Some(l),
-                        format!("step 100 for {} but the leaf runs {runs}", img.version),
+                        format!(
+                            "step 100 ({desc:?}) for the notice of {} but the leaf runs {runs}",
+                            img.version
+                        ),
                     );
                 }
                 if !holds {
@@ -1763,7 +1828,8 @@ impl Campaign {
                         Kind::UnprovenSuccess,
                         Some(l),
                         format!(
-                            "step 100 for {} but the leaf does not hold exactly that image",
+                            "step 100 ({desc:?}) for the notice of {} but the leaf does not \
+                             hold exactly that image",
                             img.version
                         ),
                     );
@@ -1885,6 +1951,8 @@ impl Campaign {
         }
         // (notice) -> id -> (payloads seen, first index)
         let mut terminals: HashMap<usize, Terminals> = HashMap::new();
+        // Notice -> (progress messages after its terminal report, the first).
+        let mut after_end: BTreeMap<usize, (usize, String)> = BTreeMap::new();
         let mut found: Vec<(Kind, Option<usize>, usize, String)> = Vec::new();
         for (idx, m) in messages.iter().enumerate() {
             let Some(rest) = m.topic.strip_prefix("/ota/device/progress/") else {
@@ -1940,14 +2008,22 @@ impl Campaign {
             } else if let Some(first) = ts.values().map(|(_, i)| *i).min()
                 && first < idx
             {
-                let round = self.t.notices[owner].round;
-                found.push((
-                    Kind::ProgressAfterEnd,
-                    Some(round),
-                    leaf,
-                    format!("progress after the terminal report of its notice: {v}"),
-                ));
+                let e = after_end.entry(owner).or_insert((0, v.to_string()));
+                e.0 += 1;
             }
+        }
+        for (owner, (n, first)) in &after_end {
+            let notice = &self.t.notices[*owner];
+            found.push((
+                Kind::ProgressAfterEnd,
+                Some(notice.round),
+                notice.leaf,
+                format!(
+                    "{n} progress messages after the terminal report of its notice of {}, \
+                     the first: {first}",
+                    self.images[notice.image].version
+                ),
+            ));
         }
         for (owner, ids) in &terminals {
             let n = &self.t.notices[*owner];
@@ -2015,7 +2091,26 @@ impl Campaign {
                 println!("  VIOLATION [image] {}", v.what);
                 self.violations.push(v);
             }
-            a.images.push((img.version.clone(), size, requests, served));
+            // Where each request started: 0, or the Range it resumed from.
+            let starts: Vec<String> = self
+                .files
+                .requests(&img.name)
+                .iter()
+                .map(|r| {
+                    r.range
+                        .as_deref()
+                        .and_then(|h| h.strip_prefix("bytes="))
+                        .and_then(|h| h.split('-').next())
+                        .unwrap_or("0")
+                        .to_string()
+                })
+                .collect();
+            a.images.push(ImageFigures {
+                version: img.version.clone(),
+                size,
+                starts,
+                served,
+            });
         }
         a
     }
@@ -2051,6 +2146,23 @@ impl Campaign {
         drop(data);
         if keep { base.keep() } else { PathBuf::new() }
     }
+}
+
+/// A failure's `desc` for grouping: paths and numbers blanked, cut short.
+fn reason(desc: &str) -> String {
+    let words: Vec<String> = desc
+        .split_whitespace()
+        .map(|w| {
+            if w.contains("/tmp/") || w.contains("/dev/pts/") {
+                "PATH".to_string()
+            } else {
+                w.chars()
+                    .map(|c| if c.is_ascii_digit() { '#' } else { c })
+                    .collect()
+            }
+        })
+        .collect();
+    words.join(" ").chars().take(100).collect()
 }
 
 /// A failure by the gateway's designed rule: a flash survives one restart.
@@ -2124,13 +2236,21 @@ type Terminals = BTreeMap<String, (Vec<Vec<u8>>, usize)>;
 /// (invariant, round, leaf): how the final list groups violations.
 type ViolationKey = (Kind, Option<usize>, Option<String>);
 
+/// What the HTTP server handed out for one image.
+struct ImageFigures {
+    version: String,
+    size: u64,
+    /// Per request, the byte it started from.
+    starts: Vec<String>,
+    served: u64,
+}
+
 #[derive(Default)]
 struct Analysis {
     terminal_messages: usize,
     terminal_reports: usize,
     duplicates: usize,
-    /// (version, size, requests, bytes served)
-    images: Vec<(String, u64, usize, u64)>,
+    images: Vec<ImageFigures>,
 }
 
 fn print_figures(c: &Campaign, a: &Analysis, wall: Duration, kept: &Path) {
@@ -2139,7 +2259,8 @@ fn print_figures(c: &Campaign, a: &Analysis, wall: Duration, kept: &Path) {
         "## seed {} — {} leaves, {} rounds, {} kills, run time {:.0} s",
         c.seed,
         c.names.len(),
-        c.round,
+        // Rounds started (the last may have been cut short).
+        c.t.notices.iter().map(|n| n.round + 1).max().unwrap_or(0),
         c.kills.len(),
         wall.as_secs_f64()
     );
@@ -2195,6 +2316,7 @@ fn print_figures(c: &Campaign, a: &Analysis, wall: Duration, kept: &Path) {
     println!();
     let mut ok = 0;
     let mut stuck = 0;
+    let mut unjudged = 0;
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut slowest = Duration::ZERO;
     for n in &c.t.notices {
@@ -2209,20 +2331,22 @@ fn print_figures(c: &Campaign, a: &Analysis, wall: Duration, kept: &Path) {
                 } else {
                     String::new()
                 };
-                let short: String = desc
-                    .chars()
-                    .map(|c| if c.is_ascii_digit() { '#' } else { c })
-                    .take(90)
-                    .collect();
-                *reasons.entry(format!("{step} {short} {tag}")).or_default() += 1;
+                *reasons
+                    .entry(format!("{step} {} {tag}", reason(desc)))
+                    .or_default() += 1;
             }
             Some(Outcome::Stuck) => stuck += 1,
-            None => {
-                if let Some((_, step, desc)) = &n.terminal {
-                    let short: String = desc.chars().take(90).collect();
-                    *reasons.entry(format!("{step} {short}")).or_default() += 1;
+            None => match &n.terminal {
+                Some((_, step, desc)) => {
+                    *reasons
+                        .entry(format!(
+                            "{step} {} (not judged: the run stopped)",
+                            reason(desc)
+                        ))
+                        .or_default() += 1;
                 }
-            }
+                None => unjudged += 1,
+            },
         }
     }
     println!("| notices | {} |", c.t.notices.len());
@@ -2232,6 +2356,9 @@ fn print_figures(c: &Campaign, a: &Analysis, wall: Duration, kept: &Path) {
         println!("| failed: {} | {n} |", r.trim());
     }
     println!("| stuck (no end within the bound) | {stuck} |");
+    if unjudged > 0 {
+        println!("| no end yet when the run stopped | {unjudged} |");
+    }
     println!(
         "| terminal reports (distinct ids) / messages / QoS-1 duplicates | {} / {} / {} |",
         a.terminal_reports, a.terminal_messages, a.duplicates
@@ -2241,12 +2368,17 @@ fn print_figures(c: &Campaign, a: &Analysis, wall: Duration, kept: &Path) {
         slowest.as_secs_f64()
     );
     println!();
-    println!("| image | size | requests | bytes served | x size |");
+    println!("| image | size | requests (first byte of each) | bytes served | x size |");
     println!("|---|---|---|---|---|");
-    for (v, size, reqs, served) in &a.images {
+    for i in &a.images {
         println!(
-            "| {v} | {size} | {reqs} | {served} | {:.3} |",
-            *served as f64 / (*size).max(1) as f64
+            "| {} | {} | {} ({}) | {} | {:.3} |",
+            i.version,
+            i.size,
+            i.starts.len(),
+            i.starts.join(", "),
+            i.served,
+            i.served as f64 / i.size.max(1) as f64
         );
     }
     println!();
@@ -2339,7 +2471,8 @@ async fn interrupted() {
 
 fn main() -> ExitCode {
     let o = match parse_args() {
-        Ok(o) => o,
+        Ok(Ask::Run(o)) => o,
+        Ok(Ask::Skip) => return ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);

@@ -18,8 +18,10 @@
 //! - an image is marked `Complete` only after its whole file is synced;
 //! - a removal deletes (and flushes) the meta before the file, so a meta never
 //!   names a file that is gone; a crash in between leaves an orphan file,
-//!   deleted by the next [`Db::open`], which also drops (or cuts back) metas
-//!   whose file is missing or too short.
+//!   handled by the next [`Db::open`]: adopted as a complete image when its
+//!   bytes hash to the digest in its name (also what keeps the images of a
+//!   store rebuilt after damage), else deleted. `open` also drops (or cuts
+//!   back) metas whose file is missing or too short.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
@@ -28,7 +30,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::digest::Digest;
+use super::digest::{Digest, DigestMethod, Hasher};
 use super::error::CacheError;
 use crate::store::Store;
 
@@ -235,9 +237,10 @@ impl Db {
             .map_err(|e| CacheError::Storage(Arc::new(e)))
     }
 
-    /// Make the metas and the files agree after a crash: delete files no meta
-    /// names, drop complete images whose file is missing or short, cut partial
-    /// ones back to the whole chunks their file holds.
+    /// Make the metas and the files agree after a crash: adopt files no meta
+    /// names when their content matches their digest (else delete them), drop
+    /// complete images whose file is missing or short, cut partial ones back
+    /// to the whole chunks their file holds.
     fn reconcile(&self) -> Result<(), CacheError> {
         let all = self.all()?;
         let mut changed = false;
@@ -280,7 +283,27 @@ impl Db {
             if all.iter().any(|(d, _)| *d == digest) {
                 continue;
             }
-            tracing::info!(file = %path.display(), "orphan image file deleted");
+            // A file no meta names: a crash between a removal's two steps, or
+            // a store rebuilt after damage. A file whose bytes hash to the
+            // digest in its name is the whole image: keep it (as the least
+            // recently used), so it is not downloaded again.
+            if let Some(size) = self.hashes_to(&path, &digest)? {
+                tracing::info!(file = %path.display(), %digest, size, "image file with no record adopted: its content matches its digest");
+                let meta = Meta {
+                    size,
+                    chunk_size: super::CHUNK_SIZE as u64,
+                    md5: (digest.method() == DigestMethod::Md5).then(|| digest.hex().to_owned()),
+                    sha256: (digest.method() == DigestMethod::Sha256)
+                        .then(|| digest.hex().to_owned()),
+                    url: String::new(),
+                    state: ImageState::Complete,
+                    last_use: 0,
+                };
+                self.put_meta(&digest, &meta)?;
+                changed = true;
+                continue;
+            }
+            tracing::info!(file = %path.display(), "orphan image file deleted: its content does not match its digest");
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -291,6 +314,30 @@ impl Db {
             self.images.flush().map_err(CacheError::store("flush"))?;
         }
         Ok(())
+    }
+
+    /// The file's length if its whole content hashes to `digest`.
+    fn hashes_to(&self, path: &Path, digest: &Digest) -> Result<Option<u64>, CacheError> {
+        use std::io::Read;
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(file_error("open an image file", path)(e)),
+        };
+        let mut hasher = Hasher::new(digest.method());
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut len = 0u64;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(file_error("read an image file", path)(e)),
+            };
+            hasher.update(&buf[..n]);
+            len += n as u64;
+        }
+        Ok((len > 0 && hasher.finish() == *digest).then_some(len))
     }
 
     /// The directory of the image files.

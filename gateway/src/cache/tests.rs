@@ -1166,3 +1166,58 @@ async fn cache_refuses_an_image_larger_than_the_free_space_before_writing() {
     assert!(fx.cache().image_files().is_empty(), "nothing was written");
     assert!(fx.cache().inner.db.meta(&digest).unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_open_adopts_image_files_whose_content_matches_their_name() {
+    // A store rebuilt after damage (or a crash between a removal's two
+    // steps) leaves image files no meta names. One whose bytes hash to the
+    // digest in its name is the image: it is kept and served without a
+    // download; one whose bytes do not is deleted.
+    let server = Server::start().await;
+    let (a, b) = (image(300_000, 70), image(200_000, 71));
+    let (ua, ub) = (server.add("a", &a), server.add("b", &b));
+    let mut fx = Fixture::new(GB, fast());
+    for (u, i) in [(&ua, &a), (&ub, &b)] {
+        drop(fx.cache().fetch(request(u, i), no_progress).await.unwrap());
+    }
+    let cache = fx.cache().clone();
+    let (pa, pb) = (
+        cache.image_path(&sha256_of(&a)),
+        cache.image_path(&sha256_of(&b)),
+    );
+    fx.cache().shutdown().await;
+    fx.cache = None;
+    drop(cache);
+    // The store is gone (rebuilt empty); B's file lost a byte of content.
+    crate::store::wait_unlocked(&fx.dir.path().join("db"));
+    std::fs::remove_dir_all(fx.dir.path().join("db")).unwrap();
+    {
+        let mut bytes = std::fs::read(&pb).unwrap();
+        bytes[1000] ^= 0xff;
+        std::fs::write(&pb, bytes).unwrap();
+    }
+    fx.cache = Some(open_cache(&fx.dir, GB, fast()));
+
+    assert!(pa.exists(), "the matching file is kept");
+    assert!(
+        !pb.exists(),
+        "the file whose content does not match is deleted"
+    );
+    let listed = fx.cache().list();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].state, ImageState::Complete);
+    assert_eq!(listed[0].size, a.len() as u64);
+
+    let got = fx
+        .cache()
+        .fetch(request(&ua, &a), no_progress)
+        .await
+        .unwrap();
+    assert_eq!(read_all(&got), a);
+    assert_eq!(
+        server.requests().iter().filter(|(n, _)| n == "a").count(),
+        1,
+        "the adopted image is served from the file, not downloaded again: {:?}",
+        server.requests()
+    );
+}
