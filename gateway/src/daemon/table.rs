@@ -380,12 +380,18 @@ impl JobTable {
     }
 
     /// Whether `key`'s job is under way (not ended, not waiting for a fresh
-    /// notice): `firmware/get` for it would only bring its own notice again.
+    /// notice), or ended with its end not yet in the outbox: a `firmware/get`
+    /// now would bring its own notice again (the platform has not seen the
+    /// end, so it still counts the package as pending) and the gateway would
+    /// run a notice that just failed a second time.
     pub fn busy(&self, key: &JobKey) -> bool {
-        self.lock()
-            .jobs
-            .get(key)
-            .is_some_and(|l| !l.record.job.is_terminal() && !l.record.job.awaiting_notice())
+        let Some(record) = self.lock().jobs.get(key).map(|l| l.record.clone()) else {
+            return false;
+        };
+        if !record.job.is_terminal() {
+            return !record.job.awaiting_notice();
+        }
+        !self.journal.is_reported(&record).unwrap_or(false)
     }
 
     /// The version `leaf` runs as far as the gateway knows: the last one a job

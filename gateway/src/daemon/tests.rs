@@ -257,12 +257,26 @@ async fn on_connect_informs_the_journal_version_and_asks_only_for_idle_leaves() 
             7,
         );
         j.put(&r).await.unwrap();
+        j.mark_reported(&r).await.unwrap();
         // leaf-b is in the middle of a download.
         let mut r = JobRecord::new(DeviceId::new("pk", "b"), notice("2.0", 10), 5);
         r.job.on(Event::Start, 6);
         j.put(&r).await.unwrap();
+        // leaf-c's job failed, and the gateway stopped before its -4 was in
+        // the outbox: asking for c's package now would bring the failed
+        // notice back before the platform sees the failure (campaign, seed 1).
+        let mut r = JobRecord::new(DeviceId::new("pk", "c"), notice("2.0", 10), 5);
+        r.job.on(Event::Start, 6);
+        r.job.on(
+            Event::DownloadFailed {
+                desc: "gone".into(),
+            },
+            7,
+        );
+        assert!(r.job.is_terminal());
+        j.put(&r).await.unwrap();
     };
-    let f = fixture_with(&[device("a"), device("b")], prepared).await;
+    let f = fixture_with(&[device("a"), device("b"), device("c")], prepared).await;
     f.core.on_connected().await;
     let sent = f.sent.take();
     let informs: Vec<(String, String)> = sent
@@ -283,7 +297,31 @@ async fn on_connect_informs_the_journal_version_and_asks_only_for_idle_leaves() 
         .filter(|s| s.topic.ends_with("/thing/ota/firmware/get"))
         .map(|s| s.topic.as_str())
         .collect();
-    assert_eq!(gets, [topics::firmware_get("pk", "a")], "b is busy");
+    assert_eq!(
+        gets,
+        [topics::firmware_get("pk", "a")],
+        "b is busy, c's end is not reported yet"
+    );
+    // Once c's end is in the outbox, the next connect asks for it.
+    f.core
+        .ensure_reported(&(DeviceId::new("pk", "c"), "default".to_string()))
+        .await;
+    f.sent.take();
+    f.core.on_connected().await;
+    let gets: Vec<String> = f
+        .sent
+        .take()
+        .into_iter()
+        .filter(|s| s.topic.ends_with("/thing/ota/firmware/get"))
+        .map(|s| s.topic)
+        .collect();
+    assert_eq!(
+        gets,
+        [
+            topics::firmware_get("pk", "a"),
+            topics::firmware_get("pk", "c")
+        ]
+    );
 }
 
 #[tokio::test]
