@@ -82,6 +82,10 @@ pub struct UpstreamConfig {
     /// The largest MQTT message taken from the broker, in KiB.
     #[serde(default = "default_max_message_kib")]
     pub max_message_kib: usize,
+    /// aliyun: a leaf removed from this file is logged out at the next start;
+    /// with this, it is also removed from the gateway's topology.
+    #[serde(default)]
+    pub delete_removed_leaves: bool,
 }
 
 fn default_keep_alive() -> Duration {

@@ -1,5 +1,6 @@
 //! otagw's end-to-end tests: one binary, one harness (`harness.rs`).
 
+mod aliyun;
 mod cli;
 mod daemon;
 mod links;

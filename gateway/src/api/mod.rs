@@ -12,6 +12,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::upstream::presence::PlatformState;
+
 /// One leaf as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStatus {
@@ -30,6 +32,24 @@ pub struct DeviceStatus {
     pub target_version: Option<String>,
     /// Why the last job failed.
     pub last_error: Option<String>,
+    /// Where the leaf stands with the platform (aliyun mode only: a plain
+    /// broker needs no topology or login).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<DevicePlatform>,
+}
+
+/// A leaf's sub-device state at the platform.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicePlatform {
+    /// not_in_topology, adding, in_topology, logging_in, online.
+    pub state: PlatformState,
+    /// The last refusal or missing reply, until the next success.
+    pub last_error: Option<String>,
+    /// Not tried again until otagw restarts (or the console brings the
+    /// leaf back): a wrong secret, a deleted or disabled device.
+    pub parked: bool,
+    /// Messages for it waiting until it is online.
+    pub held: usize,
 }
 
 /// One job as the API shows it.

@@ -38,9 +38,10 @@ pub fn table(devices: &[DeviceStatus]) -> String {
         "STATE",
         "PROGRESS",
         "TARGET",
+        "PLATFORM",
         "LAST ERROR",
     ];
-    let rows: Vec<[String; 8]> = devices
+    let rows: Vec<[String; 9]> = devices
         .iter()
         .map(|d| {
             [
@@ -53,7 +54,23 @@ pub fn table(devices: &[DeviceStatus]) -> String {
                     .map(|p| format!("{p}%"))
                     .unwrap_or_else(|| "-".into()),
                 d.target_version.clone().unwrap_or_else(|| "-".into()),
-                d.last_error.clone().unwrap_or_else(|| "-".into()),
+                d.platform.as_ref().map_or_else(
+                    || "-".into(),
+                    |p| {
+                        let s = p.state.as_str().to_owned();
+                        if p.parked { format!("{s} (parked)") } else { s }
+                    },
+                ),
+                // The job's error first; else why the platform has it offline.
+                d.last_error
+                    .clone()
+                    .or_else(|| {
+                        d.platform
+                            .as_ref()
+                            .filter(|p| p.state != crate::api::PlatformState::Online)
+                            .and_then(|p| p.last_error.clone())
+                    })
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -100,6 +117,7 @@ mod tests {
             progress: Some(40),
             target_version: Some("2.0.0".into()),
             last_error: Some("device timeout".into()),
+            platform: None,
         };
         let t = table(&[d]);
         let lines: Vec<&str> = t.lines().collect();
@@ -112,5 +130,39 @@ mod tests {
             lines[1].find("failed"),
             "columns align"
         );
+        assert!(
+            lines[1].contains(" - "),
+            "no platform state outside aliyun mode"
+        );
+    }
+
+    #[test]
+    fn shows_the_platform_state_and_why_a_leaf_is_offline() {
+        let d = DeviceStatus {
+            product_key: "pk".into(),
+            device_name: "leaf-2".into(),
+            module: "default".into(),
+            family: "xmodem".into(),
+            link: "serial:///dev/pts/3".into(),
+            version: "1.0.0".into(),
+            state: "idle".into(),
+            progress: None,
+            target_version: None,
+            last_error: None,
+            platform: Some(crate::api::DevicePlatform {
+                state: crate::api::PlatformState::InTopology,
+                last_error: Some("batch_login refused: 6287 invalid sign".into()),
+                parked: true,
+                held: 2,
+            }),
+        };
+        let t = table(&[d]);
+        let row = t.lines().nth(1).unwrap();
+        assert!(row.contains("in topology, offline (parked)"), "{row}");
+        assert!(
+            row.ends_with("batch_login refused: 6287 invalid sign"),
+            "{row}"
+        );
+        assert!(t.lines().next().unwrap().contains("PLATFORM"));
     }
 }

@@ -484,6 +484,7 @@ impl Gateway {
                 c.keep_alive = u.keep_alive;
                 c.ca_file = u.ca_file.clone();
                 c.max_packet = u.max_message_kib << 10;
+                c.delete_removed_leaves = u.delete_removed_leaves;
                 c
             }
             None => {
@@ -624,9 +625,8 @@ impl Gateway {
                     }
                     Some(UpstreamEvent::Message { topic, payload }) => core.on_message(&topic, &payload).await,
                     Some(UpstreamEvent::Disconnected { reason, .. }) => tracing::warn!("upstream disconnected: {reason}"),
-                    Some(UpstreamEvent::SubDevices { request, code, message }) => {
-                        tracing::info!(?request, code, message, "sub-device reply")
-                    }
+                    // The session logs what it does about them.
+                    Some(UpstreamEvent::SubDevices { .. }) => {}
                 },
             }
         }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
+use crate::upstream::presence::LeafPlatform;
 use crate::upstream::{Delivery, Upstream};
 
 /// Where the daemon's messages go.
@@ -20,9 +21,19 @@ pub(crate) trait Publisher: Send + Sync {
         payload: Vec<u8>,
         delivery: Delivery,
     ) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Each leaf's state at the platform, where the upstream has one
+    /// (aliyun mode).
+    fn platform(&self) -> Option<Vec<LeafPlatform>> {
+        None
+    }
 }
 
 impl Publisher for Upstream {
+    fn platform(&self) -> Option<Vec<LeafPlatform>> {
+        Upstream::platform(self)
+    }
+
     fn publish<'a>(
         &'a self,
         topic: &'a str,

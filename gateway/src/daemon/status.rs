@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::Core;
 use super::table::JobTable;
-use crate::api::{DeviceStatus, JobStatus, StatusSource};
+use crate::api::{DevicePlatform, DeviceStatus, JobStatus, StatusSource};
 use crate::ota::job::State;
 
 pub(super) struct Status(pub Arc<Core>);
@@ -20,6 +20,7 @@ impl StatusSource for Status {
     fn devices(&self) -> Vec<DeviceStatus> {
         let core = &self.0;
         let jobs = core.table.snapshot();
+        let platform = core.publisher.platform();
         core.devices
             .all()
             .iter()
@@ -42,6 +43,19 @@ impl StatusSource for Status {
                     last_error: job
                         .and_then(|j| step_desc(j.state()).1)
                         .or_else(|| live.and_then(|l| l.last_error.clone())),
+                    platform: platform.as_ref().and_then(|all| {
+                        all.iter()
+                            .find(|p| {
+                                p.product_key == leaf.id.product_key
+                                    && p.device_name == leaf.id.device_name
+                            })
+                            .map(|p| DevicePlatform {
+                                state: p.state,
+                                last_error: p.last_error.clone(),
+                                parked: p.parked,
+                                held: p.held,
+                            })
+                    }),
                 }
             })
             .collect()

@@ -10,22 +10,29 @@
 //!
 //! ```text
 //! Upstream (Clone handle) ──publish/subscribe──▶ rumqttc AsyncClient ─▶ request channel
-//!        │ Durable: outbox.push + flush first                          │
-//!        ▼                                                             ▼
-//!    sled `outbox` ◀── remove on PUBACK ── driver task: EventLoop::poll ──▶ UpstreamEvent
-//!                                           ├ ConnAck → on-connect task: subscribe,
-//!                                           │   topo/add + batch_login (aliyun), replay outbox
-//!                                           └ error → reset client state, backoff, retry
+//!        │ Durable: outbox.push + flush first       ▲                 │
+//!        │ a leaf not online (aliyun): held in       │ control task:   ▼
+//!        │ `presence` until its login                │ subscribe, topo/add,   driver task:
+//!        ▼                                           │ batch_login, outbox    EventLoop::poll
+//!    sled `outbox` ◀── remove on PUBACK ─────────────┼─ replay, held messages ──▶ UpstreamEvent
+//!                                                    │ of leaves coming online
+//!                                     ConnAck, sub-device replies, topo/change,
+//!                                     /ext/error (driver → presence → control);
+//!                                     error → reset client state, every leaf offline,
+//!                                     backoff, retry
 //! ```
 //!
 //! - [`auth`]: signing (pure functions).
 //! - [`outbox`]: the typed `outbox` tree.
 //! - [`subdevices`]: `topo/add` / `batch_login` payloads and replies (sans-I/O).
+//! - [`presence`]: each leaf's platform state (topology, login, retries) and
+//!   the messages held until it is online (sans-I/O).
 //! - `transport`: URL and TLS (rustls, ring) setup.
 //! - `session`: the driver task.
 
 pub mod auth;
 pub mod outbox;
+pub mod presence;
 mod session;
 pub mod subdevices;
 mod transport;
@@ -66,6 +73,12 @@ pub struct UpstreamConfig {
     /// The largest MQTT packet taken or sent, in bytes. A larger incoming
     /// one drops the connection (rumqttc cannot skip it).
     pub max_packet: usize,
+    /// Aliyun mode: how long to wait for a sub-device reply, and the retry
+    /// backoff.
+    pub subdevice_timing: presence::Timing,
+    /// Aliyun mode: also remove leaves no longer configured from the
+    /// gateway's topology (`topo/delete`), not only log them out.
+    pub delete_removed_leaves: bool,
 }
 
 impl UpstreamConfig {
@@ -79,6 +92,8 @@ impl UpstreamConfig {
             ca_file: None,
             backoff: Backoff::default(),
             max_packet: DEFAULT_MAX_PACKET,
+            subdevice_timing: presence::Timing::default(),
+            delete_removed_leaves: false,
         }
     }
 }
@@ -187,10 +202,11 @@ pub enum UpstreamEvent {
     /// The connection was lost, or an attempt failed (e.g. refused: bad
     /// username or password). The next attempt comes after `retry_in`.
     Disconnected { reason: String, retry_in: Duration },
-    /// A publish on a subscribed topic (the sub-device `_reply`s excepted).
+    /// A publish on a subscribed topic (the sub-device `_reply`s,
+    /// `topo/change` and `/ext/error` excepted: the session handles those).
     Message { topic: String, payload: Bytes },
-    /// The platform's answer to `topo/add` or `combine/batch_login`
-    /// (aliyun mode): `code` 200 is success.
+    /// The platform's answer to a sub-device request (aliyun mode), after
+    /// the session acted on it: `code` 200 is success.
     SubDevices {
         request: SubDeviceRequest,
         code: i64,
@@ -298,6 +314,15 @@ impl Upstream {
     /// Whether the broker has accepted the current connection.
     pub fn is_connected(&self) -> bool {
         self.shared.is_connected()
+    }
+
+    /// Each leaf's platform state (aliyun mode; `None` in the other modes,
+    /// where the broker needs no sub-device handshake).
+    pub fn platform(&self) -> Option<Vec<presence::LeafPlatform>> {
+        self.shared
+            .presence
+            .as_ref()
+            .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).snapshot())
     }
 
     /// Durable messages not yet acknowledged by the broker.

@@ -91,6 +91,23 @@ impl Outbox {
         Ok(out)
     }
 
+    /// One stored message, if it is still waiting for its PUBACK.
+    pub fn get(&self, seq: u64) -> Option<OutboxEntry> {
+        let v = self.tree.get(seq.to_be_bytes()).ok()??;
+        let (topic, payload) = decode(&v)?;
+        Some(OutboxEntry {
+            seq,
+            topic,
+            payload,
+        })
+    }
+
+    /// The sequence number the next push gets: every entry stored (or being
+    /// stored) so far has a smaller one.
+    pub fn next_seq(&self) -> u64 {
+        self.next.load(Ordering::SeqCst)
+    }
+
     /// Whether a message is still waiting for its PUBACK.
     pub fn contains(&self, seq: u64) -> bool {
         self.tree.contains_key(seq.to_be_bytes()).unwrap_or(false)

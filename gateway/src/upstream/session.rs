@@ -1,5 +1,11 @@
 //! The driver: one task owns rumqttc's `EventLoop` and polls it forever;
-//! handles send requests through a shared `AsyncClient`.
+//! handles send requests through a shared `AsyncClient`. A second task, the
+//! control task, sends what the session itself must send, in order:
+//! subscriptions and the outbox replay after each ConnAck and, in aliyun
+//! mode, the sub-device requests [`Presence`] asks for (it also runs their
+//! timer) and the held messages of each leaf that comes online. The driver
+//! never awaits the control task (an unbounded channel), so it keeps draining
+//! rumqttc's request channel while the control task fills it.
 //!
 //! Hazards of rumqttc 0.25 handled here (ARCHITECTURE "Pinned choices"):
 //! - It does not re-subscribe after a reconnect without a session: every
@@ -34,7 +40,8 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::subdevices::{self, SignedLeaf, SubDeviceRequest};
+use super::presence::{Action, Admit, Held, Presence};
+use super::subdevices::{self, SubDeviceRequest};
 use super::transport::{self, Endpoint};
 use super::{
     Auth, Delivery, KEEP_ALIVE_RANGE, Outbox, SubDevice, UpstreamConfig, UpstreamError,
@@ -77,6 +84,9 @@ pub(super) struct Shared {
     /// `publish` and the on-connect replay may both see a new entry, and only
     /// one of them sends it.
     sent: Mutex<(u64, std::collections::HashSet<u64>)>,
+    /// Aliyun mode with leaves: each leaf's platform state, and what waits
+    /// for it to be online (`presence.rs`). Never held across an await.
+    pub(super) presence: Option<Mutex<Presence>>,
     pub(super) done: CancellationToken,
 }
 
@@ -106,6 +116,14 @@ impl Shared {
         payload: Bytes,
         delivery: Delivery,
     ) -> Result<(), UpstreamError> {
+        if let Some(p) = &self.presence {
+            let leaf = lock(p).leaf_of_topic(topic);
+            if let Some(leaf) = leaf {
+                return self
+                    .publish_for_leaf(p, leaf, topic, payload, delivery)
+                    .await;
+            }
+        }
         match delivery {
             Delivery::BestEffort => {
                 if !self.is_connected() {
@@ -124,16 +142,79 @@ impl Shared {
                 // Read `connected` after the write: an on-connect replay that
                 // started before the write sees `connected` set first, so either
                 // it replays this entry or we send it here (or both).
-                if self.is_connected()
-                    && self.claim(seq)
-                    && let Err(e) = self
-                        .send_publish(topic, QoS::AtLeastOnce, payload, Tag::Durable(seq))
-                        .await
-                {
-                    tracing::warn!(seq, topic, "durable publish kept for the next connect: {e}");
+                if self.is_connected() {
+                    self.send_stored(seq, topic, payload).await;
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Send a just-stored outbox entry unless the on-connect replay (or a
+    /// leaf's flush) already sent it on this connection.
+    async fn send_stored(&self, seq: u64, topic: &str, payload: Bytes) {
+        if self.claim(seq)
+            && let Err(e) = self
+                .send_publish(topic, QoS::AtLeastOnce, payload, Tag::Durable(seq))
+                .await
+        {
+            tracing::warn!(seq, topic, "durable publish kept for the next connect: {e}");
+        }
+    }
+
+    /// A message on a leaf's topics (aliyun mode): sent only while the leaf
+    /// is online at the platform, else held until it is.
+    async fn publish_for_leaf(
+        &self,
+        presence: &Mutex<Presence>,
+        leaf: usize,
+        topic: &str,
+        payload: Bytes,
+        delivery: Delivery,
+    ) -> Result<(), UpstreamError> {
+        match delivery {
+            Delivery::BestEffort => {
+                let admit = lock(presence).admit(
+                    leaf,
+                    Held::Message {
+                        topic: topic.to_owned(),
+                        payload: payload.clone(),
+                    },
+                );
+                match admit {
+                    Admit::Send(_) => {
+                        self.send_publish(topic, QoS::AtLeastOnce, payload, Tag::Other)
+                            .await
+                    }
+                    Admit::Held => Ok(()),
+                    Admit::NotConnected => Err(UpstreamError::NotConnected("publish")),
+                }
+            }
+            Delivery::Durable => {
+                let seq = self.outbox.push(topic, &payload).await?;
+                let admit = lock(presence).admit(leaf, Held::Durable(seq));
+                if admit == Admit::Send(Held::Durable(seq)) && self.is_connected() {
+                    self.send_stored(seq, topic, payload).await;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Send outbox entry `seq` unless it was acknowledged meanwhile or
+    /// already sent on this connection.
+    async fn send_entry(&self, seq: u64) {
+        if !self.outbox.contains(seq) || !self.claim(seq) {
+            return;
+        }
+        let Some(e) = self.outbox.get(seq) else {
+            return;
+        };
+        if let Err(err) = self
+            .send_publish(&e.topic, QoS::AtLeastOnce, e.payload, Tag::Durable(seq))
+            .await
+        {
+            tracing::warn!(seq, "re-sending: {err}");
         }
     }
 
@@ -187,13 +268,25 @@ impl Shared {
     }
 }
 
-/// What the on-connect task needs besides [`Shared`].
+/// What the control task needs besides [`Shared`].
 struct Ctx {
-    gateway: SubDevice,
-    aliyun: bool,
-    leaves: Vec<SubDevice>,
     events: mpsc::Sender<UpstreamEvent>,
-    request_id: AtomicU64,
+    /// The leaves this gateway added to its topology, across runs (aliyun
+    /// mode): key `{pk}/{dn}`. Lets a later run log out (and delete) leaves
+    /// no longer configured.
+    known: Option<sled::Tree>,
+}
+
+/// The store tree of [`Ctx::known`].
+pub const KNOWN_TREE: &str = "subdevices";
+
+/// Work for the control task, in order.
+enum Ctl {
+    /// A ConnAck: subscribe, start the sub-device handshake, replay the
+    /// outbox, then tell the daemon.
+    Connected { epoch: u64, session_present: bool },
+    /// What the sub-device state asks for after a reply or notice.
+    Actions { epoch: u64, actions: Vec<Action> },
 }
 
 struct Driver {
@@ -208,7 +301,11 @@ struct Driver {
     inflight: HashMap<u16, u64>,
     /// The tag of a publish stashed on a packet-id collision.
     collided: Option<(u16, Tag)>,
-    reply_topics: [(String, SubDeviceRequest); 2],
+    reply_topics: Vec<(String, SubDeviceRequest)>,
+    /// `topo/change` and `/ext/error` of the gateway (aliyun mode).
+    notice_topics: Option<(String, String)>,
+    ctl: mpsc::UnboundedSender<Ctl>,
+    control: tokio::task::JoinHandle<()>,
 }
 
 pub(super) fn spawn(
@@ -276,19 +373,44 @@ pub(super) fn spawn(
 
     let mut subs: Vec<String> = Vec::new();
     let gw = (&gateway.product_key, &gateway.device_name);
-    let reply_topics = [
-        (
-            SubDeviceRequest::TopoAdd.reply_topic(gw.0, gw.1),
-            SubDeviceRequest::TopoAdd,
-        ),
-        (
-            SubDeviceRequest::BatchLogin.reply_topic(gw.0, gw.1),
-            SubDeviceRequest::BatchLogin,
-        ),
-    ];
-    if aliyun && !leaves.is_empty() {
-        subs.extend(reply_topics.iter().map(|(t, _)| t.clone()));
-    }
+    let (reply_topics, notice_topics, presence, known) = if aliyun {
+        let known = store
+            .tree(KNOWN_TREE)
+            .map_err(|source| UpstreamError::Store {
+                phase: "open the sub-device tree",
+                source: Box::new(source),
+            })?;
+        let mut p = Presence::new(
+            (gw.0, gw.1),
+            &leaves,
+            cfg.subdevice_timing,
+            outbox.next_seq(),
+        );
+        let retired: Vec<(String, String)> = known
+            .iter()
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|k| {
+                let (pk, dn) = std::str::from_utf8(&k).ok()?.split_once('/')?;
+                Some((pk.to_owned(), dn.to_owned()))
+            })
+            .collect();
+        p.retire(retired, cfg.delete_removed_leaves);
+        let replies: Vec<(String, SubDeviceRequest)> = SubDeviceRequest::ALL
+            .iter()
+            .map(|r| (r.reply_topic(gw.0, gw.1), *r))
+            .collect();
+        let notices = (
+            subdevices::topo_change_topic(gw.0, gw.1),
+            subdevices::ext_error_topic(gw.0, gw.1),
+        );
+        subs.extend(replies.iter().map(|(t, _)| t.clone()));
+        subs.push(notices.0.clone());
+        subs.push(notices.1.clone());
+        (replies, Some(notices), Some(Mutex::new(p)), Some(known))
+    } else {
+        (Vec::new(), None, None, None)
+    };
     for s in subscriptions {
         if !subs.contains(&s) {
             subs.push(s);
@@ -303,22 +425,19 @@ pub(super) fn spawn(
         sender: tokio::sync::Mutex::new(()),
         tags: Mutex::new(VecDeque::new()),
         sent: Mutex::new((0, Default::default())),
+        presence,
         done: CancellationToken::new(),
     });
     let (events, rx) = mpsc::channel(EVENT_CAPACITY);
-    let ctx = Arc::new(Ctx {
-        gateway,
-        aliyun,
-        leaves,
-        events,
-        request_id: AtomicU64::new(1),
-    });
+    let ctx = Arc::new(Ctx { events, known });
     if !shared.outbox.is_empty() {
         tracing::info!(
             pending = shared.outbox.len(),
             "outbox holds messages from a previous run; they go out after connecting"
         );
     }
+    let (ctl, ctl_rx) = mpsc::unbounded_channel();
+    let control = tokio::spawn(control(shared.clone(), ctx.clone(), ctl_rx));
     let driver = Driver {
         eventloop,
         shared: shared.clone(),
@@ -330,6 +449,9 @@ pub(super) fn spawn(
         inflight: HashMap::new(),
         collided: None,
         reply_topics,
+        notice_topics,
+        ctl,
+        control,
     };
     tokio::spawn(driver.run());
     Ok((shared, rx))
@@ -357,18 +479,21 @@ impl Driver {
                     let epoch = self.shared.epoch.fetch_add(1, Ordering::SeqCst) + 1;
                     self.shared.connected.store(true, Ordering::SeqCst);
                     tracing::info!(session_present = ack.session_present, "upstream connected");
-                    tokio::spawn(on_connect(
-                        self.shared.clone(),
-                        self.ctx.clone(),
+                    let _ = self.ctl.send(Ctl::Connected {
                         epoch,
-                        ack.session_present,
-                    ));
+                        session_present: ack.session_present,
+                    });
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let topic = p.topic;
                     let reply = self.reply_topics.iter().find(|(t, _)| *t == topic);
                     if let Some(req) = reply.map(|(_, r)| *r) {
                         self.sub_device_reply(req, &p.payload).await;
+                    } else if let Some((change, error)) = &self.notice_topics
+                        && (topic == *change || topic == *error)
+                    {
+                        let change = topic == *change;
+                        self.platform_notice(change, &p.payload);
                     } else {
                         self.emit(UpstreamEvent::Message {
                             topic,
@@ -444,7 +569,10 @@ impl Driver {
             }
         }
         self.shutdown().await;
-        // Release the client and the outbox (the store) before saying so.
+        // Release the client and the outbox (the store) before saying so:
+        // the control task holds them too.
+        self.control.abort();
+        let _ = (&mut self.control).await;
         let done = self.shared.done.clone();
         drop(self);
         done.cancel();
@@ -482,6 +610,12 @@ impl Driver {
     async fn reset(&mut self) {
         self.shared.connected.store(false, Ordering::SeqCst);
         self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        if let Some(p) = &self.shared.presence {
+            // After the epoch: a control task still handling the ConnAck of
+            // the lost connection sees the new epoch and leaves the state
+            // alone (both under this lock).
+            lock(p).on_disconnected(self.shared.outbox.next_seq());
+        }
         // A sender may hold the lock while blocked on a full request channel:
         // drain the channel until it lets go.
         let _g = loop {
@@ -507,13 +641,14 @@ impl Driver {
 
     async fn sub_device_reply(&mut self, request: SubDeviceRequest, payload: &[u8]) {
         let r = subdevices::parse_reply(payload);
-        if r.is_ok() {
-            tracing::info!(?request, id = ?r.id, "sub-device request accepted");
-        } else {
-            tracing::error!(
-                ?request, id = ?r.id, code = r.code, message = %r.message,
-                "the platform refused a sub-device request"
-            );
+        tracing::debug!(request = request.name(), id = ?r.id, code = r.code, message = %r.message, "sub-device reply");
+        if let Some(p) = &self.shared.presence {
+            let actions = {
+                let mut p = lock(p);
+                // A reply counts on the connection it arrived on.
+                p.on_reply(request, &r, tokio::time::Instant::now())
+            };
+            self.control(actions);
         }
         self.emit(UpstreamEvent::SubDevices {
             request,
@@ -521,6 +656,34 @@ impl Driver {
             message: r.message,
         })
         .await;
+    }
+
+    /// `topo/change` or `/ext/error` from the platform.
+    fn platform_notice(&mut self, topo_change: bool, payload: &[u8]) {
+        let Some(p) = &self.shared.presence else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let next = self.shared.outbox.next_seq();
+        let actions = if topo_change {
+            let Some(change) = subdevices::parse_topo_change(payload) else {
+                tracing::warn!(payload = %String::from_utf8_lossy(payload), "unreadable topo/change: ignored");
+                return;
+            };
+            let id = subdevices::parse_reply(payload).id;
+            lock(p).on_topo_change(&change, id.as_deref(), now, next)
+        } else {
+            let r = subdevices::parse_reply(payload);
+            lock(p).on_platform_error(&r, now, Some(next))
+        };
+        self.control(actions);
+    }
+
+    fn control(&self, actions: Vec<Action>) {
+        if !actions.is_empty() {
+            let epoch = self.shared.epoch.load(Ordering::SeqCst);
+            let _ = self.ctl.send(Ctl::Actions { epoch, actions });
+        }
     }
 
     /// Best-effort DISCONNECT so the broker does not wait for the keep-alive.
@@ -542,10 +705,49 @@ impl Driver {
     }
 }
 
+/// The control task: everything sent on behalf of the session itself, in
+/// order (subscriptions, the sub-device requests, the outbox replay, held
+/// messages of leaves coming online), plus the sub-device timer. It never
+/// blocks the driver, which keeps polling while this task waits for room in
+/// rumqttc's request channel.
+async fn control(shared: Arc<Shared>, ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ctl>) {
+    loop {
+        let wake = shared.presence.as_ref().and_then(|p| lock(p).next_wakeup());
+        let ctl = tokio::select! {
+            c = rx.recv() => match c {
+                Some(c) => c,
+                None => return,
+            },
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(far_future)), if wake.is_some() => {
+                let epoch = shared.epoch.load(Ordering::SeqCst);
+                let actions = match &shared.presence {
+                    Some(p) => lock(p).on_tick(tokio::time::Instant::now()),
+                    None => Vec::new(),
+                };
+                Ctl::Actions { epoch, actions }
+            }
+        };
+        match ctl {
+            Ctl::Connected {
+                epoch,
+                session_present,
+            } => on_connect(&shared, &ctx, epoch, session_present).await,
+            Ctl::Actions { epoch, actions } => run_actions(&shared, &ctx, epoch, actions).await,
+        }
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
+}
+
 /// After each ConnAck: subscriptions, the aliyun sub-device handshake, then
 /// the outbox; all queued behind each other in rumqttc's request channel.
-async fn on_connect(shared: Arc<Shared>, ctx: Arc<Ctx>, epoch: u64, session_present: bool) {
+async fn on_connect(shared: &Shared, ctx: &Ctx, epoch: u64, session_present: bool) {
     let current = || shared.epoch.load(Ordering::SeqCst) == epoch;
+    if !current() {
+        return;
+    }
     if !session_present {
         let topics = lock(&shared.subscriptions).clone();
         if !topics.is_empty()
@@ -554,47 +756,24 @@ async fn on_connect(shared: Arc<Shared>, ctx: Arc<Ctx>, epoch: u64, session_pres
             tracing::warn!("re-subscribing after connect: {e}");
         }
     }
-    if ctx.aliyun && !ctx.leaves.is_empty() && current() {
-        let (pk, dn) = (&ctx.gateway.product_key, &ctx.gateway.device_name);
-        let signed: Vec<SignedLeaf<'_>> = ctx.leaves.iter().filter_map(SignedLeaf::of).collect();
-        let ts = auth::now_ms();
-        let n_topo = signed.len().div_ceil(subdevices::TOPO_ADD_BATCH) as u64;
-        let first = ctx.request_id.fetch_add(n_topo, Ordering::SeqCst);
-        let topic = SubDeviceRequest::TopoAdd.topic(pk, dn);
-        for (id, body) in subdevices::topo_add_payloads(&signed, ts, first) {
+    if let Some(p) = &shared.presence {
+        let actions = {
+            let mut p = lock(p);
+            // Under the lock, so a disconnect (which bumps the epoch, then
+            // takes this lock) cannot be overtaken.
             if !current() {
                 return;
             }
-            tracing::info!(id, leaves = signed.len(), "adding leaves to the topology");
-            if let Err(e) = shared
-                .send_publish(&topic, QoS::AtLeastOnce, body.into(), Tag::Other)
-                .await
-            {
-                tracing::warn!("topo/add: {e}");
-            }
-        }
-        let n_login = signed.len().div_ceil(subdevices::LOGIN_BATCH) as u64;
-        let first = ctx.request_id.fetch_add(n_login, Ordering::SeqCst);
-        let topic = SubDeviceRequest::BatchLogin.topic(pk, dn);
-        for (id, body) in subdevices::batch_login_payloads(&signed, ts, first) {
-            if !current() {
-                return;
-            }
-            tracing::info!(id, "logging leaves in");
-            // The platform takes batch_login at QoS 0 only.
-            if let Err(e) = shared
-                .send_publish(&topic, QoS::AtMostOnce, body.into(), Tag::Other)
-                .await
-            {
-                tracing::warn!("batch_login: {e}");
-            }
-        }
+            p.on_connected(tokio::time::Instant::now())
+        };
+        run_actions(shared, ctx, epoch, actions).await;
     }
     // The outbox first: terminal reports of jobs that ended while we were
     // away (or before a restart) must reach the platform before anything the
     // daemon sends on `Connected` (a `firmware/get` answered before a -4 is
-    // on its way would bring the failed package back).
-    replay_outbox(&shared, &current).await;
+    // on its way would bring the failed package back). A leaf's entries wait
+    // for its login (aliyun mode).
+    replay_outbox(shared, &current).await;
     if !current() {
         return;
     }
@@ -602,6 +781,127 @@ async fn on_connect(shared: Arc<Shared>, ctx: Arc<Ctx>, epoch: u64, session_pres
         .events
         .send(UpstreamEvent::Connected { session_present })
         .await;
+}
+
+/// Carry out what the sub-device state asked for, on connection `epoch`.
+async fn run_actions(shared: &Shared, ctx: &Ctx, epoch: u64, actions: Vec<Action>) {
+    let current = || shared.epoch.load(Ordering::SeqCst) == epoch;
+    for a in actions {
+        match a {
+            Action::Send {
+                request,
+                topic,
+                payload,
+            } => {
+                if !current() {
+                    return;
+                }
+                let qos = if request.qos0() {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                if let Err(e) = shared.send_publish(&topic, qos, payload, Tag::Other).await {
+                    tracing::warn!("{}: {e}", request.name());
+                }
+            }
+            Action::Answer { topic, payload } => {
+                if current()
+                    && let Err(e) = shared
+                        .send_publish(&topic, QoS::AtMostOnce, payload, Tag::Other)
+                        .await
+                {
+                    tracing::warn!("answer on {topic}: {e}");
+                }
+            }
+            Action::Online(leaves) => {
+                for leaf in leaves {
+                    flush_leaf(shared, leaf, &current).await;
+                }
+            }
+            Action::Added(keys) => {
+                if let Some(t) = &ctx.known {
+                    for (pk, dn) in keys {
+                        if let Err(e) = t.insert(format!("{pk}/{dn}"), &[]) {
+                            tracing::warn!("cannot record {pk}/{dn} as added: {e}");
+                        }
+                    }
+                }
+            }
+            Action::Retired(keys) => {
+                if let Some(t) = &ctx.known {
+                    for (pk, dn) in keys {
+                        if let Err(e) = t.remove(format!("{pk}/{dn}")) {
+                            tracing::warn!("cannot forget {pk}/{dn}: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A leaf just came online: what the outbox holds for it from before it
+/// went offline, then what was held for it, in order; from then on its
+/// messages go out directly.
+async fn flush_leaf(shared: &Shared, leaf: usize, current: &impl Fn() -> bool) {
+    let Some(p) = &shared.presence else {
+        return;
+    };
+    let old: Vec<u64> = match shared.outbox.entries() {
+        Ok(entries) => {
+            let p = lock(p);
+            let since = p.offline_since_seq(leaf);
+            entries
+                .into_iter()
+                .filter(|e| e.seq < since && p.leaf_of_topic(&e.topic) == Some(leaf))
+                .map(|e| e.seq)
+                .collect()
+        }
+        Err(e) => {
+            tracing::error!("cannot read the outbox to send a leaf's messages: {e}");
+            Vec::new()
+        }
+    };
+    let (pk, dn) = {
+        let p = lock(p);
+        let (pk, dn) = p.identity(leaf);
+        (pk.to_owned(), dn.to_owned())
+    };
+    let mut count = 0usize;
+    for seq in old {
+        if !current() {
+            return;
+        }
+        shared.send_entry(seq).await;
+        count += 1;
+    }
+    loop {
+        let held = lock(p).take_held(leaf);
+        if held.is_empty() {
+            break;
+        }
+        for h in held {
+            if !current() {
+                return;
+            }
+            count += 1;
+            match h {
+                Held::Durable(seq) => shared.send_entry(seq).await,
+                Held::Message { topic, payload } => {
+                    if let Err(e) = shared
+                        .send_publish(&topic, QoS::AtLeastOnce, payload, Tag::Other)
+                        .await
+                    {
+                        tracing::warn!(topic, "held message: {e}");
+                    }
+                }
+            }
+        }
+    }
+    if count > 0 {
+        tracing::info!(leaf = %format!("{pk}/{dn}"), messages = count, "sent what waited for the leaf to be online");
+    }
 }
 
 /// Send every outbox entry not yet sent on this connection.
@@ -615,6 +915,17 @@ async fn replay_outbox(shared: &Shared, current: &impl Fn() -> bool) {
             tracing::error!("cannot read the outbox to re-send it: {e}");
             return;
         }
+    };
+    // A leaf's entries go out at its login (aliyun mode).
+    let entries: Vec<_> = match &shared.presence {
+        Some(p) => {
+            let p = lock(p);
+            entries
+                .into_iter()
+                .filter(|e| p.leaf_of_topic(&e.topic).is_none())
+                .collect()
+        }
+        None => entries,
     };
     if !entries.is_empty() {
         tracing::info!(count = entries.len(), "re-sending the outbox");

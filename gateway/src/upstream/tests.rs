@@ -6,6 +6,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::presence::PlatformState;
 use super::testbroker::{BrokerOpts, Mosquitto, TestClient, WAIT};
 use super::*;
 use crate::store::Store;
@@ -430,7 +431,7 @@ async fn the_outbox_goes_out_before_connected_and_each_entry_once() {
 }
 
 #[tokio::test]
-async fn aliyun_mode_adds_and_logs_in_the_leaves_with_valid_signatures() {
+async fn aliyun_mode_adds_then_logs_in_the_leaves_waiting_for_each_reply() {
     let broker = Mosquitto::start(BrokerOpts::default());
     let mut platform = TestClient::connect(
         broker.port,
@@ -439,6 +440,7 @@ async fn aliyun_mode_adds_and_logs_in_the_leaves_with_valid_signatures() {
         &[
             "/sys/a1GwPK/gw-01/thing/topo/add",
             "/ext/session/a1GwPK/gw-01/combine/batch_login",
+            "/ota/device/inform/#",
         ],
         false,
     )
@@ -456,7 +458,7 @@ async fn aliyun_mode_adds_and_logs_in_the_leaves_with_valid_signatures() {
         device_name: "gw-01".into(),
         device_secret: "gw-secret".into(),
     };
-    let (_up, mut events) = Upstream::start(
+    let (up, mut events) = Upstream::start(
         cfg(broker.url(), auth, "gw-aliyun"),
         gw(),
         leaves.clone(),
@@ -466,6 +468,14 @@ async fn aliyun_mode_adds_and_logs_in_the_leaves_with_valid_signatures() {
     )
     .unwrap();
     until_connected(&mut events).await;
+    // Connected, but the leaves are not online: an inform for one is held.
+    up.publish(
+        "/ota/device/inform/a1Leaf/leaf-0",
+        &b"{\"id\":\"1\",\"params\":{\"version\":\"1.0.0\"}}"[..],
+        Delivery::BestEffort,
+    )
+    .await
+    .unwrap();
 
     let check = |list: &Value| {
         let list = list.as_array().unwrap();
@@ -493,19 +503,26 @@ async fn aliyun_mode_adds_and_logs_in_the_leaves_with_valid_signatures() {
     let topo: Value = serde_json::from_slice(&p).unwrap();
     assert_eq!(topo["method"], "thing.topo.add");
     check(&topo["params"]);
+    assert_eq!(
+        up.platform().unwrap()[0].state,
+        PlatformState::Adding,
+        "no login before the topology is answered"
+    );
+
+    // The topology answered: now (and only now) the login.
+    let reply = format!(r#"{{"id":{},"code":200,"data":[]}}"#, topo["id"]);
+    platform
+        .publish("/sys/a1GwPK/gw-01/thing/topo/add_reply", reply.as_bytes())
+        .await;
     let (t, p) = platform.next_msg().await;
     assert_eq!(t, "/ext/session/a1GwPK/gw-01/combine/batch_login");
     let login: Value = serde_json::from_slice(&p).unwrap();
     assert_eq!(login["params"]["signMethod"], "hmacSha256");
     check(&login["params"]["deviceList"]);
 
-    // The platform's replies: one accepted, one refused.
-    let reply = format!(r#"{{"id":{},"code":200,"data":[]}}"#, topo["id"]);
-    platform
-        .publish("/sys/a1GwPK/gw-01/thing/topo/add_reply", reply.as_bytes())
-        .await;
+    // 6401 for leaf-1: it is added again, the others logged in again.
     let reply = format!(
-        r#"{{"id":{},"code":6401,"message":"topo relation not exist"}}"#,
+        r#"{{"id":{},"code":6401,"message":"topo relation not exist","data":[{{"productKey":"a1Leaf","deviceName":"leaf-1"}}]}}"#,
         login["id"]
     );
     platform
@@ -514,29 +531,68 @@ async fn aliyun_mode_adds_and_logs_in_the_leaves_with_valid_signatures() {
             reply.as_bytes(),
         )
         .await;
+    let mut again = Vec::new();
+    while again.len() < 2 {
+        let (t, p) = platform.next_msg().await;
+        let v: Value = serde_json::from_slice(&p).unwrap();
+        again.push((t, v));
+    }
+    again.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(again[0].0, "/ext/session/a1GwPK/gw-01/combine/batch_login");
+    let relogin = again[0].1.clone();
+    let names = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["deviceName"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(&relogin["params"]["deviceList"]),
+        ["leaf-0", "leaf-2"]
+    );
+    assert_eq!(again[1].0, "/sys/a1GwPK/gw-01/thing/topo/add");
+    assert_eq!(names(&again[1].1["params"]), ["leaf-1"]);
+
+    // leaf-0 logs in: its held inform goes out, after the login.
+    let reply = format!(r#"{{"id":{},"code":200}}"#, relogin["id"]);
+    platform
+        .publish(
+            "/ext/session/a1GwPK/gw-01/combine/batch_login_reply",
+            reply.as_bytes(),
+        )
+        .await;
+    let (t, _) = platform.next_msg().await;
+    assert_eq!(t, "/ota/device/inform/a1Leaf/leaf-0");
+    let states: Vec<PlatformState> = up.platform().unwrap().iter().map(|l| l.state).collect();
+    assert_eq!(
+        states,
+        [
+            PlatformState::Online,
+            PlatformState::Adding,
+            PlatformState::Online
+        ]
+    );
     let mut replies = Vec::new();
-    while replies.len() < 2 {
-        match next(&mut events).await {
-            UpstreamEvent::SubDevices {
-                request,
-                code,
-                message,
-            } => replies.push((request, code, message)),
-            UpstreamEvent::Message { topic, .. } => panic!("reply passed on as a message: {topic}"),
-            _ => {}
+    while replies.len() < 3 {
+        if let UpstreamEvent::SubDevices { request, code, .. } = next(&mut events).await {
+            replies.push((request, code));
         }
     }
     assert_eq!(
         replies,
         vec![
-            (SubDeviceRequest::TopoAdd, 200, String::new()),
-            (
-                SubDeviceRequest::BatchLogin,
-                6401,
-                "topo relation not exist".to_owned()
-            ),
+            (SubDeviceRequest::TopoAdd, 200),
+            (SubDeviceRequest::BatchLogin, 6401),
+            (SubDeviceRequest::BatchLogin, 200),
         ]
     );
+    // Added leaves are remembered for a later run.
+    let known = store.tree(super::session::KNOWN_TREE).unwrap();
+    for leaf in &leaves {
+        let key = format!("{}/{}", leaf.product_key, leaf.device_name);
+        assert!(known.contains_key(&key).unwrap(), "{key}");
+    }
 }
 
 #[tokio::test]

@@ -1,18 +1,22 @@
 //! Real parts for otagw's tests (CONVENTIONS 12), shared by the gateway's own
 //! tests and the end-to-end harness: a mosquitto broker process on a loopback
 //! port ([`Mosquitto`]), an HTTP file server with Range support, request
-//! records and fault injection ([`FileServer`]), and an MQTT client that
-//! records everything it sees ([`MqttProbe`]).
+//! records and fault injection ([`FileServer`]), an MQTT client that
+//! records everything it sees ([`MqttProbe`]), and a strict double of the
+//! Alibaba Cloud IoT platform for a gateway and its sub-devices
+//! ([`AliyunPlatform`], on a [`Mosquitto::start_with_log_topic`] broker).
 //!
 //! Each part stops when dropped. Nothing here sleeps to synchronise: waits are
 //! on events, with a timeout as the upper bound.
 
 mod files;
 mod mosquitto;
+pub mod platform;
 mod probe;
 
 pub use files::{Fault, FileServer, Request};
 pub use mosquitto::Mosquitto;
+pub use platform::{AliyunPlatform, Identity, PlatformEvent, PlatformOptions, Violation};
 pub use probe::{Message, MqttProbe};
 
 /// A free TCP port on 127.0.0.1 (bound and released; programs that cannot
