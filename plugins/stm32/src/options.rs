@@ -421,7 +421,9 @@ fn parse_hex_bytes(key: &str, v: &str) -> Result<Vec<u8>, Error> {
             .unwrap_or(part);
         digits.push_str(p);
     }
-    if !digits.len().is_multiple_of(2) {
+    // Checked before slicing: a non-ASCII character would split a slice in
+    // the middle of its UTF-8 bytes (a panic, found by issue 12's review).
+    if !digits.len().is_multiple_of(2) || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad(key, v, "expected pairs of hex digits"));
     }
     (0..digits.len())
@@ -435,6 +437,54 @@ fn parse_hex_bytes(key: &str, v: &str) -> Result<Vec<u8>, Error> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn no_value_of_any_option_panics_the_parser() {
+        let keys = [
+            "reset_sequence",
+            "run_sequence",
+            "parity",
+            "baud",
+            "address",
+            "mass_erase",
+            "page_size",
+            "erase_timeout_ms",
+            "write_timeout_ms",
+            "timeout_ms",
+            "retries",
+            "verify_readback",
+            "go",
+            "version_address",
+            "version_length",
+            "flash_size",
+            "header_magic",
+        ];
+        let values = [
+            "aéb",
+            "é",
+            "7fé4",
+            "0xé",
+            "dtr=é",
+            "ü=1",
+            "99999999999999999999",
+            "-1",
+            "",
+            " ",
+            "0x",
+            "K",
+            "1MiB",
+            "\u{0}",
+        ];
+        for k in keys {
+            for v in values {
+                let opts = vec![(k.to_string(), v.to_string())];
+                let r = std::panic::catch_unwind(|| super::Settings::parse(&opts));
+                assert!(r.is_ok(), "{k} = {v:?} panicked");
+            }
+        }
+        let r = super::Settings::parse(&[("header_magic".into(), "aéb".into())]);
+        assert!(r.unwrap_err().to_string().contains("hex digits"));
+    }
+
     use super::*;
 
     fn opts(list: &[(&str, &str)]) -> Vec<(String, String)> {
