@@ -59,6 +59,12 @@ pub struct Settings {
     pub enter_command: Option<Vec<u8>>,
     /// `enter_wait_ms`: pause after `enter_command` (default 0).
     pub enter_wait_ms: u32,
+    /// `enter_repeat_ms`: with `enter_command`, send it again when no 'C' or
+    /// NAK came for this long, until `handshake_timeout_ms` is over (default
+    /// 10000; 0 = send it once). A receiver still inside a session the
+    /// gateway's restart interrupted ignores the first one, then gives up on
+    /// that session silently and waits for a new command.
+    pub enter_repeat_ms: u32,
     /// `max_size`: largest image `verify` accepts, in bytes (default no limit).
     pub max_size: Option<u64>,
     /// `version_command`: bytes that make the running firmware print its version
@@ -81,6 +87,7 @@ impl Default for Settings {
             handshake_timeout_ms: 30_000,
             enter_command: None,
             enter_wait_ms: 0,
+            enter_repeat_ms: 10_000,
             max_size: None,
             version_command: None,
             version_timeout_ms: 2000,
@@ -137,6 +144,7 @@ impl Settings {
                 "handshake_timeout_ms" => s.handshake_timeout_ms = parse_u32(&key, v, 10, MAX_MS)?,
                 "enter_command" => s.enter_command = non_empty(unescape(&key, value)?),
                 "enter_wait_ms" => s.enter_wait_ms = parse_u32(&key, v, 0, MAX_MS)?,
+                "enter_repeat_ms" => s.enter_repeat_ms = parse_u32(&key, v, 0, MAX_MS)?,
                 "max_size" => {
                     let n: u64 = v
                         .parse()

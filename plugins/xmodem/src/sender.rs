@@ -276,27 +276,11 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
                 Err(e) => return Err(link_error("prepare: drain", e)),
             }
         }
-        if let Some(cmd) = &self.s.enter_command {
-            let cmd = cmd.clone();
-            self.port
-                .write(&cmd)
-                .map_err(|e| link_error("prepare: enter_command", e))?;
-            self.log(
-                Level::Debug,
-                &format!(
-                    "sent enter_command ({} bytes), waiting {} ms",
-                    cmd.len(),
-                    self.s.enter_wait_ms
-                ),
-            );
-            if self.s.enter_wait_ms > 0 {
-                self.port.sleep(self.s.enter_wait_ms);
-            }
-        }
+        self.send_enter_command()?;
 
         let start = match ready {
             Some(b) => b,
-            None => self.wait_start("handshake", self.s.handshake_timeout_ms)?,
+            None => self.handshake()?,
         };
         self.started = true;
         if start == NAK {
@@ -563,6 +547,66 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
     }
 
     /// Wait for a start character ('C' or NAK), skipping anything else.
+    /// Send `enter_command` (if any), then wait `enter_wait_ms`.
+    fn send_enter_command(&mut self) -> Result<(), Error> {
+        let Some(cmd) = self.s.enter_command.clone() else {
+            return Ok(());
+        };
+        self.port
+            .write(&cmd)
+            .map_err(|e| link_error("prepare: enter_command", e))?;
+        self.log(
+            Level::Debug,
+            &format!(
+                "sent enter_command ({} bytes), waiting {} ms",
+                cmd.len(),
+                self.s.enter_wait_ms
+            ),
+        );
+        if self.s.enter_wait_ms > 0 {
+            self.port.sleep(self.s.enter_wait_ms);
+        }
+        Ok(())
+    }
+
+    /// Wait for the receiver's start character for `handshake_timeout_ms`;
+    /// with an enter command, send it again every `enter_repeat_ms` of
+    /// silence (see the option).
+    fn handshake(&mut self) -> Result<u8, Error> {
+        let total = self.s.handshake_timeout_ms;
+        let repeat = self.s.enter_repeat_ms;
+        if self.s.enter_command.is_none() || repeat == 0 || repeat >= total {
+            return self.wait_start("handshake", total);
+        }
+        let deadline = self.port.now_ms() + u64::from(total);
+        let mut sent = 1u32;
+        loop {
+            let left = deadline.saturating_sub(self.port.now_ms());
+            let slice = u64::from(repeat).min(left).max(1) as u32;
+            match self.wait_start("handshake", slice) {
+                Err(Error::Timeout(_)) if self.port.now_ms() < deadline => {
+                    self.log(
+                        Level::Warn,
+                        &format!(
+                            "handshake: no 'C' or NAK within {slice} ms: sending enter_command \
+                             again (a receiver inside an interrupted session ignores it)"
+                        ),
+                    );
+                    self.send_enter_command()?;
+                    sent += 1;
+                }
+                Err(Error::Timeout(m)) => {
+                    return Err(Error::Timeout(format!(
+                        "handshake: no 'C' or NAK from the receiver within {total} ms \
+                         (enter_command sent {sent} times){}",
+                        m.split_once(" ms").map_or("", |(_, rest)| rest)
+                    )));
+                }
+                r => return r,
+            }
+        }
+    }
+
     fn wait_start(&mut self, phase: &str, timeout_ms: u32) -> Result<u8, Error> {
         let deadline = self.port.now_ms() + u64::from(timeout_ms);
         let mut skipped = 0u32;

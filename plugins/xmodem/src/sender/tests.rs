@@ -106,6 +106,10 @@ struct Rx {
     drain_supported: bool,
     /// Never send anything.
     mute: bool,
+    /// The enter command, and how many of its first writes are ignored (a
+    /// receiver still inside an interrupted session): no start characters
+    /// until one more comes.
+    stale_enters: Option<(Vec<u8>, u32)>,
 }
 
 impl Default for Rx {
@@ -127,6 +131,7 @@ impl Default for Rx {
             close_after_writes: None,
             drain_supported: true,
             mute: false,
+            stale_enters: None,
         }
     }
 }
@@ -165,6 +170,8 @@ struct Sim {
     writes: usize,
     /// CAN bytes received from the sender outside frames.
     cans_from_sender: u32,
+    /// Writes of the enter command seen.
+    enters: u32,
     all_written: Vec<u8>,
     drains: u32,
     sleeps: Vec<u32>,
@@ -193,6 +200,7 @@ impl Sim {
             eots: 0,
             writes: 0,
             cans_from_sender: 0,
+            enters: 0,
             all_written: Vec::new(),
             drains: 0,
             sleeps: Vec::new(),
@@ -358,7 +366,12 @@ impl Sim {
     }
 
     fn waiting(&self) -> bool {
-        matches!(self.st, St::Waiting | St::Closing) && !self.rx.mute
+        let entered = self
+            .rx
+            .stale_enters
+            .as_ref()
+            .is_none_or(|(_, ignored)| self.enters > *ignored);
+        matches!(self.st, St::Waiting | St::Closing) && !self.rx.mute && entered
     }
 }
 
@@ -371,6 +384,18 @@ impl Port for Sim {
             return Err(LinkFault::Closed("peer hung up".into()));
         }
         self.all_written.extend_from_slice(data);
+        if self
+            .rx
+            .stale_enters
+            .as_ref()
+            .is_some_and(|(cmd, _)| cmd == data)
+        {
+            self.enters += 1;
+            if self.enters > self.rx.stale_enters.as_ref().map_or(0, |(_, n)| *n) {
+                self.next_start = self.now + self.rx.latency;
+            }
+            return Ok(());
+        }
         if self.st == St::Cancelled {
             return Ok(());
         }
@@ -1017,6 +1042,55 @@ fn enter_command_is_sent_before_the_handshake_then_waits() {
     assert_delivered(&sim, &img, 0x1A);
     assert!(sim.all_written.starts_with(b"1\r\x01\x01\xFE"));
     assert_eq!(sim.sleeps, vec![700]);
+}
+
+#[test]
+fn a_receiver_deaf_to_the_first_enter_commands_gets_them_again() {
+    // Campaign, 1-5 notices a run: after a restart mid-transfer the
+    // receiver was still in its old session and ignored the enter command.
+    let settings = Settings {
+        enter_command: Some(b"update\r".to_vec()),
+        ..xmodem()
+    };
+    let rx = Rx {
+        stale_enters: Some((b"update\r".to_vec(), 2)),
+        ..Rx::default()
+    };
+    let (sim, img, r) = run(rx, 3000, settings.clone());
+    r.unwrap();
+    assert_delivered(&sim, &img, 0x1A);
+    assert_eq!(sim.enters, 3, "sent again every 10 s of silence");
+    assert!(
+        sim.logs
+            .iter()
+            .any(|(l, m)| *l == Level::Warn && m.contains("sending enter_command again"))
+    );
+
+    // Deaf for longer than the handshake: the error says how often it asked.
+    let rx = Rx {
+        stale_enters: Some((b"update\r".to_vec(), 10)),
+        ..Rx::default()
+    };
+    let (sim, _, r) = run(rx, 3000, settings.clone());
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("within 30000 ms") && e.contains("enter_command sent 3 times"),
+        "{e}"
+    );
+    assert_eq!(sim.enters, 3);
+
+    // enter_repeat_ms = 0: once, as before.
+    let rx = Rx {
+        stale_enters: Some((b"update\r".to_vec(), 1)),
+        ..Rx::default()
+    };
+    let once = Settings {
+        enter_repeat_ms: 0,
+        ..settings
+    };
+    let (sim, _, r) = run(rx, 3000, once);
+    assert!(r.is_err());
+    assert_eq!(sim.enters, 1);
 }
 
 #[test]
