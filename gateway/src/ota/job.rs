@@ -235,6 +235,11 @@ pub struct Job {
     /// The version the leaf reported after flashing (whatever it was).
     #[serde(default)]
     read_back: Option<String>,
+    /// The restart rule gave up on the flash (this is its reason): the leaf
+    /// is asked for its version first, because the flash may have completed
+    /// just before the last stop, and then the leaf runs the new version.
+    #[serde(default)]
+    giving_up: Option<String>,
 }
 
 impl Job {
@@ -255,6 +260,7 @@ impl Job {
             awaiting_notice: false,
             last_report: None,
             read_back: None,
+            giving_up: None,
         }
     }
 
@@ -460,7 +466,18 @@ impl Job {
                          (limit [jobs] flash_restarts = {}); not trying again",
                         self.flash_restarts, restart.max_flash_restarts
                     );
-                    return self.fail(Step::FlashFailed, desc, now);
+                    // Not flashed again; but the last attempt may have
+                    // completed before the stop: ask the leaf before saying
+                    // anything (campaign: a -4 while the leaf ran the new
+                    // version left the platform with the old one).
+                    self.giving_up = Some(desc);
+                    self.go(
+                        S::Identifying,
+                        "too many unclean stops while flashing: reading the version back \
+                         before giving up",
+                        now,
+                    );
+                    return vec![A::StartIdentify];
                 }
                 let to = S::Flashing { done: 0, total };
                 let note = if restart.unclean {
@@ -474,17 +491,38 @@ impl Job {
 
             (S::Identifying, Event::Identified { version }) if version == self.version => {
                 self.read_back = Some(version.clone());
-                return self.succeed(version, "the leaf reports the new version", now);
+                let note = if self.giving_up.take().is_some() {
+                    "the leaf reports the new version: the flash completed before the gateway stopped"
+                } else {
+                    "the leaf reports the new version"
+                };
+                return self.succeed(version, note, now);
             }
             (S::Identifying, Event::Identified { version }) => {
-                let desc = format!(
-                    "leaf reports version {version} after flashing, expected {}",
-                    self.version
-                );
+                let desc = self.giving_up.take().unwrap_or_else(|| {
+                    format!(
+                        "leaf reports version {version} after flashing, expected {}",
+                        self.version
+                    )
+                });
                 // Tell the platform the truth: the failure, then the version
                 // the leaf really runs (see `terminal_reports`).
                 self.read_back = Some(version);
                 return self.fail(Step::FlashFailed, desc, now);
+            }
+            // Giving up: an unread version is not trusted (the flash was
+            // interrupted); the failure stands.
+            (S::Identifying, Event::IdentifyUnsupported) if self.giving_up.is_some() => {
+                let desc = self.giving_up.take().unwrap_or_default();
+                return self.fail(Step::FlashFailed, desc, now);
+            }
+            (S::Identifying, Event::IdentifyFailed { desc }) if self.giving_up.is_some() => {
+                let why = self.giving_up.take().unwrap_or_default();
+                return self.fail(
+                    Step::FlashFailed,
+                    format!("{why}; reading the version back failed too: {desc}"),
+                    now,
+                );
             }
             (S::Identifying, Event::IdentifyUnsupported) => {
                 let version = self.version.clone();
@@ -958,7 +996,18 @@ mod tests {
         assert_eq!(job.state(), &State::Flashing { done: 0, total: 10 });
         // It survives serialisation (the journal) with its counter.
         let mut job: Job = serde_json::from_str(&serde_json::to_string(&job).unwrap()).unwrap();
+        // Over the limit: not flashed again, but the leaf is asked first.
         let a = job.on(Event::Restarted(UNCLEAN), 6_000);
+        assert_eq!(a.last(), Some(&Action::StartIdentify), "{a:?}");
+        assert_eq!(job.state(), &State::Identifying);
+        // It still runs the old version: the failure, and the truth.
+        let mut old = job.clone();
+        let a = old.on(
+            Event::Identified {
+                version: "1.0".into(),
+            },
+            7_000,
+        );
         assert_eq!(
             reports(&a),
             [(
@@ -968,8 +1017,43 @@ mod tests {
                     .to_string()
             )]
         );
+        assert!(a.contains(&Action::ReportInform {
+            version: "1.0".into()
+        }));
         assert_eq!(a.last(), Some(&Action::Done));
-        assert!(job.is_terminal());
+        assert_eq!(old.leaf_version(), Some("1.0"));
+        // The last flash had completed: a success.
+        let mut done = job.clone();
+        let v = done.version().to_string();
+        done.on(Event::Identified { version: v.clone() }, 7_000);
+        assert_eq!(done.state(), &State::Succeeded { version: v.clone() });
+        assert_eq!(done.leaf_version(), Some(v.as_str()));
+        // A family that cannot read the version: the failure stands (an
+        // interrupted flash is not trusted), and no version is claimed.
+        let mut blind = job.clone();
+        blind.on(Event::IdentifyUnsupported, 7_000);
+        assert!(matches!(blind.state(), State::Failed { step, .. } if step.code() == -4));
+        assert_eq!(blind.leaf_version(), None);
+        // Killed again while asking: asked again (the reason survives the
+        // journal).
+        let mut again: Job = serde_json::from_str(&serde_json::to_string(&job).unwrap()).unwrap();
+        assert_eq!(
+            again.on(Event::Restarted(UNCLEAN), 8_000).last(),
+            Some(&Action::StartIdentify)
+        );
+        let a = again.on(
+            Event::IdentifyFailed {
+                desc: "no answer".into(),
+            },
+            9_000,
+        );
+        assert_eq!(reports(&a)[0].0, -4);
+        assert!(
+            matches!(again.state(), State::Failed { desc, .. }
+                if desc.ends_with("reading the version back failed too: no answer")),
+            "{:?}",
+            again.state()
+        );
     }
 
     #[test]
@@ -995,7 +1079,10 @@ mod tests {
         };
         assert_eq!(job.on(Event::Restarted(limit), 7_000), [Action::StartFlash]);
         assert_eq!(job.on(Event::Restarted(limit), 8_000), [Action::StartFlash]);
-        assert_eq!(reports(&job.on(Event::Restarted(limit), 9_000))[0].0, -4);
+        assert_eq!(
+            job.on(Event::Restarted(limit), 9_000).last(),
+            Some(&Action::StartIdentify)
+        );
     }
 
     #[test]
