@@ -681,11 +681,22 @@ impl PluginSession {
             })
             .await;
         let link = self.take_link(link_res);
+        let plugin = self.plugin.info.name.clone();
         (
             link,
-            r.map(|d| DeviceInfo {
-                version: d.version,
-                model: d.model,
+            r.and_then(|d| {
+                // What the gateway informs: never an empty or garbled version
+                // (a receiver in the middle of a transfer answered the version
+                // command with nothing, campaign seed 1).
+                let version = checked_version(&d.version).map_err(|why| PluginError::Failed {
+                    plugin,
+                    call: "identify",
+                    error: FlashError::Device(why),
+                })?;
+                Ok(DeviceInfo {
+                    version,
+                    model: d.model,
+                })
             }),
         )
     }
@@ -712,6 +723,30 @@ impl PluginSession {
             Err(e) => unreachable_table(e),
         }
     }
+}
+
+/// The longest version the gateway informs (the platform's limit is 64).
+pub const MAX_VERSION_LEN: usize = 64;
+
+/// A version as a device reported it, trimmed; an error for an empty one, one
+/// longer than [`MAX_VERSION_LEN`] or one with control characters.
+pub fn checked_version(raw: &str) -> Result<String, String> {
+    let v = raw.trim();
+    if v.is_empty() {
+        return Err("the device reported an empty version".into());
+    }
+    if v.chars().count() > MAX_VERSION_LEN {
+        return Err(format!(
+            "the device reported a version of {} characters (at most {MAX_VERSION_LEN})",
+            v.chars().count()
+        ));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(format!(
+            "the device reported a version with control characters: {v:?}"
+        ));
+    }
+    Ok(v.to_owned())
 }
 
 /// The resource table of a fresh job store holds a handful of entries; a
@@ -771,5 +806,28 @@ impl PluginHost {
         let p = Arc::new(plugin);
         map.insert(p.info.name.clone(), p.clone());
         Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::checked_version;
+
+    #[test]
+    fn only_a_plain_version_is_taken() {
+        assert_eq!(checked_version(" 2.1.0\r\n").unwrap(), "2.1.0");
+        assert!(checked_version("").unwrap_err().contains("empty"));
+        assert!(checked_version(" \r\n").unwrap_err().contains("empty"));
+        assert!(
+            checked_version(&"9".repeat(65))
+                .unwrap_err()
+                .contains("65 characters")
+        );
+        assert!(
+            checked_version("1.0\u{1b}[31m")
+                .unwrap_err()
+                .contains("control")
+        );
+        assert_eq!(checked_version("v1.2.3-rc1+é").unwrap(), "v1.2.3-rc1+é");
     }
 }
