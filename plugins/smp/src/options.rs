@@ -119,6 +119,46 @@ fn bad(key: &str, value: &str, why: &str) -> Error {
 mod tests {
     use super::*;
 
+    #[test]
+    fn no_value_of_any_option_panics_the_parser() {
+        let keys = [
+            "timeout_ms",
+            "erase_timeout_ms",
+            "retries",
+            "reset_wait_ms",
+            "public_key",
+            "require_newer",
+            "image",
+            "buf_size",
+            "max_chunk",
+            "erase",
+            "model_format",
+        ];
+        let values = [
+            "aéb",
+            "é",
+            "7fé4",
+            "0xé",
+            "\\xé",
+            "\\é",
+            "ü=1",
+            "99999999999999999999",
+            "-1",
+            "",
+            " ",
+            "0x",
+            "\u{0}",
+            "1e9",
+        ];
+        for k in keys {
+            for v in values {
+                let opts = vec![(k.to_string(), v.to_string())];
+                let r = std::panic::catch_unwind(|| Settings::parse(&opts));
+                assert!(r.is_ok(), "{k} = {v:?} panicked");
+            }
+        }
+    }
+
     fn opts(list: &[(&str, &str)]) -> Vec<(String, String)> {
         list.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

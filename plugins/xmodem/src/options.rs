@@ -233,6 +233,50 @@ pub fn unescape(key: &str, s: &str) -> Result<Vec<u8>, Error> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn no_value_of_any_option_panics_the_parser() {
+        let keys = [
+            "protocol",
+            "ymodem",
+            "block_size",
+            "small_tail",
+            "pad_byte",
+            "filename",
+            "retries",
+            "block_timeout_ms",
+            "handshake_timeout_ms",
+            "enter_command",
+            "enter_wait_ms",
+            "enter_repeat_ms",
+            "max_size",
+            "version_command",
+            "version_timeout_ms",
+        ];
+        let values = [
+            "aéb",
+            "é",
+            "7fé4",
+            "0xé",
+            "\\xé",
+            "\\é",
+            "ü=1",
+            "99999999999999999999",
+            "-1",
+            "",
+            " ",
+            "0x",
+            "\u{0}",
+            "1e9",
+        ];
+        for k in keys {
+            for v in values {
+                let opts = vec![(k.to_string(), v.to_string())];
+                let r = std::panic::catch_unwind(|| Settings::parse(&opts));
+                assert!(r.is_ok(), "{k} = {v:?} panicked");
+            }
+        }
+    }
+
     fn opts(list: &[(&str, &str)]) -> Vec<(String, String)> {
         list.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
