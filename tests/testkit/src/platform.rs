@@ -139,7 +139,10 @@
 //! is faster than the double to reconnect. After [`crate::Mosquitto::kill`]
 //! the session is gone: the double subscribes again and misses what happens
 //! before its SUBACK. A QoS 1 message that mosquitto redelivers after a
-//! restart would be judged again against the state after the restart.
+//! restart (the double's PUBACK died with the broker) is recognised as a
+//! byte-identical copy of a leaf message already accepted and logged as
+//! `Redelivered`, not judged again: the gateway's messages carry unique ids,
+//! so an identical one is the same message.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -264,6 +267,12 @@ pub enum PlatformEvent {
         message: Message,
         qos: u8,
     },
+    /// A second copy of a message already accepted, redelivered by mosquitto
+    /// to the double's persistent session after a broker restart (the
+    /// double's PUBACK was lost with the broker): not judged again.
+    Redelivered {
+        message: Message,
+    },
     /// A `batch_login` dropped on purpose ([`PlatformOptions::lose_first_logins`]).
     Lost {
         message: Message,
@@ -301,11 +310,12 @@ pub enum PlatformEvent {
 }
 
 impl PlatformEvent {
-    /// The message of an `Accepted`, `Lost` or `Sent` event.
+    /// The message of an `Accepted`, `Lost`, `Redelivered` or `Sent` event.
     pub fn message(&self) -> Option<&Message> {
         match self {
             PlatformEvent::Accepted { message, .. }
             | PlatformEvent::Lost { message }
+            | PlatformEvent::Redelivered { message }
             | PlatformEvent::Sent { message } => Some(message),
             _ => None,
         }
@@ -326,6 +336,9 @@ impl fmt::Display for PlatformEvent {
                 write!(f, "accepted q{qos} {} {}", message.topic, message.text())
             }
             E::Lost { message } => write!(f, "lost {} {}", message.topic, message.text()),
+            E::Redelivered { message } => {
+                write!(f, "redelivered {} {}", message.topic, message.text())
+            }
             E::Sent { message } => write!(f, "sent {} {}", message.topic, message.text()),
             E::TopologyAdded {
                 product_key,
@@ -435,6 +448,9 @@ struct Core {
     gateway_client: Option<String>,
     /// What the double published and has not seen come back yet.
     echoes: Vec<(String, Vec<u8>)>,
+    /// Leaf messages accepted so far: an identical one again is a
+    /// redelivery, not a new publish of the gateway.
+    accepted_leaf: std::collections::HashSet<(String, Vec<u8>)>,
     next_id: u64,
     log: Vec<PlatformEvent>,
     /// A client id whose connect line proves the broker log arrives.
@@ -550,6 +566,7 @@ impl Core {
             connects: 0,
             gateway_client: None,
             echoes: Vec::new(),
+            accepted_leaf: std::collections::HashSet::new(),
             next_id: 1000,
             log: Vec::new(),
             log_check,
@@ -856,6 +873,13 @@ impl Core {
             );
             return Vec::new();
         }
+        if self
+            .accepted_leaf
+            .contains(&(topic.to_owned(), payload.to_vec()))
+        {
+            self.push(PlatformEvent::Redelivered { message });
+            return Vec::new();
+        }
         if !self.online.contains(&device) {
             let what = format!(
                 "published for leaf {}/{} while it is {} (the platform drops it)",
@@ -866,6 +890,8 @@ impl Core {
             self.violate(topic, &text, what);
             return Vec::new();
         }
+        self.accepted_leaf
+            .insert((topic.to_owned(), payload.to_vec()));
         self.push(PlatformEvent::Accepted { message, qos });
         self.maybe_firmware_get(&device, topic, payload)
     }
@@ -2664,6 +2690,33 @@ mod tests {
         assert_eq!(ask(&mut c, &add, json!("not an object"))["code"], 460);
         assert_eq!(ask(&mut c, &login_t, login("6", &refs[..50]))["code"], 200);
         assert_eq!(c.online.len(), 50);
+    }
+
+    #[test]
+    fn a_redelivered_copy_of_an_accepted_message_is_not_judged_again() {
+        let mut c = core(&both_in_topology());
+        let login_t = t("/ext/session/{gw}/combine/batch_login");
+        let r = reply_of(&c.on_publish(&login_t, login("1", &[L1]).to_string().as_bytes(), 0));
+        assert_eq!(r["code"], 200);
+        let (t1, body) = inform(L1);
+        let bytes = body.to_string().into_bytes();
+        c.on_publish(&t1, &bytes, 1);
+        // The broker restarts: offline; mosquitto hands the double the same
+        // message again.
+        c.on_broker_lost();
+        c.on_publish(&t1, &bytes, 1);
+        assert!(matches!(
+            c.log.last(),
+            Some(PlatformEvent::Redelivered { .. })
+        ));
+        assert!(
+            c.log
+                .iter()
+                .all(|e| !matches!(e, PlatformEvent::Violation(_)))
+        );
+        // A new message for the offline leaf is still a violation.
+        c.on_publish(&t1, b"{\"id\":\"2\",\"params\":{\"version\":\"1.0.0\"}}", 1);
+        assert!(matches!(c.log.last(), Some(PlatformEvent::Violation(_))));
     }
 
     #[test]
