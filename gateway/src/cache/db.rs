@@ -269,6 +269,32 @@ impl Db {
                     self.put_meta(&digest, &meta)?;
                     changed = true;
                 }
+                // The whole image is in the file although the meta says
+                // partial: a store that lost its latest writes (damaged and
+                // opened, or rebuilt from an older state) after the download
+                // had completed. Bytes that hash to the digest are the image.
+                ImageState::Partial { .. }
+                    if len.is_some_and(|l| l >= meta.size)
+                        && self.prefix_hashes_to(&path, &digest, meta.size)? =>
+                {
+                    tracing::info!(%digest, size = meta.size, "partial image found complete: its bytes match its digest");
+                    if len.is_some_and(|l| l > meta.size) {
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(file_error("open an image file", &path))?;
+                        f.set_len(meta.size)
+                            .and_then(|()| f.sync_all())
+                            .map_err(file_error("cut an image file", &path))?;
+                    }
+                    meta.state = ImageState::Complete;
+                    match digest.method() {
+                        DigestMethod::Md5 => meta.md5 = Some(digest.hex().to_owned()),
+                        DigestMethod::Sha256 => meta.sha256 = Some(digest.hex().to_owned()),
+                    }
+                    self.put_meta(&digest, &meta)?;
+                    changed = true;
+                }
                 ImageState::Partial { .. } => {}
             }
         }
@@ -314,6 +340,36 @@ impl Db {
             self.images.flush().map_err(CacheError::store("flush"))?;
         }
         Ok(())
+    }
+
+    /// Whether the first `size` bytes of the file hash to `digest`.
+    fn prefix_hashes_to(
+        &self,
+        path: &Path,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<bool, CacheError> {
+        use std::io::Read;
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(file_error("open an image file", path)(e)),
+        };
+        let mut hasher = Hasher::new(digest.method());
+        let mut reader = file.take(size);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n_total = 0u64;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(file_error("read an image file", path)(e)),
+            };
+            hasher.update(&buf[..n]);
+            n_total += n as u64;
+        }
+        Ok(n_total == size && hasher.finish() == *digest)
     }
 
     /// The file's length if its whole content hashes to `digest`.

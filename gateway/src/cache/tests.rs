@@ -1221,3 +1221,73 @@ async fn cache_open_adopts_image_files_whose_content_matches_their_name() {
         server.requests()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_open_completes_a_partial_image_whose_file_holds_the_whole_image() {
+    // A store that lost its latest writes (damaged, campaign seed 4) says
+    // "partial" for an image whose download had completed: the file holds
+    // the whole image, and bytes that hash to the digest are the image.
+    let server = Server::start().await;
+    let a = image(3 * CHUNK_SIZE + 123, 80);
+    let ua = server.add("a", &a);
+    let mut fx = Fixture::new(GB, fast());
+    drop(
+        fx.cache()
+            .fetch(request(&ua, &a), no_progress)
+            .await
+            .unwrap(),
+    );
+    let d = sha256_of(&a);
+    let db = fx.cache().inner.db.clone();
+    let mut meta = db.meta(&d).unwrap().unwrap();
+    meta.state = ImageState::Partial {
+        received: CHUNK_SIZE as u64,
+    };
+    meta.sha256 = None;
+    db.put_meta(&d, &meta).unwrap();
+    drop(db);
+    // And a partial whose file is whole but wrong stays partial (cut back).
+    let b = image(2 * CHUNK_SIZE, 81);
+    let ub = server.add("b", &b);
+    drop(
+        fx.cache()
+            .fetch(request(&ub, &b), no_progress)
+            .await
+            .unwrap(),
+    );
+    let db = fx.cache().inner.db.clone();
+    let db_b = sha256_of(&b);
+    let mut meta_b = db.meta(&db_b).unwrap().unwrap();
+    meta_b.state = ImageState::Partial { received: 0 };
+    db.put_meta(&db_b, &meta_b).unwrap();
+    let path_b = fx.cache().image_path(&db_b);
+    drop(db);
+    {
+        let mut bytes = std::fs::read(&path_b).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&path_b, bytes).unwrap();
+    }
+    fx.reopen(GB, fast()).await;
+
+    let state = |digest: &Digest| {
+        fx.cache()
+            .list()
+            .into_iter()
+            .find(|i| i.digest == *digest)
+            .unwrap()
+            .state
+    };
+    assert_eq!(state(&d), ImageState::Complete);
+    assert_eq!(state(&db_b), ImageState::Partial { received: 0 });
+    let got = fx
+        .cache()
+        .fetch(request(&ua, &a), no_progress)
+        .await
+        .unwrap();
+    assert_eq!(read_all(&got), a);
+    assert_eq!(
+        server.requests().iter().filter(|(n, _)| n == "a").count(),
+        1,
+        "served from the file, not downloaded again"
+    );
+}
