@@ -21,7 +21,9 @@
 //!   handled by the next [`Db::open`]: adopted as a complete image when its
 //!   bytes hash to the digest in its name (also what keeps the images of a
 //!   store rebuilt after damage), else deleted. `open` also drops (or cuts
-//!   back) metas whose file is missing or too short.
+//!   back) metas whose file is missing or too short, and marks complete a
+//!   partial image whose file holds bytes matching its digest (a damaged store
+//!   that lost the record of a completed download).
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
@@ -239,8 +241,9 @@ impl Db {
 
     /// Make the metas and the files agree after a crash: adopt files no meta
     /// names when their content matches their digest (else delete them), drop
-    /// complete images whose file is missing or short, cut partial ones back
-    /// to the whole chunks their file holds.
+    /// complete images whose file is missing or short, complete partial ones
+    /// whose file matches the digest, cut the other partial ones back to the
+    /// whole chunks their file holds.
     fn reconcile(&self) -> Result<(), CacheError> {
         let all = self.all()?;
         let mut changed = false;
