@@ -292,10 +292,6 @@ impl Presence {
         self.index.get(&(pk.to_owned(), dn.to_owned())).copied()
     }
 
-    pub fn is_online(&self, leaf: usize) -> bool {
-        self.leaves[leaf].state == PlatformState::Online
-    }
-
     /// The outbox entries before this sequence number go out at the leaf's
     /// login (before what is held).
     pub fn offline_since_seq(&self, leaf: usize) -> u64 {

@@ -17,6 +17,50 @@ use std::fmt;
 #[doc(hidden)]
 pub mod fuzzing;
 
+/// Values that have panicked option parsers (non-ASCII inside hex or
+/// escapes, numbers past every range, empty, control characters).
+#[cfg(not(target_arch = "wasm32"))]
+#[doc(hidden)]
+pub const HOSTILE_OPTION_VALUES: &[&str] = &[
+    "aéb",
+    "é",
+    "7fé4",
+    "0xé",
+    "\\xé",
+    "\\é",
+    "ü=1",
+    "dtr=é",
+    "99999999999999999999",
+    "-1",
+    "",
+    " ",
+    "0x",
+    "K",
+    "1MiB",
+    "1e9",
+    "\u{0}",
+];
+
+/// Test support: `parse` (a family's option parser) is called with every key
+/// in `keys` set to each of [`HOSTILE_OPTION_VALUES`]; it may refuse any of
+/// them, but must not panic.
+#[cfg(not(target_arch = "wasm32"))]
+#[doc(hidden)]
+pub fn assert_no_option_value_panics<R>(
+    keys: &[&str],
+    parse: impl Fn(&[(String, String)]) -> R + std::panic::RefUnwindSafe,
+) {
+    for k in keys {
+        for v in HOSTILE_OPTION_VALUES {
+            let opts = vec![(k.to_string(), v.to_string())];
+            let r = std::panic::catch_unwind(|| {
+                parse(&opts);
+            });
+            assert!(r.is_ok(), "{k} = {v:?} panicked");
+        }
+    }
+}
+
 /// A device option with a value the family cannot use. The message names the
 /// option, its value (shortened) and why, e.g.
 /// ``option `retries` = "many": expected a whole number``.
