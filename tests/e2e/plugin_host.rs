@@ -146,7 +146,9 @@ async fn broken_plugins_are_reported_and_skipped() {
                 forbidden = true;
             }
             PluginError::Contract { found, .. } => {
-                assert_eq!(found, "0.2.0");
+                assert_eq!(found, "0.3.0");
+                // The operator learns what this gateway runs.
+                assert!(e.to_string().contains("0.1.0 to 0.2.0"), "{e}");
                 contract = true;
             }
             PluginError::Malformed { path, .. } => {

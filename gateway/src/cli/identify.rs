@@ -29,6 +29,15 @@ pub async fn run(a: IdentifyArgs) -> anyhow::Result<ExitCode> {
             if let Some(m) = d.model {
                 println!("model {m}");
             }
+            if let Some(h) = d.hardware_id {
+                println!("hardware_id {h}");
+            }
+            if let Some(n) = d.serial_number {
+                println!("serial_number {n}");
+            }
+            for (name, value) in d.attributes {
+                println!("{name} {value}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

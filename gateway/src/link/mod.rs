@@ -7,11 +7,17 @@
 //! [`LinkError::Unsupported`], never a panic: plugins decide whether that matters.
 //!
 //! Each transport implements [`Transport`]; a Bluetooth LE transport (or a fake
-//! of one, where no radio exists) plugs in behind the same trait.
+//! of one, where no radio exists) plugs in behind the same trait and offers
+//! its other characteristics through [`gatt::GattLink`]. A link opened from a
+//! URL can be [reopened](Link::reopen) (a device that re-enumerates or reboots
+//! into a new image); a link built from a transport can be given a way to.
 
+pub mod gatt;
 mod serial;
 mod tcp;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -78,6 +84,12 @@ pub enum LinkError {
     },
     #[error("{link}: connection closed by the device")]
     Closed { link: String },
+    #[error("{link}: {what}")]
+    Timeout { link: String, what: String },
+    #[error("{link}: {what}")]
+    NotFound { link: String, what: String },
+    #[error("{link}: {what}")]
+    Invalid { link: String, what: String },
     #[error("{link}: {op} failed: {source}")]
     Io {
         link: String,
@@ -100,6 +112,68 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
     fn set_lines(&mut self, _dtr: bool, _rts: bool) -> Result<(), String> {
         Err("the link has no modem lines".into())
     }
+    /// The device's GATT characteristics, on a BLE link. Default: none.
+    fn gatt(&mut self) -> Option<&mut dyn gatt::GattLink> {
+        None
+    }
+}
+
+/// Opens a link's transport again (see [`Link::reopen`]): one attempt, which
+/// fails at once when the device is not there (yet).
+pub type Reopener = Box<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Box<dyn Transport>, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// How often [`Link::reopen`] tries again while the device is away.
+const REOPEN_POLL: Duration = Duration::from_millis(50);
+
+/// The transport of a link that is closed (between a failed reopen and the
+/// next): every read and write answers that the device went away.
+struct Gone;
+
+impl tokio::io::AsyncRead for Gone {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Gone {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()))
+    }
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()))
+    }
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl Transport for Gone {}
+
+/// What a link can do, asked before trying (the contract's `link-feature`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkFeature {
+    Configure,
+    ModemLines,
+    Reopen,
+    Gatt,
 }
 
 /// A link to one leaf device.
@@ -112,6 +186,13 @@ pub struct Link {
     pending: Vec<u8>,
     /// Settings from the URL: these win over a plugin's defaults.
     url_serial: Option<PartialSerial>,
+    /// The serial settings last applied, applied again after a reopen.
+    applied: Option<SerialConfig>,
+    /// How to open the transport again, when the link can be reopened.
+    reopener: Option<Reopener>,
+    /// Characteristics subscribed through [`Link::gatt_subscribe`], with the
+    /// text the plugin named each by (its values come back tagged with it).
+    subscribed: Vec<(gatt::Uuid, String)>,
 }
 
 impl std::fmt::Debug for Link {
@@ -258,6 +339,14 @@ impl Link {
                 let mut link =
                     Link::new(url.to_string(), LinkKind::Serial, STREAM_MTU, Box::new(t));
                 link.url_serial = Some(settings);
+                link.reopener = Some(Box::new(move || {
+                    let path = path.clone();
+                    Box::pin(async move {
+                        serial::open(&path, &initial)
+                            .map(|t| Box::new(t) as Box<dyn Transport>)
+                            .map_err(|e| e.to_string())
+                    })
+                }));
                 Ok(link)
             }
             LinkUrl::Tcp { host, port } => {
@@ -267,12 +356,17 @@ impl Link {
                         link: url.to_string(),
                         source,
                     })?;
-                Ok(Link::new(
-                    url.to_string(),
-                    LinkKind::Tcp,
-                    STREAM_MTU,
-                    Box::new(t),
-                ))
+                let mut link = Link::new(url.to_string(), LinkKind::Tcp, STREAM_MTU, Box::new(t));
+                link.reopener = Some(Box::new(move || {
+                    let host = host.clone();
+                    Box::pin(async move {
+                        tcp::connect(&host, port)
+                            .await
+                            .map(|t| Box::new(t) as Box<dyn Transport>)
+                            .map_err(|e| e.to_string())
+                    })
+                }));
+                Ok(link)
             }
         }
     }
@@ -286,7 +380,176 @@ impl Link {
             io,
             pending: Vec::new(),
             url_serial: None,
+            applied: None,
+            reopener: None,
+            subscribed: Vec::new(),
         }
+    }
+
+    /// Let [`Link::reopen`] open the transport again with `reopener`.
+    pub fn with_reopener(mut self, reopener: Reopener) -> Link {
+        self.reopener = Some(reopener);
+        self
+    }
+
+    /// Whether this link can do `feature` at all, without touching the device.
+    pub fn supports(&mut self, feature: LinkFeature) -> bool {
+        match feature {
+            LinkFeature::Configure | LinkFeature::ModemLines => self.kind == LinkKind::Serial,
+            LinkFeature::Reopen => self.reopener.is_some(),
+            LinkFeature::Gatt => self.io.gatt().is_some(),
+        }
+    }
+
+    /// Close the link and open the same one again, waiting up to `timeout` for
+    /// the device to come back. Unread input and GATT subscriptions made
+    /// through [`Link::gatt_subscribe`] are gone; the serial settings last
+    /// applied are applied again. When the device does not come back in time
+    /// the link stays closed (reads and writes answer [`LinkError::Closed`])
+    /// and may be reopened again.
+    pub async fn reopen(&mut self, timeout: Duration) -> Result<(), LinkError> {
+        let Some(reopener) = &self.reopener else {
+            return Err(LinkError::Unsupported {
+                link: self.name.clone(),
+                what: "reopening".into(),
+                reason: "this link cannot be opened again".into(),
+            });
+        };
+        // Close first: a USB device re-enumerates only once its port is free.
+        self.io = Box::new(Gone);
+        self.pending.clear();
+        self.subscribed.clear();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = String::from("not tried");
+        loop {
+            match tokio::time::timeout_at(deadline, reopener()).await {
+                Ok(Ok(io)) => {
+                    self.io = io;
+                    if let Some(config) = self.applied {
+                        self.configure(&config)?;
+                    }
+                    return Ok(());
+                }
+                Ok(Err(e)) => last = e,
+                Err(_) => {}
+            }
+            if tokio::time::Instant::now() + REOPEN_POLL >= deadline {
+                return Err(LinkError::Timeout {
+                    link: self.name.clone(),
+                    what: format!(
+                        "the device did not come back within {} ms ({last})",
+                        timeout.as_millis()
+                    ),
+                });
+            }
+            tokio::time::sleep(REOPEN_POLL).await;
+        }
+    }
+
+    fn gatt_link(&mut self) -> Result<&mut dyn gatt::GattLink, LinkError> {
+        let name = self.name.clone();
+        self.io.gatt().ok_or(LinkError::Unsupported {
+            link: name,
+            what: "GATT access".into(),
+            reason: "only Bluetooth LE links have characteristics".into(),
+        })
+    }
+
+    fn gatt_uuid(&self, text: &str) -> Result<gatt::Uuid, LinkError> {
+        gatt::parse_uuid(text).map_err(|what| LinkError::Invalid {
+            link: self.name.clone(),
+            what,
+        })
+    }
+
+    fn gatt_error(&self, e: gatt::GattError) -> LinkError {
+        let link = self.name.clone();
+        match e {
+            gatt::GattError::NotFound(what) => LinkError::NotFound {
+                link,
+                what: format!("no characteristic {what}"),
+            },
+            gatt::GattError::Invalid(what) => LinkError::Invalid { link, what },
+            gatt::GattError::Timeout(what) => LinkError::Timeout { link, what },
+            gatt::GattError::Closed => LinkError::Closed { link },
+            gatt::GattError::Io(reason) => LinkError::Io {
+                link,
+                op: "GATT",
+                source: std::io::Error::other(reason),
+            },
+        }
+    }
+
+    /// Write to a characteristic named as the contract writes UUIDs.
+    pub async fn gatt_write(
+        &mut self,
+        characteristic: &str,
+        data: &[u8],
+        with_response: bool,
+    ) -> Result<(), LinkError> {
+        let uuid = self.gatt_uuid(characteristic)?;
+        if data.len() > self.mtu as usize {
+            return Err(LinkError::Invalid {
+                link: self.name.clone(),
+                what: format!(
+                    "a GATT write of {} bytes is longer than the link's MTU of {}",
+                    data.len(),
+                    self.mtu
+                ),
+            });
+        }
+        let r = self.gatt_link()?.write(uuid, data, with_response).await;
+        r.map_err(|e| self.gatt_error(e))
+    }
+
+    /// Read a characteristic's current value.
+    pub async fn gatt_read(&mut self, characteristic: &str) -> Result<Vec<u8>, LinkError> {
+        let uuid = self.gatt_uuid(characteristic)?;
+        let r = self.gatt_link()?.read(uuid).await;
+        r.map_err(|e| self.gatt_error(e))
+    }
+
+    /// Subscribe to a characteristic; its values are tagged with
+    /// `characteristic` exactly as given here.
+    pub async fn gatt_subscribe(
+        &mut self,
+        characteristic: &str,
+        indicate: bool,
+    ) -> Result<(), LinkError> {
+        let uuid = self.gatt_uuid(characteristic)?;
+        let r = self.gatt_link()?.subscribe(uuid, indicate).await;
+        r.map_err(|e| self.gatt_error(e))?;
+        self.subscribed.retain(|(u, _)| *u != uuid);
+        self.subscribed.push((uuid, characteristic.to_string()));
+        Ok(())
+    }
+
+    /// Stop a subscription made with [`Link::gatt_subscribe`].
+    pub async fn gatt_unsubscribe(&mut self, characteristic: &str) -> Result<(), LinkError> {
+        let uuid = self.gatt_uuid(characteristic)?;
+        let r = self.gatt_link()?.unsubscribe(uuid).await;
+        r.map_err(|e| self.gatt_error(e))?;
+        self.subscribed.retain(|(u, _)| *u != uuid);
+        Ok(())
+    }
+
+    /// The next value of a subscribed characteristic, tagged with the text
+    /// it was subscribed by.
+    pub async fn gatt_receive(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<(String, Vec<u8>)>, LinkError> {
+        let r = self.gatt_link()?.receive(timeout).await;
+        let value = r.map_err(|e| self.gatt_error(e))?;
+        Ok(value.map(|v| {
+            let name = self
+                .subscribed
+                .iter()
+                .find(|(u, _)| *u == v.characteristic)
+                .map(|(_, n)| n.clone())
+                .unwrap_or_else(|| v.characteristic.to_string());
+            (name, v.data)
+        }))
     }
 
     pub fn name(&self) -> &str {
@@ -368,6 +631,7 @@ impl Link {
     pub fn configure(&mut self, config: &SerialConfig) -> Result<(), LinkError> {
         self.io
             .configure(config)
+            .inspect(|()| self.applied = Some(*config))
             .map_err(|reason| LinkError::Unsupported {
                 link: self.name.clone(),
                 what: format!(

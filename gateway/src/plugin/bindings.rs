@@ -1,49 +1,185 @@
-//! Every `bindgen!` of the plugin contract, in one place (CONVENTIONS 9).
+//! Every `bindgen!` of the plugin contract, in one place (CONVENTIONS 9), and
+//! the one enum the rest of the host dispatches on.
 //!
-//! The host side of each WIT version lives in its own module; today the host
-//! runs one, `v0_1_0`. A later contract version gets a sibling module and the
-//! host converts its types to the latest ones, so behaviour is written once.
+//! Zed's extension host is the model: one module per contract version
+//! ([`v0_1_0`], [`v0_2_0`]), each generated from its own `wit/vX.Y.Z` folder and
+//! carrying its version, the interface a plugin exports and the interfaces it
+//! may import; a [`latest`] alias; [`Contract`], an enum over the versions with
+//! [`Contract::MIN`] and [`Contract::MAX`]; and [`FamilyPre`] / [`Family`], the
+//! pre-linked and instantiated plugin of whichever version it was built for.
+//! The host implements the latest `host` interface and adapts the older ones
+//! to it (`host.rs`), so behaviour is written once.
 //!
-//! `v0_2_0` (`wit/v0.2.0`, see its DESIGN.md) is bound for the tests only, until
-//! the host dispatches on the contract version (issue 12): they prove that
-//! wasmtime accepts the world and pin the shape of its types.
+//! Adding a version: a `contract_version!` line, a case in [`Contract`],
+//! [`FamilyPre`] and [`Family`], and the conversions the compiler then asks for.
 
-pub mod v0_1_0 {
-    wasmtime::component::bindgen!({
-        path: "../wit/v0.1.0",
-        world: "device-family",
-        imports: { default: async | trappable },
-        exports: { default: async },
-        with: {
-            "otagw:plugin/host.link": crate::link::Link,
-            "otagw:plugin/host.image": crate::plugin::host::ImageHandle,
-        },
-    });
+use wasmtime::component::{InstancePre, Linker};
+
+use super::PluginState;
+
+/// One contract version's bindings: `bindgen!` over its WIT folder with the
+/// host's own types for the `link` and `image` resources (so every version's
+/// resources are the same host objects), and the names the loader checks.
+macro_rules! contract_version {
+    ($module:ident, $version:tt, $wit:tt) => {
+        pub mod $module {
+            wasmtime::component::bindgen!({
+                path: $wit,
+                world: "device-family",
+                imports: { default: async | trappable },
+                exports: { default: async },
+                with: {
+                    "otagw:plugin/host.link": crate::link::Link,
+                    "otagw:plugin/host.image": crate::plugin::host::ImageHandle,
+                },
+            });
+
+            /// The contract version, as plugins report it in `describe`.
+            pub const VERSION: &str = $version;
+            /// The interface a plugin of this version exports.
+            pub const PLUGIN_EXPORT: &str = concat!("otagw:plugin/plugin@", $version);
+            /// The contract's interfaces a plugin of this version may import.
+            pub const IMPORTS: &[&str] = &[
+                concat!("otagw:plugin/types@", $version),
+                concat!("otagw:plugin/host@", $version),
+            ];
+        }
+    };
 }
 
-pub use v0_1_0::DeviceFamily;
-pub use v0_1_0::DeviceFamilyPre;
-pub use v0_1_0::otagw::plugin::types;
+contract_version!(v0_1_0, "0.1.0", "../wit/v0.1.0");
+contract_version!(v0_2_0, "0.2.0", "../wit/v0.2.0");
 
-/// The contract version this host implements, as plugins report it in `describe`.
-pub const CONTRACT_VERSION: &str = "0.1.0";
-/// The interface a plugin must export, with its version.
-pub const PLUGIN_EXPORT: &str = "otagw:plugin/plugin@0.1.0";
+/// The newest contract: what the host implements natively and what new
+/// plugins (the SDK) are built against.
+pub use v0_2_0 as latest;
 
-/// `otagw:plugin@0.2.0`, bound with the same settings and resource types as
-/// `v0_1_0`, so both versions' `link` and `image` are the host's own types.
+/// A contract version this host runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Contract {
+    V0_1_0,
+    V0_2_0,
+}
+
+impl Contract {
+    /// Every supported version, oldest first.
+    pub const ALL: [Contract; 2] = [Contract::V0_1_0, Contract::V0_2_0];
+    /// The oldest version this host runs.
+    pub const MIN: Contract = Contract::V0_1_0;
+    /// The newest version this host runs ([`latest`]).
+    pub const MAX: Contract = Contract::V0_2_0;
+
+    pub fn version(self) -> &'static str {
+        match self {
+            Contract::V0_1_0 => v0_1_0::VERSION,
+            Contract::V0_2_0 => v0_2_0::VERSION,
+        }
+    }
+
+    pub fn plugin_export(self) -> &'static str {
+        match self {
+            Contract::V0_1_0 => v0_1_0::PLUGIN_EXPORT,
+            Contract::V0_2_0 => v0_2_0::PLUGIN_EXPORT,
+        }
+    }
+
+    /// The contract's interfaces a plugin of this version may import.
+    pub fn imports(self) -> &'static [&'static str] {
+        match self {
+            Contract::V0_1_0 => v0_1_0::IMPORTS,
+            Contract::V0_2_0 => v0_2_0::IMPORTS,
+        }
+    }
+
+    /// The version whose `plugin` interface a component exports under `name`.
+    pub fn from_export(name: &str) -> Option<Contract> {
+        Contract::ALL
+            .into_iter()
+            .find(|c| c.plugin_export() == name)
+    }
+
+    /// The version a plugin names in `describe`.
+    pub fn from_version(v: &str) -> Option<Contract> {
+        Contract::ALL.into_iter().find(|c| c.version() == v)
+    }
+
+    /// "0.1.0 to 0.2.0", for messages.
+    pub fn supported_range() -> String {
+        format!("{} to {}", Contract::MIN.version(), Contract::MAX.version())
+    }
+}
+
+impl std::fmt::Display for Contract {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.version())
+    }
+}
+
+/// Link every supported version's `host` interface (each under its own
+/// versioned name) into `linker`.
+pub(crate) fn add_to_linker(linker: &mut Linker<PluginState>) -> wasmtime::Result<()> {
+    use wasmtime::component::HasSelf;
+    v0_1_0::DeviceFamily::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    v0_2_0::DeviceFamily::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    Ok(())
+}
+
+/// A plugin pre-linked for the version it was built against.
+pub(crate) enum FamilyPre {
+    V0_1_0(v0_1_0::DeviceFamilyPre<PluginState>),
+    V0_2_0(v0_2_0::DeviceFamilyPre<PluginState>),
+}
+
+impl FamilyPre {
+    pub(crate) fn new(contract: Contract, pre: InstancePre<PluginState>) -> wasmtime::Result<Self> {
+        Ok(match contract {
+            Contract::V0_1_0 => FamilyPre::V0_1_0(v0_1_0::DeviceFamilyPre::new(pre)?),
+            Contract::V0_2_0 => FamilyPre::V0_2_0(v0_2_0::DeviceFamilyPre::new(pre)?),
+        })
+    }
+
+    pub(crate) async fn instantiate(
+        &self,
+        store: &mut wasmtime::Store<PluginState>,
+    ) -> wasmtime::Result<Family> {
+        Ok(match self {
+            FamilyPre::V0_1_0(p) => Family::V0_1_0(p.instantiate_async(store).await?),
+            FamilyPre::V0_2_0(p) => Family::V0_2_0(p.instantiate_async(store).await?),
+        })
+    }
+}
+
+/// An instantiated plugin of one version.
+pub(crate) enum Family {
+    V0_1_0(v0_1_0::DeviceFamily),
+    V0_2_0(v0_2_0::DeviceFamily),
+}
+
 #[cfg(test)]
-pub mod v0_2_0 {
-    wasmtime::component::bindgen!({
-        path: "../wit/v0.2.0",
-        world: "device-family",
-        imports: { default: async | trappable },
-        exports: { default: async },
-        with: {
-            "otagw:plugin/host.link": crate::link::Link,
-            "otagw:plugin/host.image": crate::plugin::host::ImageHandle,
-        },
-    });
+mod contract_tests {
+    use super::{Contract, latest};
+
+    /// Each version's names agree with its number and its WIT folder, so a
+    /// version added in one place and not another fails here.
+    #[test]
+    fn every_version_is_named_consistently() {
+        assert_eq!(Contract::ALL.first(), Some(&Contract::MIN));
+        assert_eq!(Contract::ALL.last(), Some(&Contract::MAX));
+        assert!(Contract::ALL.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(latest::VERSION, Contract::MAX.version());
+        let wit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+        for c in Contract::ALL {
+            let v = c.version();
+            assert_eq!(c.plugin_export(), format!("otagw:plugin/plugin@{v}"));
+            assert_eq!(Contract::from_export(c.plugin_export()), Some(c));
+            assert_eq!(Contract::from_version(v), Some(c));
+            assert!(c.imports().iter().all(|i| i.ends_with(&format!("@{v}"))));
+            let text = std::fs::read_to_string(wit.join(format!("v{v}/plugin.wit"))).unwrap();
+            assert!(text.contains(&format!("package otagw:plugin@{v};")), "{v}");
+        }
+        assert_eq!(Contract::from_export("otagw:plugin/plugin@0.3.0"), None);
+        assert_eq!(Contract::supported_range(), "0.1.0 to 0.2.0");
+    }
 }
 
 /// `wit/v0.2.0` is frozen once released: these spell out every record field

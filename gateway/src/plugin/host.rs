@@ -17,9 +17,11 @@ use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::types as wit;
-use super::bindings::v0_1_0::otagw::plugin::host as wit_host;
-use crate::link::{Link, LinkError, LinkKind, MAX_READ, Parity, SerialConfig, StopBits};
+use super::bindings::latest::otagw::plugin::host as wit_host;
+use super::bindings::latest::otagw::plugin::types as wit;
+use crate::link::{
+    Link, LinkError, LinkFeature, LinkKind, MAX_READ, Parity, SerialConfig, StopBits,
+};
 use crate::progress::{JobEvent, LogLevel, Phase};
 
 /// The image of a job as the plugin sees it: a size and reads at an offset.
@@ -227,10 +229,16 @@ pub(crate) fn human_bytes(n: usize) -> String {
 }
 
 fn to_wit_link_error(e: LinkError) -> wit::LinkError {
+    let m = e.to_string();
     match e {
-        LinkError::Unsupported { .. } => wit::LinkError::Unsupported(e.to_string()),
-        LinkError::Closed { .. } => wit::LinkError::Closed(e.to_string()),
-        other => wit::LinkError::Io(other.to_string()),
+        LinkError::Unsupported { .. } => wit::LinkError::Unsupported(m),
+        LinkError::Closed { .. } => wit::LinkError::Closed(m),
+        LinkError::Timeout { .. } => wit::LinkError::Timeout(m),
+        LinkError::NotFound { .. } => wit::LinkError::NotFound(m),
+        LinkError::Invalid { .. } => wit::LinkError::Invalid(m),
+        LinkError::BadUrl { .. } | LinkError::Open { .. } | LinkError::Io { .. } => {
+            wit::LinkError::Io(m)
+        }
     }
 }
 
@@ -273,6 +281,11 @@ impl From<wit::LogLevel> for LogLevel {
         }
     }
 }
+
+/// The longest a plugin may wait in one `reopen` (the contract's cap).
+const MAX_REOPEN: Duration = Duration::from_secs(600);
+/// The longest a plugin may wait in one `read` or `gatt-receive`.
+const MAX_WAIT: Duration = Duration::from_secs(60);
 
 impl wit::Host for PluginState {}
 
@@ -341,16 +354,25 @@ impl wit_host::Host for PluginState {
     }
 }
 
+/// Run one link operation: count the call as progress before and after (it
+/// may wait on the device), and hand the plugin the contract's error.
+macro_rules! link_call {
+    ($state:ident, $link:ident, |$l:ident| $op:expr) => {{
+        $state.touch();
+        let $l = $state.link(&$link)?;
+        let r = $op;
+        $state.touch();
+        Ok(r.map_err(to_wit_link_error))
+    }};
+}
+
 impl wit_host::HostLink for PluginState {
     async fn write(
         &mut self,
         link: Resource<Link>,
         data: Vec<u8>,
     ) -> wasmtime::Result<Result<(), wit::LinkError>> {
-        self.touch();
-        let r = self.link(&link)?.write(&data).await;
-        self.touch();
-        Ok(r.map_err(to_wit_link_error))
+        link_call!(self, link, |l| l.write(&data).await)
     }
 
     async fn read(
@@ -359,24 +381,17 @@ impl wit_host::HostLink for PluginState {
         max: u32,
         timeout_ms: u32,
     ) -> wasmtime::Result<Result<Vec<u8>, wit::LinkError>> {
-        self.touch();
-        let timeout = Duration::from_millis(timeout_ms.min(60_000).into());
-        let r = self
-            .link(&link)?
+        let timeout = Duration::from_millis(timeout_ms.into()).min(MAX_WAIT);
+        link_call!(self, link, |l| l
             .read((max as usize).min(MAX_READ), timeout)
-            .await;
-        self.touch();
-        Ok(r.map_err(to_wit_link_error))
+            .await)
     }
 
     async fn drain(
         &mut self,
         link: Resource<Link>,
     ) -> wasmtime::Result<Result<u32, wit::LinkError>> {
-        self.touch();
-        let r = self.link(&link)?.drain().await;
-        self.touch();
-        Ok(r.map_err(to_wit_link_error))
+        link_call!(self, link, |l| l.drain().await)
     }
 
     async fn configure(
@@ -384,9 +399,8 @@ impl wit_host::HostLink for PluginState {
         link: Resource<Link>,
         config: wit::SerialConfig,
     ) -> wasmtime::Result<Result<(), wit::LinkError>> {
-        self.touch();
         let c = serial_from_wit(config);
-        Ok(self.link(&link)?.configure(&c).map_err(to_wit_link_error))
+        link_call!(self, link, |l| l.configure(&c))
     }
 
     async fn set_lines(
@@ -395,11 +409,7 @@ impl wit_host::HostLink for PluginState {
         dtr: bool,
         rts: bool,
     ) -> wasmtime::Result<Result<(), wit::LinkError>> {
-        self.touch();
-        Ok(self
-            .link(&link)?
-            .set_lines(dtr, rts)
-            .map_err(to_wit_link_error))
+        link_call!(self, link, |l| l.set_lines(dtr, rts))
     }
 
     async fn mtu(&mut self, link: Resource<Link>) -> wasmtime::Result<u32> {
@@ -414,6 +424,85 @@ impl wit_host::HostLink for PluginState {
             LinkKind::Tcp => wit::LinkKind::Tcp,
             LinkKind::Ble => wit::LinkKind::Ble,
         })
+    }
+
+    async fn supports(
+        &mut self,
+        link: Resource<Link>,
+        feature: wit::LinkFeature,
+    ) -> wasmtime::Result<bool> {
+        self.touch();
+        Ok(self.link(&link)?.supports(match feature {
+            wit::LinkFeature::Configure => LinkFeature::Configure,
+            wit::LinkFeature::ModemLines => LinkFeature::ModemLines,
+            wit::LinkFeature::Reopen => LinkFeature::Reopen,
+            wit::LinkFeature::Gatt => LinkFeature::Gatt,
+        }))
+    }
+
+    async fn reopen(
+        &mut self,
+        link: Resource<Link>,
+        timeout_ms: u32,
+    ) -> wasmtime::Result<Result<(), wit::LinkError>> {
+        let timeout = Duration::from_millis(timeout_ms.into())
+            .min(MAX_REOPEN)
+            .min(self.max_sleep);
+        link_call!(self, link, |l| l.reopen(timeout).await)
+    }
+
+    async fn gatt_write(
+        &mut self,
+        link: Resource<Link>,
+        characteristic: String,
+        data: Vec<u8>,
+        mode: wit::GattWriteMode,
+    ) -> wasmtime::Result<Result<(), wit::LinkError>> {
+        let with_response = matches!(mode, wit::GattWriteMode::WithResponse);
+        link_call!(self, link, |l| l
+            .gatt_write(&characteristic, &data, with_response)
+            .await)
+    }
+
+    async fn gatt_read(
+        &mut self,
+        link: Resource<Link>,
+        characteristic: String,
+    ) -> wasmtime::Result<Result<Vec<u8>, wit::LinkError>> {
+        link_call!(self, link, |l| l.gatt_read(&characteristic).await)
+    }
+
+    async fn gatt_subscribe(
+        &mut self,
+        link: Resource<Link>,
+        characteristic: String,
+        delivery: wit::GattDelivery,
+    ) -> wasmtime::Result<Result<(), wit::LinkError>> {
+        let indicate = matches!(delivery, wit::GattDelivery::Indication);
+        link_call!(self, link, |l| l
+            .gatt_subscribe(&characteristic, indicate)
+            .await)
+    }
+
+    async fn gatt_unsubscribe(
+        &mut self,
+        link: Resource<Link>,
+        characteristic: String,
+    ) -> wasmtime::Result<Result<(), wit::LinkError>> {
+        link_call!(self, link, |l| l.gatt_unsubscribe(&characteristic).await)
+    }
+
+    async fn gatt_receive(
+        &mut self,
+        link: Resource<Link>,
+        timeout_ms: u32,
+    ) -> wasmtime::Result<Result<Option<wit::GattValue>, wit::LinkError>> {
+        let timeout = Duration::from_millis(timeout_ms.into()).min(MAX_WAIT);
+        link_call!(self, link, |l| l.gatt_receive(timeout).await.map(|v| v
+            .map(|(characteristic, data)| wit::GattValue {
+                characteristic,
+                data
+            })))
     }
 
     async fn drop(&mut self, _link: Resource<Link>) -> wasmtime::Result<()> {
@@ -447,5 +536,150 @@ impl wit_host::HostImage for PluginState {
 
     async fn drop(&mut self, _image: Resource<ImageHandle>) -> wasmtime::Result<()> {
         Ok(())
+    }
+}
+
+/// Contract 0.1: the same host, its types converted to and from the latest.
+mod v0_1 {
+    use wasmtime::component::Resource;
+
+    use super::wit;
+    use super::{ImageHandle, PluginState};
+    use crate::link::Link;
+    use crate::plugin::bindings::v0_1_0::otagw::plugin::{host as old_host, types as old};
+
+    fn link_error(e: wit::LinkError) -> old::LinkError {
+        match e {
+            wit::LinkError::Unsupported(m) => old::LinkError::Unsupported(m),
+            wit::LinkError::Closed(m) => old::LinkError::Closed(m),
+            // 0.1 has no names for these; they only arise from 0.2 calls.
+            wit::LinkError::Timeout(m)
+            | wit::LinkError::NotFound(m)
+            | wit::LinkError::Invalid(m)
+            | wit::LinkError::Io(m) => old::LinkError::Io(m),
+        }
+    }
+
+    type Answer<T> = wasmtime::Result<Result<T, old::LinkError>>;
+
+    fn old_answer<T>(r: wasmtime::Result<Result<T, wit::LinkError>>) -> Answer<T> {
+        r.map(|r| r.map_err(link_error))
+    }
+
+    impl old::Host for PluginState {}
+
+    impl old_host::Host for PluginState {
+        async fn progress(
+            &mut self,
+            done: u64,
+            total: u64,
+            phase: old::Phase,
+        ) -> wasmtime::Result<()> {
+            let phase = match phase {
+                old::Phase::Prepare => wit::Phase::Prepare,
+                old::Phase::Erase => wit::Phase::Erase,
+                old::Phase::Transfer => wit::Phase::Transfer,
+                old::Phase::Verify => wit::Phase::Verify,
+                old::Phase::Finish => wit::Phase::Finish,
+            };
+            super::wit_host::Host::progress(self, done, total, phase).await
+        }
+
+        async fn log(&mut self, level: old::LogLevel, message: String) -> wasmtime::Result<()> {
+            let level = match level {
+                old::LogLevel::Trace => wit::LogLevel::Trace,
+                old::LogLevel::Debug => wit::LogLevel::Debug,
+                old::LogLevel::Info => wit::LogLevel::Info,
+                old::LogLevel::Warn => wit::LogLevel::Warn,
+                old::LogLevel::Error => wit::LogLevel::Error,
+            };
+            super::wit_host::Host::log(self, level, message).await
+        }
+
+        async fn sleep(&mut self, ms: u32) -> wasmtime::Result<()> {
+            super::wit_host::Host::sleep(self, ms).await
+        }
+
+        async fn now_ms(&mut self) -> wasmtime::Result<u64> {
+            super::wit_host::Host::now_ms(self).await
+        }
+    }
+
+    impl old_host::HostLink for PluginState {
+        async fn write(&mut self, link: Resource<Link>, data: Vec<u8>) -> Answer<()> {
+            old_answer(super::wit_host::HostLink::write(self, link, data).await)
+        }
+
+        async fn read(
+            &mut self,
+            link: Resource<Link>,
+            max: u32,
+            timeout_ms: u32,
+        ) -> Answer<Vec<u8>> {
+            old_answer(super::wit_host::HostLink::read(self, link, max, timeout_ms).await)
+        }
+
+        async fn drain(&mut self, link: Resource<Link>) -> Answer<u32> {
+            old_answer(super::wit_host::HostLink::drain(self, link).await)
+        }
+
+        async fn configure(&mut self, link: Resource<Link>, c: old::SerialConfig) -> Answer<()> {
+            let c = wit::SerialConfig {
+                baud: c.baud,
+                data_bits: c.data_bits,
+                parity: match c.parity {
+                    old::Parity::None => wit::Parity::None,
+                    old::Parity::Odd => wit::Parity::Odd,
+                    old::Parity::Even => wit::Parity::Even,
+                },
+                stop_bits: match c.stop_bits {
+                    old::StopBits::One => wit::StopBits::One,
+                    old::StopBits::Two => wit::StopBits::Two,
+                },
+            };
+            old_answer(super::wit_host::HostLink::configure(self, link, c).await)
+        }
+
+        async fn set_lines(&mut self, link: Resource<Link>, dtr: bool, rts: bool) -> Answer<()> {
+            old_answer(super::wit_host::HostLink::set_lines(self, link, dtr, rts).await)
+        }
+
+        async fn mtu(&mut self, link: Resource<Link>) -> wasmtime::Result<u32> {
+            super::wit_host::HostLink::mtu(self, link).await
+        }
+
+        async fn kind(&mut self, link: Resource<Link>) -> wasmtime::Result<old::LinkKind> {
+            Ok(match super::wit_host::HostLink::kind(self, link).await? {
+                wit::LinkKind::Serial => old::LinkKind::Serial,
+                wit::LinkKind::Tcp => old::LinkKind::Tcp,
+                wit::LinkKind::Ble => old::LinkKind::Ble,
+                // The host offers no other kinds of link today; a 0.1
+                // plugin would see a byte stream.
+                wit::LinkKind::Other(_) => old::LinkKind::Tcp,
+            })
+        }
+
+        async fn drop(&mut self, _link: Resource<Link>) -> wasmtime::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl old_host::HostImage for PluginState {
+        async fn size(&mut self, image: Resource<ImageHandle>) -> wasmtime::Result<u64> {
+            super::wit_host::HostImage::size(self, image).await
+        }
+
+        async fn read(
+            &mut self,
+            image: Resource<ImageHandle>,
+            offset: u64,
+            len: u32,
+        ) -> wasmtime::Result<Vec<u8>> {
+            super::wit_host::HostImage::read(self, image, offset, len).await
+        }
+
+        async fn drop(&mut self, _image: Resource<ImageHandle>) -> wasmtime::Result<()> {
+            Ok(())
+        }
     }
 }

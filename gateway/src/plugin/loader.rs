@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use wasmtime::component::{Component, types::ComponentItem};
 
-use super::bindings::{self, CONTRACT_VERSION, PLUGIN_EXPORT};
-use super::{LoadedPlugin, PluginError, PluginHost, family_from_wit};
+use super::bindings::{Contract, Family, FamilyPre};
+use super::{LoadedPlugin, PluginError, PluginHost, convert, schema};
 
 /// Where a plugin's machine code came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,13 +30,10 @@ pub struct LoadReport {
     pub failed: Vec<PluginError>,
 }
 
-/// Interfaces a plugin may import: the contract's and those Rust std pulls in.
-const ALLOWED_IMPORTS: &[&str] = &[
-    "otagw:plugin/types@0.1.0",
-    "otagw:plugin/host@0.1.0",
-    "wasi:io/",
-    "wasi:cli/",
-];
+/// Interfaces outside the contract a plugin may import: those Rust std pulls
+/// in (linked over an empty context). The contract's own come from its
+/// version ([`Contract::imports`]).
+const STD_IMPORTS: &[&str] = &["wasi:io/", "wasi:cli/"];
 
 /// How long `describe` may take at load time.
 const DESCRIBE_DEADLINE: Duration = Duration::from_secs(5);
@@ -93,12 +90,12 @@ impl PluginHost {
         })?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let (component, loaded_from) = self.component(path, &bytes, &sha256).await?;
-        self.check_contract(path, &component)?;
+        let contract = self.check_contract(path, &component)?;
 
         let pre = self
             .linker()
             .instantiate_pre(&component)
-            .and_then(bindings::DeviceFamilyPre::new)
+            .and_then(|pre| FamilyPre::new(contract, pre))
             .map_err(|e| PluginError::Instantiate {
                 path: path.to_path_buf(),
                 reason: format!("{e:#}"),
@@ -162,13 +159,14 @@ impl PluginHost {
         format!("{sha256}-{:016x}.cwasm", h.finish())
     }
 
-    /// Check, before instantiating anything, that the component exports this
-    /// contract version and imports nothing outside it.
-    fn check_contract(&self, path: &Path, component: &Component) -> Result<(), PluginError> {
+    /// Find, before instantiating anything, which supported contract version
+    /// the component exports, and check that it imports nothing outside that
+    /// version and what std needs.
+    fn check_contract(&self, path: &Path, component: &Component) -> Result<Contract, PluginError> {
         let engine = self.engine();
         let ty = component.component_type();
         let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
-        if !exports.iter().any(|n| n == PLUGIN_EXPORT) {
+        let Some(contract) = exports.iter().find_map(|n| Contract::from_export(n)) else {
             let other = exports
                 .iter()
                 .find(|n| n.starts_with("otagw:plugin/plugin"));
@@ -179,12 +177,13 @@ impl PluginHost {
                         .trim_start_matches("otagw:plugin/plugin")
                         .trim_start_matches('@')
                         .to_string(),
-                    expected: CONTRACT_VERSION,
                 },
                 None => PluginError::Malformed {
                     path: path.to_path_buf(),
                     reason: format!(
-                        "it exports no {PLUGIN_EXPORT} (exports: {})",
+                        "it exports no otagw:plugin/plugin interface of a version this gateway \
+                         runs ({}; exports: {})",
+                        Contract::supported_range(),
                         if exports.is_empty() {
                             "none".into()
                         } else {
@@ -193,11 +192,12 @@ impl PluginHost {
                     ),
                 },
             });
-        }
+        };
         let mut forbidden = Vec::new();
         for (name, item) in ty.imports(engine) {
             let allowed = matches!(item.ty, ComponentItem::ComponentInstance(_))
-                && ALLOWED_IMPORTS.iter().any(|a| name.starts_with(a));
+                && (contract.imports().contains(&name)
+                    || STD_IMPORTS.iter().any(|a| name.starts_with(a)));
             if allowed {
                 continue;
             }
@@ -205,7 +205,6 @@ impl PluginHost {
                 return Err(PluginError::Contract {
                     path: path.to_path_buf(),
                     found: found.split('@').nth(1).unwrap_or(found).to_string(),
-                    expected: CONTRACT_VERSION,
                 });
             }
             forbidden.push(name.to_string());
@@ -216,13 +215,13 @@ impl PluginHost {
                 imports: forbidden,
             });
         }
-        Ok(())
+        Ok(contract)
     }
 
     async fn describe(
         &self,
         path: &Path,
-        pre: &bindings::DeviceFamilyPre<super::PluginState>,
+        pre: &FamilyPre,
     ) -> Result<super::FamilyInfo, PluginError> {
         let name = path
             .file_name()
@@ -234,8 +233,14 @@ impl PluginHost {
             reason,
         };
         let run = async {
-            let inst = pre.instantiate_async(&mut store).await?;
-            inst.otagw_plugin_plugin().call_describe(&mut store).await
+            wasmtime::Result::<_>::Ok(match pre.instantiate(&mut store).await? {
+                Family::V0_1_0(b) => convert::family_from_v0_1(
+                    b.otagw_plugin_plugin().call_describe(&mut store).await?,
+                ),
+                Family::V0_2_0(b) => convert::family_from_v0_2(
+                    b.otagw_plugin_plugin().call_describe(&mut store).await?,
+                ),
+            })
         };
         let info = match tokio::time::timeout(DESCRIBE_DEADLINE, run).await {
             Err(_) => {
@@ -244,13 +249,19 @@ impl PluginHost {
                 )));
             }
             Ok(Err(e)) => return Err(bad(format!("describe failed: {e:#}"))),
-            Ok(Ok(info)) => family_from_wit(info),
+            Ok(Ok(info)) => info,
         };
-        if info.contract != CONTRACT_VERSION {
-            return Err(PluginError::Contract {
+        // 0.2 plugins may be built from any 0.2.x (patch releases only add);
+        // what they claim must be of the version they export.
+        let claimed_ok = match info.contract {
+            Contract::V0_1_0 => info.contract_claimed == Contract::V0_1_0.version(),
+            Contract::V0_2_0 => is_patch_of(&info.contract_claimed, "0.2."),
+        };
+        if !claimed_ok {
+            return Err(PluginError::ContractMismatch {
                 path: path.to_path_buf(),
-                found: info.contract,
-                expected: CONTRACT_VERSION,
+                claimed: info.contract_claimed,
+                exported: info.contract,
             });
         }
         let valid = !info.name.is_empty()
@@ -265,8 +276,23 @@ impl PluginHost {
                 info.name
             )));
         }
+        if let Some(specs) = &info.options
+            && let Err(problems) = schema::validate_schema(specs)
+        {
+            let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            return Err(bad(format!(
+                "its options schema is invalid: {}",
+                problems.join("; ")
+            )));
+        }
         Ok(info)
     }
+}
+
+/// Whether `v` is `prefix` followed by a patch number ("0.2." + "1").
+fn is_patch_of(v: &str, prefix: &str) -> bool {
+    v.strip_prefix(prefix)
+        .is_some_and(|patch| !patch.is_empty() && patch.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Load a component this gateway compiled into its own cache directory.

@@ -14,6 +14,7 @@
 //! This module does not know where images come from or where links lead.
 
 pub mod bindings;
+mod convert;
 pub mod host;
 mod loader;
 
@@ -29,10 +30,12 @@ use wasmtime::{Engine, Store, UpdateDeadline};
 
 use crate::link::{Link, LinkKind, SerialConfig};
 use crate::progress::JobEvent;
-use bindings::types as wit;
+pub use bindings::Contract;
+use bindings::{Family, FamilyPre};
 pub use host::{FileImage, ImageHandle, ImageSource, PluginState};
 use host::{Stop, human_bytes};
 pub use loader::{LoadReport, LoadedFrom};
+pub use otagw_plugin_sdk::schema;
 
 /// Resource bounds of every plugin job. Each has a default fit for a gateway.
 #[derive(Debug, Clone)]
@@ -74,12 +77,18 @@ pub enum PluginError {
     #[error("plugin {path} is not a valid component: {reason}")]
     Malformed { path: PathBuf, reason: String },
     #[error(
-        "plugin {path} is built for contract {found}, this gateway speaks otagw:plugin@{expected}"
+        "plugin {path} is built for contract {found}; this gateway runs otagw:plugin {} \
+         (rebuild the plugin against one of those, or update the gateway)",
+        Contract::supported_range()
     )]
-    Contract {
+    Contract { path: PathBuf, found: String },
+    #[error(
+        "plugin {path} says it is built for contract {claimed} but exports otagw:plugin/plugin@{exported}"
+    )]
+    ContractMismatch {
         path: PathBuf,
-        found: String,
-        expected: &'static str,
+        claimed: String,
+        exported: Contract,
     },
     #[error("plugin {path} imports {}, which plugins may not use (only otagw:plugin/host, wasi:io and wasi:cli)", imports.join(", "))]
     ForbiddenImport { path: PathBuf, imports: Vec<String> },
@@ -126,6 +135,11 @@ pub enum PluginError {
         call: &'static str,
         reason: String,
     },
+    #[error("device options for family {family} are not valid: {}; nothing was sent to the device (fix the device's options; `otagw check` lists them all)", problems.join("; "))]
+    Options {
+        family: String,
+        problems: Vec<String>,
+    },
     #[error("plugin {plugin} {call}: {error}")]
     Failed {
         plugin: String,
@@ -149,21 +163,10 @@ pub enum FlashError {
     Timeout(String),
     #[error("unsupported: {0}")]
     Unsupported(String),
+    #[error("device options: {0}")]
+    Options(String),
     #[error("{0}")]
     Other(String),
-}
-
-impl From<wit::FlashError> for FlashError {
-    fn from(e: wit::FlashError) -> Self {
-        match e {
-            wit::FlashError::Verify(s) => FlashError::Verify(s),
-            wit::FlashError::Transfer(s) => FlashError::Transfer(s),
-            wit::FlashError::Device(s) => FlashError::Device(s),
-            wit::FlashError::Timeout(s) => FlashError::Timeout(s),
-            wit::FlashError::Unsupported(s) => FlashError::Unsupported(s),
-            wit::FlashError::Other(s) => FlashError::Other(s),
-        }
-    }
 }
 
 impl PluginError {
@@ -175,7 +178,7 @@ impl PluginError {
             PluginError::Failed { error, .. } => match error {
                 FlashError::Verify(_) => -3,
                 FlashError::Transfer(_) | FlashError::Device(_) | FlashError::Timeout(_) => -4,
-                FlashError::Unsupported(_) | FlashError::Other(_) => -1,
+                FlashError::Unsupported(_) | FlashError::Options(_) | FlashError::Other(_) => -1,
             },
             PluginError::Link(_) => -4,
             _ => -1,
@@ -183,15 +186,34 @@ impl PluginError {
     }
 }
 
-/// What a plugin says about itself (`describe`).
+/// What a plugin says about itself (`describe`), whatever its contract version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FamilyInfo {
     pub name: String,
     pub version: String,
-    pub contract: String,
+    /// The contract version the plugin runs under (by what it exports).
+    pub contract: Contract,
+    /// The contract version it names in `describe` (a 0.2.x for 0.2).
+    pub contract_claimed: String,
     pub description: String,
     pub transports: Vec<LinkKind>,
+    /// Kinds of link the plugin names that this gateway does not offer.
+    pub other_transports: Vec<String>,
     pub default_serial: Option<SerialConfig>,
+    pub default_gatt: Option<GattDefaults>,
+    /// The device options the family understands; `None` for plugins built
+    /// against contract 0.1, which has no schema (their options reach them
+    /// as written).
+    pub options: Option<Vec<schema::OptionSpec>>,
+}
+
+/// The characteristics a family uses by default on BLE links.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GattDefaults {
+    pub service: String,
+    pub write: String,
+    pub write_with_response: bool,
+    pub notify: String,
 }
 
 /// A loaded plugin: its description and a pre-linked, ready-to-instantiate component.
@@ -201,7 +223,7 @@ pub struct LoadedPlugin {
     pub sha256: String,
     pub loaded_from: LoadedFrom,
     pub load_time: Duration,
-    pre: bindings::DeviceFamilyPre<PluginState>,
+    pre: FamilyPre,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -292,11 +314,7 @@ impl PluginHost {
 
         let mut linker = Linker::new(&engine);
         add_wasi_std_interfaces(&mut linker).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
-        bindings::DeviceFamily::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        bindings::add_to_linker(&mut linker).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
 
         if let Some(dir) = &cache_dir {
             std::fs::create_dir_all(dir).map_err(|source| PluginError::Read {
@@ -462,13 +480,19 @@ pub struct FlashReport {
 pub struct DeviceInfo {
     pub version: String,
     pub model: Option<String>,
+    /// The model as an identifier rollouts compare exactly (contract 0.2).
+    pub hardware_id: Option<String>,
+    /// The device's own unique identity (contract 0.2).
+    pub serial_number: Option<String>,
+    /// Whatever else the device told, as (name, value) (contract 0.2).
+    pub attributes: Vec<(String, String)>,
 }
 
 /// One job's instance of a plugin.
 pub struct PluginSession {
     plugin: Arc<LoadedPlugin>,
     store: Store<PluginState>,
-    bindings: bindings::DeviceFamily,
+    bindings: Family,
     deadline: tokio::time::Instant,
     limits: Limits,
     /// Set once a call failed in a way that leaves the instance unusable.
@@ -490,14 +514,15 @@ impl PluginSession {
         events: Option<mpsc::UnboundedSender<JobEvent>>,
     ) -> Result<Self, PluginError> {
         let mut store = host.new_store(&plugin.info.name, events);
-        let bindings = plugin
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| PluginError::Instantiate {
-                path: plugin.path.clone(),
-                reason: format!("{e:#}"),
-            })?;
+        let bindings =
+            plugin
+                .pre
+                .instantiate(&mut store)
+                .await
+                .map_err(|e| PluginError::Instantiate {
+                    path: plugin.path.clone(),
+                    reason: format!("{e:#}"),
+                })?;
         Ok(Self {
             deadline: tokio::time::Instant::now() + host.limits.job,
             limits: host.limits.clone(),
@@ -523,10 +548,7 @@ impl PluginSession {
     /// into a typed result.
     async fn call<R, F>(&mut self, call: &'static str, f: F) -> Result<R, PluginError>
     where
-        F: AsyncFnOnce(
-            &bindings::DeviceFamily,
-            &mut Store<PluginState>,
-        ) -> wasmtime::Result<Result<R, wit::FlashError>>,
+        F: AsyncFnOnce(&Family, &mut Store<PluginState>) -> wasmtime::Result<Result<R, FlashError>>,
     {
         let name = self.plugin.info.name.clone();
         if self.poisoned {
@@ -541,10 +563,10 @@ impl PluginSession {
         let outcome = tokio::time::timeout_at(self.deadline, f(bindings, store)).await;
         match outcome {
             Ok(Ok(Ok(v))) => Ok(v),
-            Ok(Ok(Err(e))) => Err(PluginError::Failed {
+            Ok(Ok(Err(error))) => Err(PluginError::Failed {
                 plugin: name,
                 call,
-                error: e.into(),
+                error,
             }),
             Ok(Err(trap)) => {
                 self.poisoned = true;
@@ -605,27 +627,88 @@ impl PluginSession {
             .map_err(|e| PluginError::Engine(e.to_string()))
     }
 
+    /// Check a device's options for this job: against the family's schema
+    /// (contract 0.2; unknown keys, types, ranges, required options), then
+    /// with the plugin's own `check-options`. Nothing reaches the device or
+    /// the plugin's job calls with options that fail here. Contract 0.1
+    /// plugins have no schema and take their options as written.
+    pub async fn check_options(&mut self, raw: &[(String, String)]) -> Result<(), PluginError> {
+        self.options_for(raw).await.map(|_| ())
+    }
+
+    async fn options_for(&mut self, raw: &[(String, String)]) -> Result<JobOptions, PluginError> {
+        let family = self.plugin.info.name.clone();
+        let Some(specs) = &self.plugin.info.options else {
+            return Ok(JobOptions::Written(raw.to_vec()));
+        };
+        let checked = schema::check(specs, raw).map_err(|problems| PluginError::Options {
+            family: family.clone(),
+            problems: problems.iter().map(ToString::to_string).collect(),
+        })?;
+        let typed = convert::options_to_wit(checked);
+        let verdict = self
+            .call("check-options", async |b, s| match b {
+                Family::V0_2_0(b) => b
+                    .otagw_plugin_plugin()
+                    .call_check_options(s, &typed)
+                    .await
+                    .map(Ok),
+                Family::V0_1_0(_) => Err(wasmtime::Error::msg(
+                    "a contract 0.1 plugin has no check-options",
+                )),
+            })
+            .await?;
+        verdict.map_err(|problems| PluginError::Options {
+            family,
+            problems: problems
+                .into_iter()
+                .map(|p| match p.name {
+                    Some(name) => format!("option `{name}`: {}", p.message),
+                    None => p.message,
+                })
+                .collect(),
+        })?;
+        Ok(JobOptions::Typed(typed))
+    }
+
     /// Check an image before any device is touched.
     pub async fn verify(
         &mut self,
         image: Arc<dyn ImageSource>,
         meta: &JobMeta,
     ) -> Result<ImageInfo, PluginError> {
+        let options = self.options_for(&meta.options).await?;
         let img = self.push_image(image)?;
-        let meta = wit_meta(meta);
         let r = self
             .call("verify", async |b, s| {
-                b.otagw_plugin_plugin()
-                    .call_verify(s, Resource::new_borrow(img.rep()), &meta)
-                    .await
+                let image = Resource::new_borrow(img.rep());
+                match (b, options) {
+                    (Family::V0_1_0(b), JobOptions::Written(options)) => {
+                        let meta = v0_1_meta(meta, options);
+                        let r = b.otagw_plugin_plugin().call_verify(s, image, &meta).await?;
+                        Ok(r.map(|i| ImageInfo {
+                            version: i.version,
+                            payload_size: i.payload_size,
+                            summary: i.summary,
+                        })
+                        .map_err(FlashError::from))
+                    }
+                    (Family::V0_2_0(b), JobOptions::Typed(options)) => {
+                        let meta = v0_2_meta(meta, options);
+                        let r = b.otagw_plugin_plugin().call_verify(s, image, &meta).await?;
+                        Ok(r.map(|i| ImageInfo {
+                            version: i.version,
+                            payload_size: i.payload_size,
+                            summary: i.summary,
+                        })
+                        .map_err(FlashError::from))
+                    }
+                    _ => Err(mismatch()),
+                }
             })
             .await;
         let _ = self.store.data_mut().table.delete(img);
-        r.map(|i| ImageInfo {
-            version: i.version,
-            payload_size: i.payload_size,
-            summary: i.summary,
-        })
+        r
     }
 
     /// Put an image on the device behind `link`. The link comes back whatever happens.
@@ -635,34 +718,53 @@ impl PluginSession {
         image: Arc<dyn ImageSource>,
         meta: &JobMeta,
     ) -> (Link, Result<FlashReport, PluginError>) {
+        let options = match self.options_for(&meta.options).await {
+            Ok(o) => o,
+            Err(e) => return (link, Err(e)),
+        };
         let link_res = self.push_link(link);
         let img = match self.push_image(image) {
             Ok(i) => i,
             Err(e) => return (self.take_link(link_res), Err(e)),
         };
-        let meta = wit_meta(meta);
         let r = self
             .call("flash", async |b, s| {
-                b.otagw_plugin_plugin()
-                    .call_flash(
-                        s,
-                        Resource::new_borrow(link_res.rep()),
-                        Resource::new_borrow(img.rep()),
-                        &meta,
-                    )
-                    .await
+                let link = Resource::new_borrow(link_res.rep());
+                let image = Resource::new_borrow(img.rep());
+                match (b, options) {
+                    (Family::V0_1_0(b), JobOptions::Written(options)) => {
+                        let meta = v0_1_meta(meta, options);
+                        let r = b
+                            .otagw_plugin_plugin()
+                            .call_flash(s, link, image, &meta)
+                            .await?;
+                        Ok(r.map(|f| FlashReport {
+                            bytes_sent: f.bytes_sent,
+                            retries: f.retries,
+                            summary: f.summary,
+                        })
+                        .map_err(FlashError::from))
+                    }
+                    (Family::V0_2_0(b), JobOptions::Typed(options)) => {
+                        let meta = v0_2_meta(meta, options);
+                        let r = b
+                            .otagw_plugin_plugin()
+                            .call_flash(s, link, image, &meta)
+                            .await?;
+                        Ok(r.map(|f| FlashReport {
+                            bytes_sent: f.bytes_sent,
+                            retries: f.retries,
+                            summary: f.summary,
+                        })
+                        .map_err(FlashError::from))
+                    }
+                    _ => Err(mismatch()),
+                }
             })
             .await;
         let _ = self.store.data_mut().table.delete(img);
         let link = self.take_link(link_res);
-        (
-            link,
-            r.map(|f| FlashReport {
-                bytes_sent: f.bytes_sent,
-                retries: f.retries,
-                summary: f.summary,
-            }),
-        )
+        (link, r)
     }
 
     /// Read the running version from the device.
@@ -671,32 +773,47 @@ impl PluginSession {
         link: Link,
         options: &[(String, String)],
     ) -> (Link, Result<DeviceInfo, PluginError>) {
+        let options = match self.options_for(options).await {
+            Ok(o) => o,
+            Err(e) => return (link, Err(e)),
+        };
         let link_res = self.push_link(link);
-        let options = options.to_vec();
         let r = self
             .call("identify", async |b, s| {
-                b.otagw_plugin_plugin()
-                    .call_identify(s, Resource::new_borrow(link_res.rep()), &options)
-                    .await
+                let link = Resource::new_borrow(link_res.rep());
+                match (b, options) {
+                    (Family::V0_1_0(b), JobOptions::Written(options)) => {
+                        let r = b
+                            .otagw_plugin_plugin()
+                            .call_identify(s, link, &options)
+                            .await?;
+                        Ok(r.map(convert::device_from_v0_1).map_err(FlashError::from))
+                    }
+                    (Family::V0_2_0(b), JobOptions::Typed(options)) => {
+                        let r = b
+                            .otagw_plugin_plugin()
+                            .call_identify(s, link, &options)
+                            .await?;
+                        Ok(r.map(convert::device_from_v0_2).map_err(FlashError::from))
+                    }
+                    _ => Err(mismatch()),
+                }
             })
             .await;
         let link = self.take_link(link_res);
         let plugin = self.plugin.info.name.clone();
         (
             link,
-            r.and_then(|d| {
+            r.and_then(|mut d| {
                 // What the gateway informs: never an empty or garbled version
                 // (a receiver in the middle of a transfer answered the version
                 // command with nothing, campaign seed 1).
-                let version = checked_version(&d.version).map_err(|why| PluginError::Failed {
+                d.version = checked_version(&d.version).map_err(|why| PluginError::Failed {
                     plugin,
                     call: "identify",
                     error: FlashError::Device(why),
                 })?;
-                Ok(DeviceInfo {
-                    version,
-                    model: d.model,
-                })
+                Ok(d)
             }),
         )
     }
@@ -755,30 +872,39 @@ fn unreachable_table(e: wasmtime::component::ResourceTableError) -> ! {
     panic!("plugin resource table: {e}")
 }
 
-fn wit_meta(m: &JobMeta) -> wit::JobMeta {
-    wit::JobMeta {
+/// A job's options in the form the plugin's contract takes them.
+enum JobOptions {
+    /// Contract 0.1: as the operator wrote them.
+    Written(Vec<(String, String)>),
+    /// Contract 0.2: checked against the schema and typed.
+    Typed(bindings::v0_2_0::otagw::plugin::types::Options),
+}
+
+/// A session's options were prepared for another contract version than its
+/// instance: a bug in this module, failed as a trap rather than a panic.
+fn mismatch() -> wasmtime::Error {
+    wasmtime::Error::msg("the job's options were prepared for another contract version")
+}
+
+fn v0_1_meta(
+    m: &JobMeta,
+    options: Vec<(String, String)>,
+) -> bindings::v0_1_0::otagw::plugin::types::JobMeta {
+    bindings::v0_1_0::otagw::plugin::types::JobMeta {
         version: m.version.clone(),
         module: m.module.clone(),
-        options: m.options.clone(),
+        options,
     }
 }
 
-pub(crate) fn family_from_wit(f: wit::FamilyInfo) -> FamilyInfo {
-    FamilyInfo {
-        name: f.name,
-        version: f.version,
-        contract: f.contract,
-        description: f.description,
-        transports: f
-            .transports
-            .into_iter()
-            .map(|t| match t {
-                wit::LinkKind::Serial => LinkKind::Serial,
-                wit::LinkKind::Tcp => LinkKind::Tcp,
-                wit::LinkKind::Ble => LinkKind::Ble,
-            })
-            .collect(),
-        default_serial: f.default_serial.map(host::serial_from_wit),
+fn v0_2_meta(
+    m: &JobMeta,
+    options: bindings::v0_2_0::otagw::plugin::types::Options,
+) -> bindings::v0_2_0::otagw::plugin::types::JobMeta {
+    bindings::v0_2_0::otagw::plugin::types::JobMeta {
+        version: m.version.clone(),
+        module: m.module.clone(),
+        options,
     }
 }
 

@@ -11,6 +11,8 @@
 //! Not here (yet): the wasm glue each family repeats in its `guest.rs`
 //! (see ARCHITECTURE.md, "a plugin SDK crate").
 
+pub mod schema;
+
 use std::fmt;
 
 #[cfg(not(target_arch = "wasm32"))]

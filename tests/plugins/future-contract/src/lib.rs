@@ -1,4 +1,4 @@
-//! A plugin built against `otagw:plugin@0.2.0`, a contract this gateway does
+//! A plugin built against `otagw:plugin@0.3.0`, a contract this gateway does
 //! not speak. The host must refuse it by its exports, before instantiation.
 // The bindings wit-bindgen generates use unsafe code.
 #![allow(unsafe_code)]
