@@ -252,8 +252,44 @@ pub struct DeviceConfig {
     pub version: String,
     #[serde(default = "default_module")]
     pub module: String,
-    #[serde(default)]
+    /// The family's device options (`otagw plugins --family F` lists them).
+    /// Values may be written as TOML strings, numbers or booleans
+    /// (`retries = 5`, `erase = true`); the family's schema checks them.
+    #[serde(default, deserialize_with = "option_values")]
     pub options: BTreeMap<String, String>,
+}
+
+/// Device option values as text, whichever TOML scalar they were written as.
+fn option_values<'de, D>(d: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+        Boolean(bool),
+        Other(toml::Value),
+    }
+    let raw = BTreeMap::<String, Scalar>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                Scalar::Text(s) => s,
+                Scalar::Integer(n) => n.to_string(),
+                Scalar::Float(f) => f.to_string(),
+                Scalar::Boolean(b) => b.to_string(),
+                Scalar::Other(other) => {
+                    return Err(serde::de::Error::custom(format!(
+                        "device option `{k}` = {other}: write a string, a number or true/false"
+                    )));
+                }
+            };
+            Ok((k, text))
+        })
+        .collect()
 }
 
 fn default_module() -> String {
@@ -441,6 +477,27 @@ plugins_dir = "/tmp/p"
         assert_eq!(cfg.devices.len(), 1);
         assert_eq!(cfg.devices[0].options["enter_command"], "update\r");
         assert_eq!(cfg.plugins.cpu, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn option_values_may_be_numbers_and_booleans() {
+        let text = format!(
+            "{MINIMAL}\n[[device]]\nproduct_key = \"p\"\ndevice_name = \"d\"\nfamily = \"xmodem\"\n\
+             link = \"tcp://h:1\"\nversion = \"1\"\n\
+             options = {{ retries = 5, small_tail = false, filename = \"a.bin\" }}\n"
+        );
+        let cfg = parse(&text).unwrap();
+        let o = &cfg.devices[0].options;
+        assert_eq!(o["retries"], "5");
+        assert_eq!(o["small_tail"], "false");
+        assert_eq!(o["filename"], "a.bin");
+        let err = parse(&text.replace("retries = 5", "retries = [5]"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`retries`") && err.contains("a number"),
+            "{err}"
+        );
     }
 
     #[test]

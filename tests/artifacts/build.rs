@@ -3,7 +3,7 @@
 //! target directory of its own and export the paths as constants. So `cargo
 //! build` never touches wasm and `cargo test` always tests current plugins.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (constant name, package, artifact file stem)
@@ -14,7 +14,17 @@ const PLUGINS: &[(&str, &str)] = &[
     ("HOSTILE", "otagw-test-plugin-hostile"),
     ("FS_IMPORT", "otagw-test-plugin-fs-import"),
     ("FUTURE_CONTRACT", "otagw-test-plugin-future-contract"),
+    ("GATT_PROBE", "otagw-test-plugin-gatt-probe"),
+    ("LEGACY_V01", "otagw-test-plugin-legacy-v01"),
 ];
+
+/// Packages built by a cargo run of their own, into a target directory of
+/// their own: they reuse a family crate's protocol code without its export
+/// (`default-features = false`). In one run with that family's plugin cargo
+/// would build the crate once, with the union of the features (its export
+/// included); in a run of their own in the same directory, the family's
+/// component built as their dependency would replace the family's plugin.
+const ON_THEIR_OWN: &[&str] = &["otagw-test-plugin-legacy-v01"];
 
 fn main() {
     let manifest = PathBuf::from(
@@ -34,35 +44,19 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
 
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "--target-dir",
-        ])
-        .arg(&target_dir)
-        // Flags meant for the host build must not leak into the wasm build.
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_BUILD_RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_PROFILE_RELEASE_DEBUG");
-    for (_, pkg) in PLUGINS {
-        cmd.args(["-p", pkg]);
+    let together: Vec<&str> = PLUGINS
+        .iter()
+        .map(|(_, pkg)| *pkg)
+        .filter(|pkg| !ON_THEIR_OWN.contains(pkg))
+        .collect();
+    build(&root, &target_dir, &together);
+    for pkg in ON_THEIR_OWN {
+        build(&root, &dir_of(&target_dir, pkg), &[pkg]);
     }
-    let status = cmd.status().expect("run cargo to build the wasm plugins");
-    assert!(
-        status.success(),
-        "building the plugins for wasm32-wasip2 failed; is the target installed? (rustup target add wasm32-wasip2)"
-    );
 
     let mut consts = String::new();
     for (name, pkg) in PLUGINS {
-        let file = target_dir
+        let file = dir_of(&target_dir, pkg)
             .join("wasm32-wasip2/release")
             .join(format!("{}.wasm", pkg.replace('-', "_")));
         assert!(file.is_file(), "{} was not built", file.display());
@@ -72,4 +66,42 @@ fn main() {
         ));
     }
     std::fs::write(out.join("artifacts.rs"), consts).expect("write artifacts.rs");
+}
+
+/// The target directory `pkg` is built in.
+fn dir_of(target_dir: &Path, pkg: &str) -> PathBuf {
+    if ON_THEIR_OWN.contains(&pkg) {
+        target_dir.join(pkg)
+    } else {
+        target_dir.to_path_buf()
+    }
+}
+
+/// `cargo build --release --target wasm32-wasip2` of `packages`.
+fn build(root: &Path, target_dir: &Path, packages: &[&str]) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        // Flags meant for the host build must not leak into the wasm build.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_PROFILE_RELEASE_DEBUG");
+    for pkg in packages {
+        cmd.args(["-p", pkg]);
+    }
+    let status = cmd.status().expect("run cargo to build the wasm plugins");
+    assert!(
+        status.success(),
+        "building the plugins for wasm32-wasip2 failed; is the target installed? (rustup target add wasm32-wasip2)"
+    );
 }

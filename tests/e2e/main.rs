@@ -2,6 +2,7 @@
 
 mod aliyun;
 mod cli;
+mod contract;
 mod daemon;
 mod links;
 mod plugin_host;

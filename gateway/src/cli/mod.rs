@@ -3,6 +3,7 @@
 pub mod config;
 pub mod flash;
 pub mod identify;
+pub mod plugin;
 pub mod plugins;
 pub mod run;
 pub mod status;
@@ -29,8 +30,11 @@ pub enum Command {
     Flash(flash::FlashArgs),
     /// Read the running version of one leaf.
     Identify(identify::IdentifyArgs),
-    /// List the plugins in a directory and what is wrong with the broken ones.
+    /// List the plugins in a directory (families, contract, transports,
+    /// options with defaults and docs) and what is wrong with the broken ones.
     Plugins(plugins::PluginsArgs),
+    /// Write a new device-family plugin (`otagw plugin new NAME`).
+    Plugin(plugin::PluginArgs),
     /// Print the default configuration.
     Config(config::ConfigArgs),
     /// Validate a configuration file.
@@ -185,6 +189,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Flash(a) => flash::run(a).await,
         Command::Identify(a) => identify::run(a).await,
         Command::Plugins(a) => plugins::run(a).await,
+        Command::Plugin(a) => plugin::run(a).await,
         Command::Status(a) => status::run(a).await,
         Command::Config(a) => config::run(a).await,
         Command::Check(a) => config::check(a).await,

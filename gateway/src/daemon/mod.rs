@@ -457,6 +457,15 @@ impl Gateway {
         for leaf in devices.all() {
             if plugins.get(&leaf.family).is_none() {
                 tracing::error!(device = %leaf.id, family = %leaf.family, "no plugin for this device's family: its upgrades will fail");
+                continue;
+            }
+            // Said once at start; every job checks again before it touches the device.
+            let checked = match plugins.session(&leaf.family, None).await {
+                Ok(mut session) => session.check_options(&leaf.options).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = checked {
+                tracing::error!(device = %leaf.id, family = %leaf.family, "{e}");
             }
         }
 

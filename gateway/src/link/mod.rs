@@ -30,40 +30,9 @@ pub enum LinkKind {
     Ble,
 }
 
-/// Parity of a serial line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Parity {
-    None,
-    Odd,
-    Even,
-}
-
-/// Stop bits of a serial line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopBits {
-    One,
-    Two,
-}
-
-/// Line settings of a serial port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SerialConfig {
-    pub baud: u32,
-    pub data_bits: u8,
-    pub parity: Parity,
-    pub stop_bits: StopBits,
-}
-
-impl Default for SerialConfig {
-    fn default() -> Self {
-        Self {
-            baud: 115_200,
-            data_bits: 8,
-            parity: Parity::None,
-            stop_bits: StopBits::One,
-        }
-    }
-}
+// The line settings are the plugin SDK's types: one definition for what a
+// plugin asks for and what a link applies.
+pub use otagw_plugin_sdk::port::{Parity, SerialConfig, StopBits};
 
 /// Why a link could not be opened or used.
 #[derive(Debug, thiserror::Error)]

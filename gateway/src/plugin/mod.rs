@@ -475,18 +475,8 @@ pub struct FlashReport {
     pub summary: String,
 }
 
-/// What `identify` read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceInfo {
-    pub version: String,
-    pub model: Option<String>,
-    /// The model as an identifier rollouts compare exactly (contract 0.2).
-    pub hardware_id: Option<String>,
-    /// The device's own unique identity (contract 0.2).
-    pub serial_number: Option<String>,
-    /// Whatever else the device told, as (name, value) (contract 0.2).
-    pub attributes: Vec<(String, String)>,
-}
+/// What `identify` read (the SDK's type: the same fields a plugin answers with).
+pub use otagw_plugin_sdk::DeviceInfo;
 
 /// One job's instance of a plugin.
 pub struct PluginSession {

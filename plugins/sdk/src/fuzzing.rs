@@ -2,15 +2,19 @@
 //! ordinary tests (not compiled for wasm; hidden from the docs).
 //!
 //! What it is: [`Script`], a device's side of a byte link read from a fuzz
-//! input on a virtual clock (no real time passes), and [`replay`], which runs
-//! a target's function over every file of `fuzz/corpus/<target>/` and
-//! `fuzz/artifacts/<target>/`, so an input that once crashed stays a test.
+//! input on a virtual clock (no real time passes); [`FuzzPort`], the
+//! [`Port`] over a script with the link faults an input chooses; and
+//! [`replay`], which runs a target's function over every file of
+//! `fuzz/corpus/<target>/` and `fuzz/artifacts/<target>/`, so an input that
+//! once crashed stays a test.
 //!
 //! What it is not: a device simulator. A script answers whatever the host
 //! sends with the bytes the fuzzer chose.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+
+use crate::port::{LinkFault, LinkKind, Phase, Port, SerialConfig};
 
 /// Milliseconds of the delay code `code` (0..=127): `4 * code²`, so small
 /// codes are fine steps and 127 is about 64 s, beyond every timeout.
@@ -187,6 +191,99 @@ impl Script {
     /// Whether every chunk has been delivered or drained.
     pub fn finished(&self) -> bool {
         self.chunks.is_empty()
+    }
+}
+
+/// The device's side of a link from a [`Script`], with link faults: what the
+/// byte-stream fuzz targets (`xmodem_session`, `stm32_session`) run the
+/// families' protocol code against. Progress must never pass its total.
+#[derive(Debug, Clone)]
+pub struct FuzzPort {
+    pub script: Script,
+    pub kind: LinkKind,
+    /// Writes fail (`closed`) after this many (0: never).
+    pub close_after: usize,
+    /// `drain` answers `unsupported`.
+    pub drain_unsupported: bool,
+    /// Once the script is over, reads fail instead of timing out.
+    pub gone_at_end: bool,
+    /// `configure` answers `unsupported` (a pseudo-terminal).
+    pub configure_unsupported: bool,
+    /// `set_lines` answers `unsupported`.
+    pub lines_unsupported: bool,
+    writes: usize,
+}
+
+impl FuzzPort {
+    /// A serial link over `script` with the faults of one input byte: bits
+    /// 0-3 writes fail after that many (0: never), bit 4 `drain`
+    /// unsupported, bit 5 reads fail once the script is over.
+    pub fn new(script: Script, faults: u8) -> FuzzPort {
+        FuzzPort {
+            script,
+            kind: LinkKind::Serial,
+            close_after: usize::from(faults & 0x0f),
+            drain_unsupported: faults & 0x10 != 0,
+            gone_at_end: faults & 0x20 != 0,
+            configure_unsupported: false,
+            lines_unsupported: false,
+            writes: 0,
+        }
+    }
+}
+
+impl Port for FuzzPort {
+    fn write(&mut self, data: &[u8]) -> Result<(), LinkFault> {
+        self.writes += 1;
+        if self.close_after != 0 && self.writes > self.close_after {
+            return Err(LinkFault::Closed("fuzz: the device went away".into()));
+        }
+        self.script.write(data);
+        Ok(())
+    }
+
+    fn read(&mut self, max: u32, timeout_ms: u32) -> Result<Vec<u8>, LinkFault> {
+        if self.gone_at_end && self.script.finished() {
+            return Err(LinkFault::Io("fuzz: read failed".into()));
+        }
+        Ok(self.script.read(max, timeout_ms))
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        self.script.now
+    }
+
+    fn sleep(&mut self, ms: u32) {
+        self.script.sleep(ms);
+    }
+
+    fn drain(&mut self) -> Result<u32, LinkFault> {
+        if self.drain_unsupported {
+            return Err(LinkFault::Unsupported("fuzz: no drain".into()));
+        }
+        Ok(self.script.drain())
+    }
+
+    fn configure(&mut self, _: SerialConfig) -> Result<(), LinkFault> {
+        if self.configure_unsupported {
+            return Err(LinkFault::Unsupported("fuzz: no line settings".into()));
+        }
+        Ok(())
+    }
+
+    fn set_lines(&mut self, _: bool, _: bool) -> Result<(), LinkFault> {
+        if self.lines_unsupported {
+            return Err(LinkFault::Unsupported("fuzz: no DTR/RTS".into()));
+        }
+        Ok(())
+    }
+
+    fn kind(&mut self) -> LinkKind {
+        self.kind.clone()
+    }
+
+    fn progress(&mut self, done: u64, total: u64, phase: Phase) {
+        assert!(done <= total, "{phase:?} progress {done} of {total}");
     }
 }
 

@@ -1,23 +1,92 @@
-//! What otagw's device-family plugins share, so each family keeps only its
-//! protocol. Today: parsing the scalar device options (`retries = "5"`,
-//! `require_newer = "yes"`) with the same words and the same messages in
-//! every family. Plain Rust, no bindings: families convert [`OptionError`]
-//! into their own error type.
+//! # otagw-plugin-sdk
 //!
-//! Also, natively only and hidden from the docs: `fuzzing`, the scripted
-//! device link the fuzz targets in `fuzz/` drive the families' protocol code
-//! with, and the replay of their corpus as tests.
+//! The guest SDK of otagw's device-family plugins: a family writes its
+//! protocol and nothing of the glue. It implements [`Family`] (describe,
+//! settings from typed options, verify, flash, identify) over a [`Port`] and
+//! an image [`Source`], and exports it with one line:
 //!
-//! Not here (yet): the wasm glue each family repeats in its `guest.rs`
-//! (see ARCHITECTURE.md, "a plugin SDK crate").
-
-pub mod schema;
+//! ```ignore
+//! otagw_plugin_sdk::export_family!(MyFamily);
+//! ```
+//!
+//! Built for wasm32 that is a component of the `device-family` world of
+//! `wit/v0.2.0` (contract [`CONTRACT`]): the SDK generates the bindings once,
+//! implements the exported `plugin` interface for the family, adapts the
+//! host's `link` and `image` to [`Port`] and [`Source`], hands the family its
+//! settings built from the typed options (and answers `check-options` with
+//! the same code), prefixes the family's log lines with its name and maps
+//! [`Error`] onto the contract's `flash-error` (the step codes: [`error`]).
+//! Built natively it is plain Rust, so a family's code and tests run without
+//! wasm, and the gateway shares [`schema`] with plugins.
+//!
+//! What it is not: a host, or protocol code of any family.
+//!
+//! # Layout
+//! - [`family`]: the [`Family`] trait and its data ([`Info`], [`JobMeta`],
+//!   [`ImageInfo`], [`FlashReport`], [`DeviceInfo`]).
+//! - [`port`]: the [`Port`] and [`Source`] traits, [`LinkFault`], the link
+//!   types of the contract, and [`Inbox`] for byte-wise protocols.
+//! - [`fields`]: [`Fields`], reading a family's settings out of checked options.
+//! - [`error`]: [`Error`] and its step codes.
+//! - [`schema`]: option specs, checking and typing options, the one message
+//!   format of option problems.
+//! - `guest` (wasm32 only, hidden): the bindings, the host adapters and the
+//!   `plugin` export behind [`export_family!`].
+//! - [`testing`] (feature `testing`): an in-memory image, a scripted port on
+//!   a fake clock, the timed byte queue of device simulators, the checks of a
+//!   family's options (schema, defaults, hostile values).
+//! - `fuzzing` (feature `testing`, not for wasm, hidden): the scripted device
+//!   link the fuzz targets in `fuzz/` drive the families' protocol code with,
+//!   and the replay of their corpus as tests.
 
 use std::fmt;
 
-#[cfg(not(target_arch = "wasm32"))]
+pub mod error;
+pub mod family;
+pub mod fields;
+pub mod port;
+pub mod schema;
+
+#[cfg(all(feature = "testing", not(target_arch = "wasm32")))]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod guest;
+
+pub use error::Error;
+pub use family::{DeviceInfo, Family, FlashReport, ImageInfo, Info, JobMeta};
+pub use fields::Fields;
+pub use port::{
+    GattDefaults, GattDelivery, GattValue, GattWriteMode, Inbox, Level, LinkFault, LinkFeature,
+    LinkKind, Parity, Phase, Port, SerialConfig, Source, StopBits,
+};
+
+/// The contract version every plugin built with this SDK is built against:
+/// the version of the `plugin` interface the component exports, and what
+/// `describe` answers as `family-info.contract`.
+pub const CONTRACT: &str = "0.2.0";
+
+/// Export `$family` (a type implementing [`Family`]) as the component's
+/// `otagw:plugin/plugin@0.2.0` interface. Expands to nothing except on
+/// wasm32, so the crate builds and tests natively unchanged. Once per
+/// component.
+#[macro_export]
+macro_rules! export_family {
+    ($family:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        #[allow(unsafe_code)] // the exported functions are `extern "C"`
+        const _: () = {
+            type OtagwFamilyPlugin = $crate::guest::Plugin<$family>;
+            $crate::guest::bindings::export!(
+                OtagwFamilyPlugin with_types_in $crate::guest::bindings
+            );
+        };
+    };
+}
 
 /// Values that have panicked option parsers (non-ASCII inside hex or
 /// escapes, numbers past every range, empty, control characters).
@@ -43,8 +112,8 @@ pub const HOSTILE_OPTION_VALUES: &[&str] = &[
     "\u{0}",
 ];
 
-/// Test support: `parse` (a family's option parser) is called with every key
-/// in `keys` set to each of [`HOSTILE_OPTION_VALUES`]; it may refuse any of
+/// Test support: `parse` (option checking) is called with every key in
+/// `keys` set to each of [`HOSTILE_OPTION_VALUES`]; it may refuse any of
 /// them, but must not panic.
 #[cfg(not(target_arch = "wasm32"))]
 #[doc(hidden)]
@@ -63,18 +132,10 @@ pub fn assert_no_option_value_panics<R>(
     }
 }
 
-/// A device option with a value the family cannot use. The message names the
-/// option, its value (shortened) and why, e.g.
-/// ``option `retries` = "many": expected a whole number``.
+/// A device option with a value the family cannot use, as one message
+/// (what a [`schema::Problem`] converts into).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OptionError(pub String);
-
-impl OptionError {
-    pub fn new(key: &str, value: &str, why: &str) -> OptionError {
-        let shown: String = value.chars().take(80).collect();
-        OptionError(format!("option `{key}` = {shown:?}: {why}"))
-    }
-}
 
 impl fmt::Display for OptionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -83,67 +144,3 @@ impl fmt::Display for OptionError {
 }
 
 impl std::error::Error for OptionError {}
-
-/// A whole number within `min..=max`.
-pub fn parse_u32(key: &str, v: &str, min: u32, max: u32) -> Result<u32, OptionError> {
-    let n: u32 = v
-        .parse()
-        .map_err(|_| OptionError::new(key, v, "expected a whole number"))?;
-    if n < min || n > max {
-        return Err(OptionError::new(
-            key,
-            v,
-            &format!("must be between {min} and {max}"),
-        ));
-    }
-    Ok(n)
-}
-
-/// `true`/`yes`/`on`/`1` or `false`/`no`/`off`/`0`, any case.
-pub fn parse_bool(key: &str, v: &str) -> Result<bool, OptionError> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "yes" | "on" | "1" => Ok(true),
-        "false" | "no" | "off" | "0" => Ok(false),
-        _ => Err(OptionError::new(key, v, "expected true or false")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbers_in_range() {
-        assert_eq!(parse_u32("retries", "5", 0, 10), Ok(5));
-        assert_eq!(
-            parse_u32("retries", "11", 0, 10).unwrap_err().to_string(),
-            "option `retries` = \"11\": must be between 0 and 10"
-        );
-        assert_eq!(
-            parse_u32("retries", "many", 0, 10).unwrap_err().to_string(),
-            "option `retries` = \"many\": expected a whole number"
-        );
-    }
-
-    #[test]
-    fn booleans_in_any_case() {
-        for t in ["true", "YES", "On", "1"] {
-            assert_eq!(parse_bool("go", t), Ok(true));
-        }
-        for f in ["false", "no", "OFF", "0"] {
-            assert_eq!(parse_bool("go", f), Ok(false));
-        }
-        assert!(
-            parse_bool("go", "maybe")
-                .unwrap_err()
-                .0
-                .contains("expected true or false")
-        );
-    }
-
-    #[test]
-    fn long_values_are_shortened_in_messages() {
-        let e = OptionError::new("k", &"x".repeat(500), "too long");
-        assert!(e.0.len() < 120, "{e}");
-    }
-}

@@ -572,6 +572,20 @@ impl From<Problem> for OptionError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options(Vec<(String, OptionValue)>);
 
+/// One typed accessor of [`Options`]: the value of the option `name` when it
+/// is of the case `$case`.
+macro_rules! accessor {
+    ($(#[$doc:meta])* $method:ident, $case:ident, $ty:ty, |$v:ident| $out:expr) => {
+        $(#[$doc])*
+        pub fn $method(&self, name: &str) -> Option<$ty> {
+            match self.get(name)? {
+                OptionValue::$case($v) => Some($out),
+                _ => None,
+            }
+        }
+    };
+}
+
 impl Options {
     /// Options as they are, e.g. as the gateway handed them to a plugin
     /// (already checked there).
@@ -584,63 +598,36 @@ impl Options {
         self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
-    /// A `text` option's value; none when absent or of another kind.
-    pub fn text(&self, name: &str) -> Option<&str> {
-        match self.get(name)? {
-            OptionValue::Text(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    /// A `boolean` option's value; none when absent or of another kind.
-    pub fn boolean(&self, name: &str) -> Option<bool> {
-        match self.get(name)? {
-            OptionValue::Boolean(b) => Some(*b),
-            _ => None,
-        }
-    }
-
-    /// An `integer` option's value; none when absent or of another kind.
-    pub fn integer(&self, name: &str) -> Option<i64> {
-        match self.get(name)? {
-            OptionValue::Integer(n) => Some(*n),
-            _ => None,
-        }
-    }
-
-    /// A `bytes` option's value; none when absent or of another kind.
-    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
-        match self.get(name)? {
-            OptionValue::Bytes(b) => Some(b),
-            _ => None,
-        }
-    }
-
-    /// A `choice` option's value (never an alias); none when absent or of
-    /// another kind.
-    pub fn choice(&self, name: &str) -> Option<&str> {
-        match self.get(name)? {
-            OptionValue::Choice(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    /// A `duration` option's value in milliseconds; none when absent or of
-    /// another kind.
-    pub fn duration_ms(&self, name: &str) -> Option<u64> {
-        match self.get(name)? {
-            OptionValue::Duration(ms) => Some(*ms),
-            _ => None,
-        }
-    }
-
-    /// A `size` option's value in bytes; none when absent or of another kind.
-    pub fn size(&self, name: &str) -> Option<u64> {
-        match self.get(name)? {
-            OptionValue::Size(n) => Some(*n),
-            _ => None,
-        }
-    }
+    accessor!(
+        /// A `text` option's value; none when absent or of another kind.
+        text, Text, &str, |s| s
+    );
+    accessor!(
+        /// A `boolean` option's value; none when absent or of another kind.
+        boolean, Boolean, bool, |b| *b
+    );
+    accessor!(
+        /// An `integer` option's value; none when absent or of another kind.
+        integer, Integer, i64, |n| *n
+    );
+    accessor!(
+        /// A `bytes` option's value; none when absent or of another kind.
+        bytes, Bytes, &[u8], |b| b
+    );
+    accessor!(
+        /// A `choice` option's value (never an alias); none when absent or of
+        /// another kind.
+        choice, Choice, &str, |s| s
+    );
+    accessor!(
+        /// A `duration` option's value in milliseconds; none when absent or
+        /// of another kind.
+        duration_ms, Duration, u64, |ms| *ms
+    );
+    accessor!(
+        /// A `size` option's value in bytes; none when absent or of another kind.
+        size, Size, u64, |n| *n
+    );
 
     /// (name, value) in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &OptionValue)> {

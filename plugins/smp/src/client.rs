@@ -5,10 +5,11 @@
 //! What it is not: the upload loop or the test/confirm flow (`flash`). It is
 //! transport-agnostic: [`Transport`] frames the packets.
 
-use crate::port::{Level, Port};
+use otagw_plugin_sdk::{Error, Level, LinkFault, Port};
+
+use crate::Settings;
 use crate::smp::{self, MapBuilder, Packet, Value, group, id, op};
 use crate::transport::Transport;
-use crate::{Error, Settings};
 
 /// Largest read asked of the host at once.
 const READ_MAX: u32 = 4096;
@@ -40,7 +41,7 @@ pub struct UploadAnswer {
 }
 
 /// The SMP client over one link.
-pub struct Client<'p, P: Port> {
+pub struct Client<'p, P: Port + ?Sized> {
     port: &'p mut P,
     transport: Transport,
     seq: u8,
@@ -50,7 +51,7 @@ pub struct Client<'p, P: Port> {
     pub resent: u32,
 }
 
-impl<'p, P: Port> Client<'p, P> {
+impl<'p, P: Port + ?Sized> Client<'p, P> {
     /// A client with the link's framing and the settings' timeout and retries.
     pub fn new(port: &'p mut P, settings: &Settings) -> Client<'p, P> {
         let kind = port.kind();
@@ -76,6 +77,16 @@ impl<'p, P: Port> Client<'p, P> {
     /// The framing in use.
     pub fn transport(&self) -> &Transport {
         &self.transport
+    }
+
+    /// Close the link and open it again, waiting up to `timeout_ms` for the
+    /// device (after its reset); the framing starts afresh, with the MTU the
+    /// link has now.
+    pub fn reopen(&mut self, timeout_ms: u32) -> Result<(), LinkFault> {
+        self.port.reopen(timeout_ms)?;
+        let (kind, mtu) = (self.port.kind(), self.port.mtu());
+        self.transport = Transport::for_link(kind, mtu);
+        Ok(())
     }
 
     /// Discard stale input (boot banners, answers to an earlier job).

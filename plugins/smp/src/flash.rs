@@ -29,12 +29,13 @@
 //!    (MCUboot reverted it). Then state write `{hash, confirm: true}` and read
 //!    back `confirmed`.
 
+use otagw_plugin_sdk::{Error, Level, LinkFeature, Phase, Port, Source};
+
+use crate::Settings;
 use crate::client::{Client, Slot, find_slot, upload_body};
 use crate::mcuboot::{self, Verified, Version};
-use crate::port::{Level, Phase, Port, Source};
 use crate::smp::{HEADER_LEN, bstr_head_len};
 use crate::transport::Transport;
-use crate::{Error, Settings};
 
 /// The buffer assumed when the device does not report its MCUmgr parameters.
 pub const DEFAULT_BUF_SIZE: u32 = 512;
@@ -101,7 +102,11 @@ impl Upload {
 }
 
 /// Flash `src` to the device behind `port`.
-pub fn flash<P: Port, S: Source>(port: &mut P, src: &mut S, s: &Settings) -> Result<Report, Error> {
+pub fn flash<P: Port + ?Sized, S: Source + ?Sized>(
+    port: &mut P,
+    src: &mut S,
+    s: &Settings,
+) -> Result<Report, Error> {
     let img = mcuboot::verify(src, s.public_key.as_ref())?;
     port.log(Level::Info, &format!("verified: {}", img.summary));
     let mut c = Client::new(port, s);
@@ -258,7 +263,7 @@ fn chunk_len(
     Ok(d)
 }
 
-fn upload<P: Port, S: Source>(
+fn upload<P: Port + ?Sized, S: Source + ?Sized>(
     c: &mut Client<'_, P>,
     src: &mut S,
     img: &Verified,
@@ -359,7 +364,7 @@ fn upload<P: Port, S: Source>(
     Ok(up)
 }
 
-fn test_and_reset<P: Port>(
+fn test_and_reset<P: Port + ?Sized>(
     c: &mut Client<'_, P>,
     img: &Verified,
     s: &Settings,
@@ -386,8 +391,9 @@ fn test_and_reset<P: Port>(
 }
 
 /// After a reset: pause, then echo until the device answers or
-/// `reset_wait_ms` has passed.
-fn wait_for_device<P: Port>(c: &mut Client<'_, P>, s: &Settings) -> Result<(), Error> {
+/// `reset_wait_ms` has passed; a link that fails meanwhile is reopened where
+/// it can be.
+fn wait_for_device<P: Port + ?Sized>(c: &mut Client<'_, P>, s: &Settings) -> Result<(), Error> {
     let start = c.port().now_ms();
     c.port().sleep(RESET_SETTLE_MS.min(s.reset_wait_ms / 4));
     let mut last = String::from("no answer");
@@ -409,6 +415,18 @@ fn wait_for_device<P: Port>(c: &mut Client<'_, P>, s: &Settings) -> Result<(), E
                 return Ok(());
             }
             Err(Error::Timeout(_)) => {}
+            Err(Error::Transfer(m)) if c.port().supports(LinkFeature::Reopen) => {
+                // The link went with the device (a USB-CDC port that
+                // re-enumerates, a BLE peripheral that reboots): open it
+                // again, waiting for the device.
+                last = match c.reopen(left) {
+                    Ok(()) => m,
+                    Err(e) => {
+                        c.port().sleep(t);
+                        format!("{m}; reopening the link: {e}")
+                    }
+                };
+            }
             Err(Error::Transfer(m)) => {
                 last = m;
                 c.port().sleep(t);

@@ -11,18 +11,18 @@
 //! - [`image`] (`mcuboot`): bytes → `mcuboot::verify`, optionally with the
 //!   image's SHA-256 TLV set right so the signature checks are reached.
 
-use std::collections::VecDeque;
 use std::sync::OnceLock;
 
 use minicbor::Encoder;
+use otagw_plugin_sdk::testing::{MemImage, Wire};
+use otagw_plugin_sdk::{DeviceInfo, Error, Family, LinkFault, LinkKind, Phase, Port};
 use sha2::{Digest, Sha256};
 
 use crate::mcuboot::{self, Verified};
-use crate::port::{Level, LinkKind, Phase, Port, Source};
 use crate::serial::{self, Deframer};
 use crate::smp::{HEADER_LEN, Header, Packet, Value};
 use crate::transport::Transport;
-use crate::{Error, LinkFault, PublicKey, Settings};
+use crate::{PublicKey, Settings, Smp};
 
 // ---------------------------------------------------------------------------
 // smp_frame
@@ -188,7 +188,7 @@ pub struct FuzzDevice<A: Answers> {
     kind: LinkKind,
     mtu: u32,
     requests: Transport,
-    out: VecDeque<(u64, Vec<u8>)>,
+    out: Wire,
 }
 
 impl<A: Answers> FuzzDevice<A> {
@@ -196,10 +196,10 @@ impl<A: Answers> FuzzDevice<A> {
         FuzzDevice {
             answers,
             now: 0,
+            requests: Transport::for_link(kind.clone(), mtu),
             kind,
             mtu,
-            requests: Transport::for_link(kind, mtu),
-            out: VecDeque::new(),
+            out: Wire::default(),
         }
     }
 
@@ -212,7 +212,7 @@ impl<A: Answers> FuzzDevice<A> {
         }
         let at = self.now + Answer::DELAYS_MS[usize::from(a.ctrl & 3)];
         if a.ctrl & 0x80 != 0 {
-            self.out.push_back((at, a.body));
+            self.out.send(at, a.body);
             return;
         }
         let h = request.header;
@@ -238,7 +238,7 @@ impl<A: Answers> FuzzDevice<A> {
             let i = wire.len() / 2;
             wire[i] ^= 0x01;
         }
-        self.out.push_back((at, wire));
+        self.out.send(at, wire);
     }
 }
 
@@ -253,40 +253,7 @@ impl<A: Answers> Port for FuzzDevice<A> {
     }
 
     fn read(&mut self, max: u32, timeout_ms: u32) -> Result<Vec<u8>, LinkFault> {
-        match self.out.front_mut() {
-            Some((at, bytes)) if *at <= self.now + u64::from(timeout_ms) => {
-                self.now = self.now.max(*at);
-                let n = bytes.len().min(max as usize);
-                let got: Vec<u8> = bytes.drain(..n).collect();
-                if bytes.is_empty() {
-                    self.out.pop_front();
-                }
-                Ok(got)
-            }
-            _ => {
-                self.now += u64::from(timeout_ms);
-                Ok(Vec::new())
-            }
-        }
-    }
-
-    fn drain(&mut self) -> Result<u32, LinkFault> {
-        let mut n = 0;
-        while let Some((at, _)) = self.out.front() {
-            if *at > self.now {
-                break;
-            }
-            n += self.out.pop_front().map_or(0, |(_, b)| b.len() as u32);
-        }
-        Ok(n)
-    }
-
-    fn mtu(&mut self) -> u32 {
-        self.mtu
-    }
-
-    fn kind(&mut self) -> LinkKind {
-        self.kind
+        Ok(self.out.read(&mut self.now, max, timeout_ms))
     }
 
     fn now_ms(&mut self) -> u64 {
@@ -297,26 +264,20 @@ impl<A: Answers> Port for FuzzDevice<A> {
         self.now += u64::from(ms);
     }
 
+    fn drain(&mut self) -> Result<u32, LinkFault> {
+        Ok(self.out.drain(self.now))
+    }
+
+    fn mtu(&mut self) -> u32 {
+        self.mtu
+    }
+
+    fn kind(&mut self) -> LinkKind {
+        self.kind.clone()
+    }
+
     fn progress(&mut self, done: u64, total: u64, phase: Phase) {
         assert!(done <= total, "{phase:?} progress {done} of {total}");
-    }
-
-    fn log(&mut self, _: Level, _: &str) {}
-}
-
-/// An image in memory.
-pub struct MemImage(pub Vec<u8>);
-
-impl Source for MemImage {
-    fn size(&mut self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(self.0.len());
-        let end = start.saturating_add(len as usize).min(self.0.len());
-        self.0[start..end].to_vec()
     }
 }
 
@@ -371,7 +332,7 @@ pub fn session_setup(flags: u8) -> (LinkKind, u32, Settings) {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let s = Settings::parse(&o).expect("the fuzz settings are valid").0;
+    let s = Smp::settings_from_text(&o).expect("the fuzz settings are valid");
     (kind, mtu, s)
 }
 
@@ -379,7 +340,7 @@ pub fn session_setup(flags: u8) -> (LinkKind, u32, Settings) {
 #[derive(Debug)]
 pub enum Outcome {
     Flash(Result<crate::flash::Report, Error>),
-    Identify(Result<(String, Option<String>), Error>),
+    Identify(Result<DeviceInfo, Error>),
     Empty,
 }
 
@@ -390,10 +351,10 @@ pub fn session_with<A: Answers>(flags: u8, answers: A) -> (Outcome, A) {
     let mut dev = FuzzDevice::new(answers, kind, mtu);
     if flags & 0x04 != 0 {
         let r = crate::identify::identify(&mut dev, &s);
-        if let Ok((version, model)) = &r {
-            assert!(!version.is_empty());
+        if let Ok(d) = &r {
+            assert!(!d.version.is_empty());
             assert!(
-                model
+                d.model
                     .as_ref()
                     .is_none_or(|m| !m.is_empty() && m.trim() == m)
             );
@@ -402,7 +363,7 @@ pub fn session_with<A: Answers>(flags: u8, answers: A) -> (Outcome, A) {
     }
     let image = session_image();
     let size = image.len() as u64;
-    let r = crate::flash::flash(&mut dev, &mut MemImage(image), &s);
+    let r = crate::flash::flash(&mut dev, &mut MemImage::new(image), &s);
     if let Ok(report) = &r {
         assert!(report.bytes_sent <= size, "{report:?}");
         assert!(report.resumed_from.is_none_or(|o| o <= size), "{report:?}");
@@ -483,7 +444,7 @@ pub fn image(data: &[u8]) -> Option<Result<Verified, Error>> {
         0 => None,
         k => Some(&keys()[usize::from(k) - 1]),
     };
-    let r = mcuboot::verify(&mut MemImage(bytes.clone()), key);
+    let r = mcuboot::verify(&mut MemImage::new(bytes.clone()), key);
     if let Ok(v) = &r {
         let hashed = usize::try_from(v.header.hashed_end()).expect("inside the image");
         assert_eq!(v.size, bytes.len() as u64);
@@ -592,8 +553,11 @@ mod tests {
                     assert_eq!(r.bytes_sent, session_image().len() as u64, "{name}");
                     assert_eq!(r.retries, 0, "{name}");
                 }
-                Outcome::Identify(Ok((v, m))) => {
-                    assert_eq!((v.as_str(), m.as_deref()), ("1.0.0", Some("sim_board")))
+                Outcome::Identify(Ok(d)) => {
+                    assert_eq!(
+                        (d.version.as_str(), d.model.as_deref()),
+                        ("1.0.0", Some("sim_board"))
+                    )
                 }
                 other => panic!("seed {name}: {other:?}"),
             }

@@ -1,12 +1,20 @@
-//! `identify`: the version running in slot 0 (image state list) and, when the
-//! device tells, its model (OS info with `model_format`, one try, optional).
+//! `identify`: what slot 0 runs (image state list: version, hash, whether it
+//! is confirmed, and the version waiting in slot 1) and, when the device
+//! tells, its model (OS info with `model_format`, one try, optional).
+//!
+//! The model with the default `model_format = i` is the hardware platform
+//! (Zephyr's board, e.g. `nrf52840dk/nrf52840`), which is also the
+//! `hardware_id`. Attributes: `image_hash` (hex of slot 0's image hash),
+//! `confirmed` (`true`/`false`), `secondary_version` (when slot 1 holds an
+//! image with a version).
 
+use otagw_plugin_sdk::{DeviceInfo, Error, Level, Port};
+
+use crate::Settings;
 use crate::client::{Client, find_slot};
-use crate::port::{Level, Port};
-use crate::{Error, Settings};
 
-/// (version, model) read from the device.
-pub fn identify<P: Port>(port: &mut P, s: &Settings) -> Result<(String, Option<String>), Error> {
+/// What the device runs, and what it says about itself.
+pub fn identify<P: Port + ?Sized>(port: &mut P, s: &Settings) -> Result<DeviceInfo, Error> {
     let mut c = Client::new(port, s);
     c.drain();
     let slots = c.state_read()?;
@@ -20,6 +28,13 @@ pub fn identify<P: Port>(port: &mut P, s: &Settings) -> Result<(String, Option<S
         return Err(Error::Device(
             "image state read: the image in slot 0 has no version".into(),
         ));
+    }
+    let mut attributes = vec![
+        ("image_hash".to_string(), hex(&running.hash)),
+        ("confirmed".to_string(), running.confirmed.to_string()),
+    ];
+    if let Some(next) = find_slot(&slots, s.image, 1).filter(|x| !x.version.is_empty()) {
+        attributes.push(("secondary_version".to_string(), next.version.clone()));
     }
     let version = running.version.clone();
     let model = if s.model_format.is_empty() {
@@ -35,5 +50,15 @@ pub fn identify<P: Port>(port: &mut P, s: &Settings) -> Result<(String, Option<S
             }
         }
     };
-    Ok((version, model))
+    Ok(DeviceInfo {
+        version,
+        hardware_id: model.clone().filter(|_| s.model_format == "i"),
+        model,
+        serial_number: None,
+        attributes,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

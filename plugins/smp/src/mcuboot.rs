@@ -16,8 +16,9 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::port::Source;
-use crate::{Error, PublicKey};
+use otagw_plugin_sdk::{Error, Source};
+
+use crate::PublicKey;
 
 pub const IMAGE_MAGIC: u32 = 0x96f3_b83d;
 pub const TLV_INFO_MAGIC: u16 = 0x6907;
@@ -230,7 +231,12 @@ pub struct Verified {
     pub summary: String,
 }
 
-fn read_exact<S: Source>(src: &mut S, off: u64, len: usize, what: &str) -> Result<Vec<u8>, Error> {
+fn read_exact<S: Source + ?Sized>(
+    src: &mut S,
+    off: u64,
+    len: usize,
+    what: &str,
+) -> Result<Vec<u8>, Error> {
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
         let want = (len - out.len()).min(READ_CHUNK as usize) as u32;
@@ -256,7 +262,7 @@ fn short_hex(b: &[u8]) -> String {
 }
 
 /// Check an MCUboot image; `key` enables the key-hash and signature checks.
-pub fn verify<S: Source>(src: &mut S, key: Option<&PublicKey>) -> Result<Verified, Error> {
+pub fn verify<S: Source + ?Sized>(src: &mut S, key: Option<&PublicKey>) -> Result<Verified, Error> {
     let size = src.size();
     let head = read_exact(src, 0, HEADER_SIZE.min(size as usize), "header")?;
     let header = Header::parse(&head)?;

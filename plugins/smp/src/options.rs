@@ -1,19 +1,21 @@
-//! The device options this family understands, parsed and checked once.
+//! The device options this family understands: their [`schema`] (names,
+//! kinds, ranges, defaults, one line each for operators) and the typed
+//! [`Settings`] built from options checked against it.
 //!
-//! What it is: the typed form of the `options` list from the gateway's device
-//! configuration (key/value strings), with defaults and ranges. Keys are
-//! matched case-insensitively and `-` is the same as `_` (`timeout-ms` ==
-//! `timeout_ms`).
+//! What it is: what can be a setting is a setting. The gateway checks and
+//! types the options by the schema before the plugin sees them (the SDK does
+//! the same natively, [`otagw_plugin_sdk::Family::settings_from_text`]);
+//! [`Settings::from_options`] adds what the schema cannot say: the syntax of
+//! `public_key` and `model_format`.
 //!
-//! What it is not: it does no I/O. Unknown keys are not errors (the gateway may
-//! keep its own keys in the same list); they are returned so the caller can log
-//! them.
+//! What it is not: it does no I/O.
 
-use crate::Error;
+use otagw_plugin_sdk::schema::{OptionSpec, Options, Problem};
+use otagw_plugin_sdk::{Family, Fields};
+
 use crate::keys::PublicKey;
-use otagw_plugin_sdk::{OptionError, parse_bool, parse_u32};
 
-/// Every setting of the family, with its default.
+/// Every setting of the family; the defaults are the schema's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// `timeout_ms`: how long to wait for the answer to one SMP request (default 5000).
@@ -51,113 +53,153 @@ pub struct Settings {
     pub model_format: String,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            timeout_ms: 5000,
-            erase_timeout_ms: 30_000,
-            retries: 5,
-            reset_wait_ms: 10_000,
-            public_key: None,
-            require_newer: false,
-            image: 0,
-            buf_size: None,
-            max_chunk: None,
-            erase: false,
-            model_format: "i".to_string(),
-        }
-    }
-}
-
 /// Longest timeout accepted for any `*_ms` option: one hour.
-const MAX_MS: u32 = 3_600_000;
+const MAX_MS: u64 = 3_600_000;
+
+/// The options of the family, in the order operators see them.
+pub fn schema() -> Vec<OptionSpec> {
+    vec![
+        OptionSpec::duration(
+            "timeout_ms",
+            10,
+            MAX_MS,
+            "how long to wait for the answer to one SMP request",
+        )
+        .default_duration_ms(5000),
+        OptionSpec::duration(
+            "erase_timeout_ms",
+            10,
+            MAX_MS,
+            "the same for requests that may erase the secondary slot first",
+        )
+        .default_duration_ms(30_000),
+        OptionSpec::integer(
+            "retries",
+            0,
+            1000,
+            "re-sends allowed per request after a timeout",
+        )
+        .default_int(5),
+        OptionSpec::duration(
+            "reset_wait_ms",
+            10,
+            MAX_MS,
+            "how long the device may take to answer after a reset (MCUboot's swap included)",
+        )
+        .default_duration_ms(10_000),
+        OptionSpec::text(
+            "public_key",
+            "the key images must be signed with (default: not checked)",
+        )
+        .syntax(
+            "hex of a raw Ed25519 or P-256 key or of its DER, base64 or PEM of the DER, \
+                 or `imgtool getpub` output",
+        ),
+        OptionSpec::boolean(
+            "require_newer",
+            "refuse an image not newer than the one running in slot 0",
+        )
+        .default_bool(false),
+        OptionSpec::integer("image", 0, 255, "the image number on multi-image devices")
+            .default_int(0),
+        OptionSpec::integer(
+            "buf_size",
+            64,
+            65_535,
+            "the device's SMP buffer, when it cannot report it (default: ask, else 512)",
+        ),
+        OptionSpec::integer(
+            "max_chunk",
+            16,
+            65_535,
+            "most image bytes per upload request (default: what the buffer takes)",
+        ),
+        OptionSpec::boolean(
+            "erase",
+            "erase the secondary slot before uploading (loses a partial upload)",
+        )
+        .default_bool(false),
+        OptionSpec::text(
+            "model_format",
+            "the OS-info format letters identify asks for the model",
+        )
+        .syntax("letters, e.g. `i` (the hardware platform); empty: do not ask")
+        .default_text("i"),
+    ]
+}
 
 impl Settings {
-    /// Parse the device options. Returns the settings and the keys this family
-    /// does not know (as given), or `Error::Options` naming the bad option.
-    pub fn parse(options: &[(String, String)]) -> Result<(Settings, Vec<String>), Error> {
-        let mut s = Settings::default();
-        let mut unknown = Vec::new();
-        for (raw_key, value) in options {
-            let key = raw_key.trim().to_ascii_lowercase().replace('-', "_");
-            let v = value.trim();
-            match key.as_str() {
-                "timeout_ms" => s.timeout_ms = parse_u32(&key, v, 10, MAX_MS)?,
-                "erase_timeout_ms" => s.erase_timeout_ms = parse_u32(&key, v, 10, MAX_MS)?,
-                "retries" => s.retries = parse_u32(&key, v, 0, 1000)?,
-                "reset_wait_ms" => s.reset_wait_ms = parse_u32(&key, v, 10, MAX_MS)?,
-                "public_key" => {
-                    s.public_key = if v.is_empty() {
-                        None
-                    } else {
-                        Some(PublicKey::parse(v).map_err(|why| bad(&key, v, &why))?)
-                    }
-                }
-                "require_newer" => s.require_newer = parse_bool(&key, v)?,
-                "image" => s.image = parse_u32(&key, v, 0, 255)?,
-                "buf_size" => s.buf_size = Some(parse_u32(&key, v, 64, 65_535)?),
-                "max_chunk" => s.max_chunk = Some(parse_u32(&key, v, 16, 65_535)?),
-                "erase" => s.erase = parse_bool(&key, v)?,
-                "model_format" => {
-                    if !v.chars().all(|c| c.is_ascii_alphabetic()) {
-                        return Err(bad(&key, v, "expected OS-info format letters, e.g. `i`"));
-                    }
-                    s.model_format = v.to_string();
-                }
-                _ => unknown.push(raw_key.clone()),
-            }
+    /// The settings from options checked against [`schema`]: every problem,
+    /// each naming its option.
+    pub fn from_options(options: &Options) -> Result<Settings, Vec<Problem>> {
+        let specs = schema();
+        let mut f = Fields::new(&specs, options);
+        let public_key = match f.optional_text("public_key").map(str::trim) {
+            None | Some("") => None,
+            Some(text) => PublicKey::parse(text)
+                .map_err(|why| f.bad("public_key", &why))
+                .ok(),
+        };
+        let model_format = f.text("model_format").trim().to_string();
+        if !model_format.chars().all(|c| c.is_ascii_alphabetic()) {
+            f.bad("model_format", "expected OS-info format letters, e.g. `i`");
         }
-        Ok((s, unknown))
+        let settings = Settings {
+            timeout_ms: f.duration_ms("timeout_ms"),
+            erase_timeout_ms: f.duration_ms("erase_timeout_ms"),
+            retries: f.integer("retries"),
+            reset_wait_ms: f.duration_ms("reset_wait_ms"),
+            public_key,
+            require_newer: f.boolean("require_newer"),
+            image: f.integer("image"),
+            buf_size: f.optional_integer("buf_size", false),
+            max_chunk: f.optional_integer("max_chunk", false),
+            erase: f.boolean("erase"),
+            model_format,
+        };
+        f.finish(settings)
     }
 }
 
-fn bad(key: &str, value: &str, why: &str) -> Error {
-    OptionError::new(key, value, why).into()
+/// The schema's defaults.
+impl Default for Settings {
+    fn default() -> Self {
+        crate::Smp::default_settings()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Smp;
+    use otagw_plugin_sdk::testing::{assert_refused, check_family};
 
-    #[test]
-    fn no_value_of_any_option_panics_the_parser() {
-        let keys = [
-            "timeout_ms",
-            "erase_timeout_ms",
-            "retries",
-            "reset_wait_ms",
-            "public_key",
-            "require_newer",
-            "image",
-            "buf_size",
-            "max_chunk",
-            "erase",
-            "model_format",
-        ];
-        otagw_plugin_sdk::assert_no_option_value_panics(&keys, Settings::parse);
+    fn parse(options: &[(&str, &str)]) -> Result<Settings, Vec<Problem>> {
+        otagw_plugin_sdk::testing::settings::<Smp>(options)
     }
 
-    fn opts(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    #[test]
+    fn the_schema_is_valid_and_no_value_of_any_option_panics() {
+        check_family::<Smp>();
     }
 
     #[test]
     fn defaults() {
-        let (s, unknown) = Settings::parse(&[]).unwrap();
-        assert_eq!(s, Settings::default());
-        assert!(unknown.is_empty());
+        let s = Settings::default();
         assert_eq!(s.timeout_ms, 5000);
+        assert_eq!(s.erase_timeout_ms, 30_000);
         assert_eq!(s.retries, 5);
         assert_eq!(s.reset_wait_ms, 10_000);
-        assert!(!s.require_newer);
+        assert!(!s.require_newer && !s.erase);
+        assert_eq!((s.image, s.buf_size, s.max_chunk), (0, None, None));
+        assert_eq!(s.public_key, None);
+        assert_eq!(s.model_format, "i");
     }
 
     #[test]
     fn parses_every_option() {
         let key = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
-        let (s, unknown) = Settings::parse(&opts(&[
+        let s = parse(&[
             ("Timeout-Ms", "100"),
             ("erase_timeout_ms", "200"),
             ("retries", "2"),
@@ -169,8 +211,7 @@ mod tests {
             ("max_chunk", "256"),
             ("erase", "true"),
             ("model_format", "im"),
-            ("colour", "blue"),
-        ]))
+        ])
         .unwrap();
         assert_eq!(s.timeout_ms, 100);
         assert_eq!(s.erase_timeout_ms, 200);
@@ -183,26 +224,23 @@ mod tests {
         assert_eq!(s.max_chunk, Some(256));
         assert!(s.erase);
         assert_eq!(s.model_format, "im");
-        assert_eq!(unknown, vec!["colour".to_string()]);
+        // Empty: no key, no model.
+        let s = parse(&[("public_key", " "), ("model_format", "")]).unwrap();
+        assert_eq!((s.public_key, s.model_format.as_str()), (None, ""));
     }
 
     #[test]
     fn bad_values_name_the_option() {
-        for (k, v, needle) in [
+        assert_refused::<Smp>(&[
             ("timeout_ms", "0", "`timeout_ms`"),
             ("retries", "-1", "`retries`"),
-            ("retries", "5000", "between 0 and 1000"),
+            ("retries", "5000", "from 0 to 1000"),
             ("require_newer", "maybe", "`require_newer`"),
             ("public_key", "abcd", "`public_key`"),
             ("public_key", "zz!!", "`public_key`"),
-            ("buf_size", "10", "between 64"),
+            ("buf_size", "10", "from 64"),
             ("model_format", "i m", "`model_format`"),
-        ] {
-            let err = Settings::parse(&opts(&[(k, v)])).unwrap_err();
-            let Error::Options(msg) = &err else {
-                panic!("{k}: expected an options error, got {err:?}")
-            };
-            assert!(msg.contains(needle), "{k}={v}: {msg}");
-        }
+            ("colour", "blue", "unknown option `colour`"),
+        ]);
     }
 }

@@ -1,49 +1,23 @@
-//! Test support (compiled for tests only): an in-memory image, a builder of
-//! MCUboot images, and a simulated SMP device on a virtual clock that speaks
-//! the serial framing (or raw packets for BLE), with Zephyr's upload offset
-//! semantics, MCUboot's test/confirm/revert swap, and fault injection.
+//! Test support (compiled for tests only): a builder of MCUboot images, and
+//! a simulated SMP device on a virtual clock that speaks the serial framing
+//! (or raw packets for BLE), with Zephyr's upload offset semantics,
+//! MCUboot's test/confirm/revert swap, and fault injection. Images in memory
+//! are the SDK's `MemImage`.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 
 use minicbor::Encoder;
+use otagw_plugin_sdk::testing::{MemImage, Wire};
+use otagw_plugin_sdk::{Level, LinkFault, LinkFeature, LinkKind, Phase, Port};
 use sha2::{Digest, Sha256};
 
+use crate::PublicKey;
 use crate::mcuboot;
-use crate::port::{Level, LinkKind, Phase, Port, Source};
 use crate::smp::{Header, Packet, Value, group, id, op};
 use crate::transport::Transport;
-use crate::{LinkFault, PublicKey};
 
 // ---------------------------------------------------------------------------
 // Images.
-
-/// An image in memory; records the largest single read.
-#[derive(Debug, Clone)]
-pub struct MemImage {
-    pub bytes: Vec<u8>,
-    pub largest_read: u32,
-}
-
-impl MemImage {
-    pub fn new(bytes: Vec<u8>) -> MemImage {
-        MemImage {
-            bytes,
-            largest_read: 0,
-        }
-    }
-}
-
-impl Source for MemImage {
-    fn size(&mut self) -> u64 {
-        self.bytes.len() as u64
-    }
-    fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
-        self.largest_read = self.largest_read.max(len);
-        let start = (offset as usize).min(self.bytes.len());
-        let end = (start + len as usize).min(self.bytes.len());
-        self.bytes[start..end].to_vec()
-    }
-}
 
 /// A signing key for test images.
 #[derive(Debug, Clone, Copy)]
@@ -236,6 +210,8 @@ pub struct Faults {
     pub ignore: Option<(u16, u8)>,
     /// Upload requests at or past this offset are lost (the link broke).
     pub silent_from_off: Option<u64>,
+    /// The link goes down with a reset (USB-CDC, BLE) until it is reopened.
+    pub link_drops_on_reset: bool,
 }
 
 /// The simulated SMP device and the port to it.
@@ -244,7 +220,11 @@ pub struct Sim {
     pub kind: LinkKind,
     pub mtu: u32,
     rx: Transport,
-    out: VecDeque<(u64, Vec<u8>)>,
+    out: Wire,
+    /// The link went down with a reset and was not reopened yet.
+    pub link_down: bool,
+    /// Successful reopens of the link.
+    pub reopens: u32,
     pub slot0: Option<SimImage>,
     pub slot1: Option<SimImage>,
     pub session: Option<Session>,
@@ -284,7 +264,9 @@ impl Sim {
             kind: LinkKind::Serial,
             mtu: 256,
             rx: Transport::for_link(LinkKind::Serial, 256),
-            out: VecDeque::new(),
+            out: Wire::default(),
+            link_down: false,
+            reopens: 0,
             slot0: Some(SimImage::running("1.0.0", 0xaa)),
             slot1: None,
             session: None,
@@ -330,6 +312,7 @@ impl Sim {
         self.session = None;
         self.down_until = self.now + self.reboot_ms;
         self.out.clear();
+        self.link_down = self.faults.link_drops_on_reset;
         let s0 = self.slot0.clone();
         let s1 = self.slot1.clone();
         match (s0, s1) {
@@ -359,10 +342,10 @@ impl Sim {
             _ => {}
         }
         if self.faults.console_noise {
-            self.out.push_back((
+            self.out.send(
                 self.down_until,
-                b"*** Booting MCUboot ***\r\n*** Booting Zephyr OS ***\r\n".to_vec(),
-            ));
+                b"*** Booting MCUboot ***\r\n*** Booting Zephyr OS ***\r\n",
+            );
         }
     }
 
@@ -383,10 +366,9 @@ impl Sim {
         }
         let at = self.now + 3;
         if self.faults.console_noise {
-            self.out
-                .push_back((at, b"[00:00:01.234] <inf> app: tick\r\n".to_vec()));
+            self.out.send(at, b"[00:00:01.234] <inf> app: tick\r\n");
         }
-        self.out.push_back((at, wire));
+        self.out.send(at, wire);
     }
 
     fn handle(&mut self, raw: Vec<u8>) {
@@ -592,9 +574,20 @@ fn rc(e: &mut Encoder<Vec<u8>>, code: i64) {
     e.map(1).unwrap().str("rc").unwrap().i64(code).unwrap();
 }
 
+impl Sim {
+    /// `closed` while the link is down.
+    fn link(&mut self) -> Result<(), LinkFault> {
+        self.tick();
+        if self.link_down {
+            return Err(LinkFault::Closed("the device reset".into()));
+        }
+        Ok(())
+    }
+}
+
 impl Port for Sim {
     fn write(&mut self, data: &[u8]) -> Result<(), LinkFault> {
-        self.tick();
+        self.link()?;
         self.writes += 1;
         for pkt in self.rx.receive(data) {
             self.handle(pkt);
@@ -603,44 +596,12 @@ impl Port for Sim {
     }
 
     fn read(&mut self, max: u32, timeout_ms: u32) -> Result<Vec<u8>, LinkFault> {
-        self.tick();
-        match self.out.front_mut() {
-            Some((t, bytes)) if *t <= self.now + u64::from(timeout_ms) => {
-                self.now = self.now.max(*t);
-                let n = bytes.len().min(max as usize);
-                let out: Vec<u8> = bytes.drain(..n).collect();
-                if bytes.is_empty() {
-                    self.out.pop_front();
-                }
-                Ok(out)
-            }
-            _ => {
-                self.now += u64::from(timeout_ms);
-                self.tick();
-                Ok(Vec::new())
-            }
+        self.link()?;
+        let got = self.out.read(&mut self.now, max, timeout_ms);
+        if got.is_empty() {
+            self.tick();
         }
-    }
-
-    fn drain(&mut self) -> Result<u32, LinkFault> {
-        self.tick();
-        let mut n = 0;
-        while let Some((t, _)) = self.out.front() {
-            if *t > self.now {
-                break;
-            }
-            n += self.out.pop_front().map_or(0, |(_, b)| b.len() as u32);
-        }
-        self.drained += n;
-        Ok(n)
-    }
-
-    fn mtu(&mut self) -> u32 {
-        self.mtu
-    }
-
-    fn kind(&mut self) -> LinkKind {
-        self.kind
+        Ok(got)
     }
 
     fn now_ms(&mut self) -> u64 {
@@ -650,6 +611,44 @@ impl Port for Sim {
     fn sleep(&mut self, ms: u32) {
         self.now += u64::from(ms);
         self.tick();
+    }
+
+    fn drain(&mut self) -> Result<u32, LinkFault> {
+        self.link()?;
+        let n = self.out.drain(self.now);
+        self.drained += n;
+        Ok(n)
+    }
+
+    fn mtu(&mut self) -> u32 {
+        self.mtu
+    }
+
+    fn kind(&mut self) -> LinkKind {
+        self.kind.clone()
+    }
+
+    fn supports(&mut self, feature: LinkFeature) -> bool {
+        feature == LinkFeature::Reopen
+    }
+
+    /// Back once the device has rebooted, if that is within `timeout_ms`.
+    fn reopen(&mut self, timeout_ms: u32) -> Result<(), LinkFault> {
+        let back = if self.link_down {
+            self.down_until
+        } else {
+            self.now
+        };
+        if back > self.now + u64::from(timeout_ms) {
+            self.now += u64::from(timeout_ms);
+            return Err(LinkFault::Timeout("the device is not back".into()));
+        }
+        self.now = self.now.max(back);
+        self.link_down = false;
+        self.reopens += 1;
+        self.out.clear();
+        self.rx.reset();
+        Ok(())
     }
 
     fn progress(&mut self, done: u64, total: u64, phase: Phase) {

@@ -5,8 +5,8 @@
 //! that arrived. What it is not: matching answers to requests or retrying
 //! (`client`).
 
-use crate::LinkFault;
-use crate::port::{LinkKind, Port};
+use otagw_plugin_sdk::{LinkFault, LinkKind, Port};
+
 use crate::serial::{self, Deframer};
 use crate::smp::HEADER_LEN;
 
@@ -21,14 +21,18 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// The framing for a link of this kind.
+    /// The framing for a link of this kind: raw packets on BLE, the serial
+    /// framing on every byte stream (serial, TCP, kinds this family has no
+    /// name for).
     pub fn for_link(kind: LinkKind, mtu: u32) -> Transport {
         match kind {
-            LinkKind::Serial | LinkKind::Tcp => Transport::Serial(Deframer::new()),
             LinkKind::Ble => Transport::Raw {
                 mtu: (mtu as usize).max(20),
                 buf: Vec::new(),
             },
+            LinkKind::Serial | LinkKind::Tcp | LinkKind::Other(_) => {
+                Transport::Serial(Deframer::new())
+            }
         }
     }
 
@@ -42,7 +46,7 @@ impl Transport {
     }
 
     /// Write one packet (header + body).
-    pub fn send<P: Port>(&mut self, port: &mut P, packet: &[u8]) -> Result<(), LinkFault> {
+    pub fn send<P: Port + ?Sized>(&mut self, port: &mut P, packet: &[u8]) -> Result<(), LinkFault> {
         match self {
             Transport::Serial(_) => port.write(&serial::encode(packet)),
             Transport::Raw { mtu, .. } => {

@@ -5,30 +5,18 @@
 //! What it is not: byte-level protocol ([`crate::protocol`]) or option parsing
 //! ([`crate::options`]).
 
-use crate::options::{FLASH_BASE, Layout, LineSeq, LineStep, Settings};
+use otagw_plugin_sdk::{
+    DeviceInfo, Error, FlashReport, ImageInfo, Level, LinkFault, LinkKind, Phase, Port,
+    SerialConfig, Source,
+};
+
+use crate::options::{FLASH_BASE, Layout, LineParity, LineSeq, LineStep, Settings};
 use crate::parts::{self, Part};
-use crate::port::{Level, LinkKind, Parity, Phase, Port, Source};
 use crate::protocol::{Fail, MAX_BLOCK, Session, cmd};
-use crate::{Error, LinkFault};
 
 /// Pages per erase command, so a big erase reports progress and each command
 /// stays well within `erase_timeout_ms`.
 const ERASE_BATCH: usize = 32;
-
-/// What `verify` found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verified {
-    pub payload_size: u64,
-    pub summary: String,
-}
-
-/// What `flash` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report {
-    pub bytes_sent: u64,
-    pub retries: u32,
-    pub summary: String,
-}
 
 /// Bytes actually written for an image of `size` bytes: padded to a multiple of 4.
 fn padded(size: u64) -> u64 {
@@ -37,7 +25,7 @@ fn padded(size: u64) -> u64 {
 
 /// Checks that need no device: not empty, fits `flash_size` from `address`
 /// when that is set, starts with `header_magic` when that is set.
-pub fn verify<S: Source>(image: &mut S, s: &Settings) -> Result<Verified, Error> {
+pub fn verify<S: Source + ?Sized>(image: &mut S, s: &Settings) -> Result<ImageInfo, Error> {
     let size = image.size();
     if size == 0 {
         return Err(Error::Verify("the image is empty: nothing to write".into()));
@@ -50,9 +38,11 @@ pub fn verify<S: Source>(image: &mut S, s: &Settings) -> Result<Verified, Error>
         Some(f) => format!(" of the {} flash", parts::human(u64::from(f))),
         None => String::new(),
     };
-    Ok(Verified {
+    Ok(ImageInfo {
+        version: None,
         payload_size: size,
         summary: format!("{size} bytes for 0x{:08X}{fit}", s.address),
+        warnings: Vec::new(),
     })
 }
 
@@ -67,7 +57,7 @@ fn check_fit(size: u64, address: u32, flash: u32, whose: &str) -> Result<(), Err
     Ok(())
 }
 
-fn check_header<S: Source>(image: &mut S, s: &Settings) -> Result<(), Error> {
+fn check_header<S: Source + ?Sized>(image: &mut S, s: &Settings) -> Result<(), Error> {
     let Some(magic) = &s.header_magic else {
         return Ok(());
     };
@@ -94,7 +84,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Line settings, reset sequence, sync. Returns the session, synced.
-fn enter<'a, P: Port>(port: &'a mut P, s: &'a Settings) -> Result<Session<'a, P>, Error> {
+fn enter<'a, P: Port + ?Sized>(port: &'a mut P, s: &'a Settings) -> Result<Session<'a, P>, Error> {
     configure(port, s)?;
     let mut note = String::new();
     if !s.reset_sequence.is_empty() {
@@ -113,10 +103,10 @@ fn enter<'a, P: Port>(port: &'a mut P, s: &'a Settings) -> Result<Session<'a, P>
 
 /// 8E1 (or 8N1 with `parity = none`) at `baud` on serial links. On TCP the
 /// serial device server owns the line settings.
-fn configure<P: Port>(port: &mut P, s: &Settings) -> Result<(), Error> {
+fn configure<P: Port + ?Sized>(port: &mut P, s: &Settings) -> Result<(), Error> {
     let wanted = match s.parity {
-        Parity::Even => "8E1",
-        Parity::None => "8N1",
+        LineParity::Even => "8E1",
+        LineParity::None => "8N1",
     };
     if port.kind() != LinkKind::Serial {
         port.log(
@@ -128,15 +118,15 @@ fn configure<P: Port>(port: &mut P, s: &Settings) -> Result<(), Error> {
         );
         return Ok(());
     }
-    match port.configure(s.baud, s.parity) {
+    match port.configure(SerialConfig::eight_bits(s.baud, s.parity.parity())) {
         Ok(()) => Ok(()),
         Err(LinkFault::Unsupported(m)) => match s.parity {
-            Parity::Even => Err(Error::Options(format!(
+            LineParity::Even => Err(Error::Options(format!(
                 "option `parity` = even: the link cannot do even parity ({m}); the STM32 \
                  bootloader needs 8E1 on a real UART; parity = none is only for simulators \
                  on pseudo-terminals"
             ))),
-            Parity::None => {
+            LineParity::None => {
                 port.log(
                     Level::Debug,
                     &format!(
@@ -156,7 +146,7 @@ fn configure<P: Port>(port: &mut P, s: &Settings) -> Result<(), Error> {
 
 /// Run a DTR/RTS sequence. `Ok(false)` when the link has no modem lines (the
 /// rest of the sequence is skipped, with a warning).
-fn run_lines<P: Port>(port: &mut P, seq: &LineSeq, name: &str) -> Result<bool, Error> {
+fn run_lines<P: Port + ?Sized>(port: &mut P, seq: &LineSeq, name: &str) -> Result<bool, Error> {
     for step in &seq.steps {
         match *step {
             LineStep::Set { dtr, rts } => match port.set_lines(dtr, rts) {
@@ -176,23 +166,6 @@ fn run_lines<P: Port>(port: &mut P, seq: &LineSeq, name: &str) -> Result<bool, E
         }
     }
     Ok(true)
-}
-
-/// Read `len` image bytes at `offset` (fewer only at the end of the image).
-fn read_image<S: Source>(image: &mut S, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
-    let mut data = Vec::with_capacity(len);
-    while data.len() < len {
-        let got = image.read(offset + data.len() as u64, (len - data.len()) as u32);
-        if got.is_empty() {
-            return Err(Error::Transfer(format!(
-                "image: read at offset {} returned nothing, {} bytes short of its size",
-                offset + data.len() as u64,
-                len - data.len()
-            )));
-        }
-        data.extend_from_slice(&got[..got.len().min(len - data.len())]);
-    }
-    Ok(data)
 }
 
 /// What the bootloader said about itself.
@@ -230,7 +203,7 @@ impl Target {
     }
 }
 
-fn discover<P: Port>(session: &mut Session<'_, P>) -> Result<Target, Error> {
+fn discover<P: Port + ?Sized>(session: &mut Session<'_, P>) -> Result<Target, Error> {
     let (version, commands) = session.attempt("GET (0x00)", |s, _| s.get())?;
     let mut t = Target {
         version,
@@ -256,11 +229,11 @@ fn discover<P: Port>(session: &mut Session<'_, P>) -> Result<Target, Error> {
 }
 
 /// Flash the image: enter, sync, learn the part, erase, write, read back, GO.
-pub fn flash<P: Port, S: Source>(
+pub fn flash<P: Port + ?Sized, S: Source + ?Sized>(
     port: &mut P,
     image: &mut S,
     s: &Settings,
-) -> Result<Report, Error> {
+) -> Result<FlashReport, Error> {
     let size = image.size();
     if size == 0 {
         return Err(Error::Verify("the image is empty: nothing to write".into()));
@@ -310,7 +283,8 @@ pub fn flash<P: Port, S: Source>(
     let written = padded(size);
     let layout = match (&s.page_size, target.part()) {
         (Some(l), _) => l.clone(),
-        (None, Some(p)) => Layout::parse("page_size", p.layout)?,
+        (None, Some(p)) => Layout::parse(p.layout)
+            .map_err(|why| Error::Other(format!("the part table's layout of {}: {why}", p.name)))?,
         (None, None) => Layout::uniform(2048),
     };
     erase(&mut session, s, &layout, written, extended)?;
@@ -321,7 +295,7 @@ pub fn flash<P: Port, S: Source>(
     session.port.progress(0, total, Phase::Transfer);
     while done < size {
         let len = (size - done).min(MAX_BLOCK as u64) as usize;
-        let mut block = read_image(image, done, len)?;
+        let mut block = image.read_exact(done, len)?;
         block.resize(block.len().div_ceil(4) * 4, 0xFF);
         let address = s.address + done as u32;
         let readable = target.has(cmd::READ_MEMORY);
@@ -365,7 +339,7 @@ pub fn flash<P: Port, S: Source>(
     }
     session.port.progress(1, 1, Phase::Finish);
     let verified = if s.verify_readback { ", read back" } else { "" };
-    Ok(Report {
+    Ok(FlashReport {
         bytes_sent: size,
         retries,
         summary: format!(
@@ -382,7 +356,7 @@ pub fn flash<P: Port, S: Source>(
     })
 }
 
-fn erase<P: Port>(
+fn erase<P: Port + ?Sized>(
     session: &mut Session<'_, P>,
     s: &Settings,
     layout: &Layout,
@@ -446,7 +420,7 @@ fn erase<P: Port>(
     Ok(())
 }
 
-fn readback<P: Port, S: Source>(
+fn readback<P: Port + ?Sized, S: Source + ?Sized>(
     session: &mut Session<'_, P>,
     image: &mut S,
     s: &Settings,
@@ -456,7 +430,7 @@ fn readback<P: Port, S: Source>(
     session.port.progress(0, size, Phase::Verify);
     while done < size {
         let len = (size - done).min(MAX_BLOCK as u64) as usize;
-        let want = read_image(image, done, len)?;
+        let want = image.read_exact(done, len)?;
         let address = s.address + done as u32;
         let got = session.attempt(&format!("read memory at 0x{address:08X}"), |sess, _| {
             sess.read_memory(address, len)
@@ -476,25 +450,35 @@ fn readback<P: Port, S: Source>(
 }
 
 /// Enter the bootloader, read the version string at `version_address`, leave
-/// (GO and `run_sequence`). Returns the version and the part, when known.
-pub fn identify<P: Port>(port: &mut P, s: &Settings) -> Result<(String, Option<String>), Error> {
+/// (GO and `run_sequence`). Also what the bootloader tells, one try each:
+/// the part (GET ID: the model, and the product ID as `hardware_id`, e.g.
+/// `0x413`) and its own version (GET: the attribute `bootloader_version`,
+/// e.g. `3.1`).
+pub fn identify<P: Port + ?Sized>(port: &mut P, s: &Settings) -> Result<DeviceInfo, Error> {
     let Some(address) = s.version_address else {
         return Err(Error::Unsupported(
             "stm32: set version_address (and version_length) to read the version from flash".into(),
         ));
     };
     let mut session = enter(port, s)?;
-    // The model is a bonus: one try, no retries.
-    let model = match session.get_id() {
-        Ok(pid) => Some(match parts::lookup(pid) {
-            Some(p) => format!("{} (PID 0x{pid:03X})", p.name),
-            None => format!("STM32 PID 0x{pid:03X}"),
-        }),
-        Err(_) => {
-            session.drain();
-            None
+    let mut info = DeviceInfo::default();
+    match session.get() {
+        Ok((v, _)) => info.attributes.push((
+            "bootloader_version".to_string(),
+            format!("{}.{}", v >> 4, v & 0xF),
+        )),
+        Err(_) => session.drain(),
+    }
+    match session.get_id() {
+        Ok(pid) => {
+            info.model = Some(match parts::lookup(pid) {
+                Some(p) => format!("{} (PID 0x{pid:03X})", p.name),
+                None => format!("STM32 PID 0x{pid:03X}"),
+            });
+            info.hardware_id = Some(format!("0x{pid:03X}"));
         }
-    };
+        Err(_) => session.drain(),
+    }
     let len = s.version_length as usize;
     let raw = session.attempt(&format!("read memory at 0x{address:08X}"), |sess, _| {
         sess.read_memory(address, len)
@@ -503,7 +487,7 @@ pub fn identify<P: Port>(port: &mut P, s: &Settings) -> Result<(String, Option<S
         .iter()
         .position(|&b| b == 0 || b == 0xFF)
         .unwrap_or(raw.len());
-    let version = String::from_utf8_lossy(&raw[..end]).trim().to_string();
+    info.version = String::from_utf8_lossy(&raw[..end]).trim().to_string();
     if s.go
         && let Err(e) = session.attempt(&format!("GO (0x21) to 0x{:08X}", s.address), |sess, _| {
             sess.go(s.address)
@@ -517,13 +501,13 @@ pub fn identify<P: Port>(port: &mut P, s: &Settings) -> Result<(String, Option<S
     if !s.run_sequence.is_empty() {
         run_lines(session.port, &s.run_sequence, "run_sequence")?;
     }
-    if version.is_empty() {
+    if info.version.is_empty() {
         return Err(Error::Device(format!(
             "identify: no version string at 0x{address:08X}: read {len} bytes starting {}",
             hex(&raw[..raw.len().min(8)])
         )));
     }
-    Ok((version, model))
+    Ok(info)
 }
 
 #[cfg(test)]

@@ -7,90 +7,13 @@
 //! bytes on a virtual clock. `flash` (or `identify`) runs against it to the
 //! end; nothing may panic, and what it reports must hold.
 
-use otagw_plugin_sdk::fuzzing::Script;
+use otagw_plugin_sdk::fuzzing::{FuzzPort, Script};
+use otagw_plugin_sdk::testing::MemImage;
+use otagw_plugin_sdk::{DeviceInfo, Error, Family, FlashReport, LinkKind};
 
+use crate::Stm32;
 use crate::options::Settings;
-use crate::port::{Level, LinkKind, Parity, Phase, Port, Source};
 use crate::protocol::{MAX_BLOCK, write_frame};
-use crate::{Error, LinkFault};
-
-/// The bootloader's side, from the script.
-struct FuzzPort {
-    script: Script,
-    kind: LinkKind,
-    configure_unsupported: bool,
-    lines_unsupported: bool,
-    drain_unsupported: bool,
-    /// Writes fail (`closed`) after this many (0: never).
-    close_after: usize,
-    writes: usize,
-    /// Once the script is over, reads fail instead of timing out.
-    gone_at_end: bool,
-}
-
-impl Port for FuzzPort {
-    fn write(&mut self, data: &[u8]) -> Result<(), LinkFault> {
-        self.writes += 1;
-        if self.close_after != 0 && self.writes > self.close_after {
-            return Err(LinkFault::Closed("fuzz: the bootloader went away".into()));
-        }
-        self.script.write(data);
-        Ok(())
-    }
-    fn read(&mut self, max: u32, timeout_ms: u32) -> Result<Vec<u8>, LinkFault> {
-        if self.gone_at_end && self.script.finished() {
-            return Err(LinkFault::Io("fuzz: read failed".into()));
-        }
-        Ok(self.script.read(max, timeout_ms))
-    }
-    fn drain(&mut self) -> Result<u32, LinkFault> {
-        if self.drain_unsupported {
-            return Err(LinkFault::Unsupported("fuzz: no drain".into()));
-        }
-        Ok(self.script.drain())
-    }
-    fn configure(&mut self, _: u32, _: Parity) -> Result<(), LinkFault> {
-        if self.configure_unsupported {
-            return Err(LinkFault::Unsupported("fuzz: no line settings".into()));
-        }
-        Ok(())
-    }
-    fn set_lines(&mut self, _: bool, _: bool) -> Result<(), LinkFault> {
-        if self.lines_unsupported {
-            return Err(LinkFault::Unsupported("fuzz: no DTR/RTS".into()));
-        }
-        Ok(())
-    }
-    fn kind(&mut self) -> LinkKind {
-        self.kind
-    }
-    fn now_ms(&mut self) -> u64 {
-        self.script.now
-    }
-    fn sleep(&mut self, ms: u32) {
-        self.script.sleep(ms);
-    }
-    fn progress(&mut self, done: u64, total: u64, phase: Phase) {
-        assert!(done <= total, "{phase:?} progress {done} of {total}");
-    }
-    fn log(&mut self, _: Level, _: &str) {}
-}
-
-/// An image in memory.
-pub struct MemImage(pub Vec<u8>);
-
-impl Source for MemImage {
-    fn size(&mut self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(self.0.len());
-        let end = start.saturating_add(len as usize).min(self.0.len());
-        self.0[start..end].to_vec()
-    }
-}
 
 /// The image of a `stm32_session` input: `(b >> 2) + 1` times 21 pattern
 /// bytes (21..=1344: up to six 256-byte blocks, every other size unaligned).
@@ -129,14 +52,14 @@ pub fn session_settings(flags: u8, b: u8) -> Settings {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    Settings::parse(&o).expect("the fuzz settings are valid").0
+    Stm32::settings_from_text(&o).expect("the fuzz settings are valid")
 }
 
 /// What [`session`] ran and how it ended.
 #[derive(Debug)]
 pub enum Outcome {
-    Flash(Result<crate::flash::Report, Error>),
-    Identify(Result<(String, Option<String>), Error>),
+    Flash(Result<FlashReport, Error>),
+    Identify(Result<DeviceInfo, Error>),
     /// Fewer than the 3 header bytes.
     Short,
 }
@@ -156,33 +79,26 @@ pub fn session(data: &[u8]) -> Outcome {
         return Outcome::Short;
     };
     let s = session_settings(*flags, *b);
-    let mut port = FuzzPort {
-        script: Script::parse(script),
-        kind: if flags & 2 != 0 {
-            LinkKind::Tcp
-        } else {
-            LinkKind::Serial
-        },
-        configure_unsupported: flags & 4 != 0,
-        lines_unsupported: flags & 8 != 0,
-        drain_unsupported: faults & 0x10 != 0,
-        close_after: usize::from(faults & 0x0f),
-        writes: 0,
-        gone_at_end: faults & 0x20 != 0,
-    };
+    let mut port = FuzzPort::new(Script::parse(script), *faults);
+    if flags & 2 != 0 {
+        port.kind = LinkKind::Tcp;
+    }
+    port.configure_unsupported = flags & 4 != 0;
+    port.lines_unsupported = flags & 8 != 0;
     if flags & 1 != 0 {
         let r = crate::flash::identify(&mut port, &s);
-        if let Ok((version, _)) = &r {
+        if let Ok(d) = &r {
             assert!(
-                !version.is_empty() && version.len() <= 16 * 3,
-                "{version:?}"
+                !d.version.is_empty() && d.version.len() <= 16 * 3,
+                "{:?}",
+                d.version
             );
         }
         return Outcome::Identify(r);
     }
     let image = session_image(*b);
     let len = image.len() as u64;
-    let r = crate::flash::flash(&mut port, &mut MemImage(image.clone()), &s);
+    let r = crate::flash::flash(&mut port, &mut MemImage::new(image.clone()), &s);
     if let Ok(report) = &r {
         assert_eq!(report.bytes_sent, len);
         // Every block of the image (padded with 0xFF) went out in a WRITE
@@ -204,8 +120,10 @@ pub fn session(data: &[u8]) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::options::LineParity;
     use crate::testing::Sim;
-    use otagw_plugin_sdk::fuzzing::{Script, delay_code, replay, write_seeds};
+    use otagw_plugin_sdk::fuzzing::{delay_code, replay, write_seeds};
+    use otagw_plugin_sdk::{LinkFault, Port, SerialConfig};
 
     /// The simulated bootloader of `testing`, recording what it sends as a
     /// script: each chunk it delivers answers the last write when one came
@@ -239,11 +157,17 @@ mod tests {
             }
             Ok(got)
         }
+        fn now_ms(&mut self) -> u64 {
+            self.sim.now
+        }
+        fn sleep(&mut self, ms: u32) {
+            self.sim.sleep(ms);
+        }
         fn drain(&mut self) -> Result<u32, LinkFault> {
             self.sim.drain()
         }
-        fn configure(&mut self, baud: u32, parity: Parity) -> Result<(), LinkFault> {
-            self.sim.configure(baud, parity)
+        fn configure(&mut self, config: SerialConfig) -> Result<(), LinkFault> {
+            self.sim.configure(config)
         }
         fn set_lines(&mut self, dtr: bool, rts: bool) -> Result<(), LinkFault> {
             self.sim.set_lines(dtr, rts)
@@ -251,14 +175,6 @@ mod tests {
         fn kind(&mut self) -> LinkKind {
             self.sim.kind()
         }
-        fn now_ms(&mut self) -> u64 {
-            self.sim.now
-        }
-        fn sleep(&mut self, ms: u32) {
-            self.sim.sleep(ms);
-        }
-        fn progress(&mut self, _: u64, _: u64, _: Phase) {}
-        fn log(&mut self, _: Level, _: &str) {}
     }
 
     /// `[flags, b, 0]` run against `sim`; returns the input that replays it.
@@ -279,7 +195,7 @@ mod tests {
         if flags & 1 != 0 {
             crate::flash::identify(&mut rec, &s).expect("identify against the simulator");
         } else {
-            let mut image = MemImage(session_image(b));
+            let mut image = MemImage::new(session_image(b));
             crate::flash::flash(&mut rec, &mut image, &s).expect("flash against the simulator");
         }
         let chunks: Vec<(bool, u8, &[u8])> = rec
@@ -312,9 +228,9 @@ mod tests {
         for (name, input) in &seeds {
             match session(input) {
                 Outcome::Flash(Ok(r)) => assert_eq!(r.retries, 0, "{name}: {r:?}"),
-                Outcome::Identify(Ok((v, model))) => {
-                    assert_eq!(v, "v3.1.4", "{name}");
-                    assert!(model.is_some_and(|m| m.contains("0x414")), "{name}");
+                Outcome::Identify(Ok(d)) => {
+                    assert_eq!(d.version, "v3.1.4", "{name}");
+                    assert_eq!(d.hardware_id.as_deref(), Some("0x414"), "{name}");
                 }
                 other => panic!("seed {name}: {other:?}"),
             }
@@ -331,18 +247,10 @@ mod tests {
         }
         // Even parity on a link that cannot: an options error before any byte.
         let mut s = session_settings(0, 0);
-        s.parity = Parity::Even;
-        let mut port = FuzzPort {
-            script: Script::parse(&[]),
-            kind: LinkKind::Serial,
-            configure_unsupported: true,
-            lines_unsupported: false,
-            drain_unsupported: false,
-            close_after: 0,
-            writes: 0,
-            gone_at_end: false,
-        };
-        let r = crate::flash::flash(&mut port, &mut MemImage(vec![1; 8]), &s);
+        s.parity = LineParity::Even;
+        let mut port = FuzzPort::new(Script::parse(&[]), 0);
+        port.configure_unsupported = true;
+        let r = crate::flash::flash(&mut port, &mut MemImage::new(vec![1; 8]), &s);
         assert!(matches!(r, Err(Error::Options(_))), "{r:?}");
         assert!(port.script.written.is_empty());
     }

@@ -1,23 +1,45 @@
-//! The device options this family understands, parsed and checked once.
+//! The device options this family understands: their [`schema`] (names,
+//! kinds, ranges, defaults, one line each for operators), the typed
+//! [`Settings`] built from options checked against it, and the two small
+//! languages this family needs: DTR/RTS sequences ([`LineSeq`]) and flash
+//! page layouts ([`Layout`]).
 //!
-//! What it is: the typed form of the `options` list from the gateway's device
-//! configuration (key/value strings), with defaults and ranges, plus the two
-//! small languages this family needs: DTR/RTS sequences ([`LineSeq`]) and
-//! flash page layouts ([`Layout`]). Keys are matched case-insensitively and
-//! `-` is the same as `_` (`reset-sequence` == `reset_sequence`).
+//! What it is: what can be a setting is a setting. The gateway checks and
+//! types the options by the schema before the plugin sees them (the SDK does
+//! the same natively, [`otagw_plugin_sdk::Family::settings_from_text`]);
+//! [`Settings::from_options`] adds what the schema cannot say: the syntax of
+//! the `text` options (sequences, layouts, `auto` and `none` beside sizes
+//! and addresses), an address in flash and 4-byte aligned, a version that
+//! ends before 0xFFFFFFFF.
 //!
-//! What it is not: it does no I/O. Unknown keys are not errors (the gateway may
-//! keep its own keys in the same list); they are returned so the caller can log
-//! them.
+//! What it is not: it does no I/O.
 
-use crate::Error;
-use crate::port::Parity;
-use otagw_plugin_sdk::{OptionError, parse_bool, parse_u32};
+use otagw_plugin_sdk::schema::{BytesEncoding, OptionSpec, Options, Problem};
+use otagw_plugin_sdk::{Family, Fields, Parity};
 
 /// Where the main flash of every STM32 starts; page numbers count from here.
 pub const FLASH_BASE: u32 = 0x0800_0000;
 
-/// Every setting of the family, with its default.
+/// Parity of the serial line (the cases this family uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineParity {
+    /// 8E1, what AN3155 requires of a real STM32.
+    Even,
+    /// 8N1, for simulators on pseudo-terminals.
+    None,
+}
+
+impl LineParity {
+    /// As the link's parity.
+    pub fn parity(self) -> Parity {
+        match self {
+            LineParity::Even => Parity::Even,
+            LineParity::None => Parity::None,
+        }
+    }
+}
+
+/// Every setting of the family; the defaults are the schema's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// `reset_sequence`: DTR/RTS steps that put the part in its bootloader
@@ -27,7 +49,7 @@ pub struct Settings {
     /// `identify`, e.g. a reset with BOOT0 low (default none).
     pub run_sequence: LineSeq,
     /// `parity`: `even` (default, AN3155's 8E1) or `none` (simulators on ptys).
-    pub parity: Parity,
+    pub parity: LineParity,
     /// `baud`: line speed this plugin sets on serial links (default 115200; the
     /// bootloader detects it from the 0x7F).
     pub baud: u32,
@@ -63,114 +85,172 @@ pub struct Settings {
     pub header_magic: Option<Vec<u8>>,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            reset_sequence: LineSeq::default(),
-            run_sequence: LineSeq::default(),
-            parity: Parity::Even,
-            baud: 115_200,
-            address: FLASH_BASE,
-            mass_erase: false,
-            page_size: None,
-            erase_timeout_ms: 30_000,
-            write_timeout_ms: 1000,
-            timeout_ms: 1000,
-            retries: 3,
-            verify_readback: true,
-            go: true,
-            version_address: None,
-            version_length: 32,
-            flash_size: None,
-            header_magic: None,
+/// Longest timeout accepted for any `*_ms` option: 60 s, the host's cap on
+/// one read.
+const MAX_MS: u64 = 60_000;
+
+/// The options of the family, in the order operators see them.
+pub fn schema() -> Vec<OptionSpec> {
+    let sequence = "steps like `rts=1, dtr=1, sleep=100, dtr=0` (1 = asserted; sleep in ms, \
+                    at most 10000), or `none`";
+    vec![
+        OptionSpec::text(
+            "reset_sequence",
+            "DTR/RTS steps that put the part in its bootloader (default: none)",
+        )
+        .syntax(sequence),
+        OptionSpec::text(
+            "run_sequence",
+            "DTR/RTS steps after GO and identify, e.g. a reset with BOOT0 low (default: none)",
+        )
+        .syntax(sequence),
+        OptionSpec::choice(
+            "parity",
+            &[
+                ("even", &["e"], "8E1, what the STM32 bootloader needs"),
+                ("none", &["n"], "8N1, for simulators on pseudo-terminals"),
+            ],
+            "parity of the serial line",
+        )
+        .default_choice("even"),
+        OptionSpec::integer("baud", 1200, 4_000_000, "line speed set on serial links")
+            .default_int(115_200),
+        OptionSpec::integer(
+            "address",
+            0,
+            i64::from(u32::MAX),
+            "where the image goes: in flash (0x08000000 up), 4-byte aligned",
+        )
+        .default_int(i64::from(FLASH_BASE)),
+        OptionSpec::boolean(
+            "mass_erase",
+            "erase the whole flash instead of the pages the image covers",
+        )
+        .default_bool(false),
+        OptionSpec::text(
+            "page_size",
+            "the erase layout (default: from the part's PID, else 2048-byte pages)",
+        )
+        .syntax("`auto`, a page size like `2K`, or sectors like `16K*4,64K,128K`"),
+        OptionSpec::duration(
+            "erase_timeout_ms",
+            10,
+            MAX_MS,
+            "wait for the ACK of one erase",
+        )
+        .default_duration_ms(30_000),
+        OptionSpec::duration(
+            "write_timeout_ms",
+            10,
+            MAX_MS,
+            "wait for the ACK of one written block",
+        )
+        .default_duration_ms(1000),
+        OptionSpec::duration("timeout_ms", 10, MAX_MS, "wait for any other answer")
+            .default_duration_ms(1000),
+        OptionSpec::integer(
+            "retries",
+            0,
+            100,
+            "extra attempts after a NACK or a silence",
+        )
+        .default_int(3),
+        OptionSpec::boolean("verify_readback", "read the flash back and compare")
+            .default_bool(true),
+        OptionSpec::boolean("go", "jump to the image after writing").default_bool(true),
+        OptionSpec::text(
+            "version_address",
+            "where identify reads the version string (default: identify is unsupported)",
+        )
+        .syntax("an address like `0x08000200`, or `none`"),
+        OptionSpec::integer("version_length", 1, 256, "bytes of the version string")
+            .default_int(32),
+        OptionSpec::text(
+            "flash_size",
+            "the part's flash (default: from the part's PID; unknown: no fit check)",
+        )
+        .syntax("a size like `256K` or `0x40000`, or `auto`"),
+        OptionSpec::bytes(
+            "header_magic",
+            BytesEncoding::Hex,
+            "bytes the image must start with",
+        ),
+    ]
+}
+
+impl Settings {
+    /// The settings from options checked against [`schema`]: every problem,
+    /// each naming its option.
+    pub fn from_options(options: &Options) -> Result<Settings, Vec<Problem>> {
+        let specs = schema();
+        let mut f = Fields::new(&specs, options);
+        let reset_sequence = parsed(&mut f, "reset_sequence", "none", LineSeq::parse);
+        let run_sequence = parsed(&mut f, "run_sequence", "none", LineSeq::parse);
+        let page_size = parsed(&mut f, "page_size", "auto", Layout::parse);
+        let version_address = parsed(&mut f, "version_address", "none", parse_num);
+        let flash_size = parsed(&mut f, "flash_size", "auto", |v| match parse_size(v)? {
+            0 => Err("must not be 0".to_string()),
+            n => Ok(n),
+        });
+        let address: u32 = f.integer("address");
+        if !address.is_multiple_of(4) {
+            f.bad("address", "must be a multiple of 4");
         }
+        if address < FLASH_BASE {
+            f.bad("address", "must be in flash, at or above 0x08000000");
+        }
+        let version_length: u32 = f.integer("version_length");
+        if let Some(a) = version_address
+            && a.checked_add(version_length.saturating_sub(1)).is_none()
+        {
+            f.bad("version_address", "the version would run past 0xFFFFFFFF");
+        }
+        let settings = Settings {
+            reset_sequence: reset_sequence.unwrap_or_default(),
+            run_sequence: run_sequence.unwrap_or_default(),
+            parity: match f.choice("parity") {
+                "none" => LineParity::None,
+                _ => LineParity::Even,
+            },
+            baud: f.integer("baud"),
+            address,
+            mass_erase: f.boolean("mass_erase"),
+            page_size,
+            erase_timeout_ms: f.duration_ms("erase_timeout_ms"),
+            write_timeout_ms: f.duration_ms("write_timeout_ms"),
+            timeout_ms: f.duration_ms("timeout_ms"),
+            retries: f.integer("retries"),
+            verify_readback: f.boolean("verify_readback"),
+            go: f.boolean("go"),
+            version_address,
+            version_length,
+            flash_size,
+            header_magic: f.optional_bytes("header_magic"),
+        };
+        f.finish(settings)
     }
 }
 
-/// Longest timeout accepted for any `*_ms` option: 60 s, the host's cap on
-/// one read.
-const MAX_MS: u32 = 60_000;
+/// A `text` option in a syntax of the family's, by `parse`: none when not
+/// set, empty or `unset` (`auto`, `none`, any case), or when it does not
+/// parse (a problem naming it).
+fn parsed<T>(
+    f: &mut Fields<'_>,
+    name: &str,
+    unset: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Option<T> {
+    let v = f
+        .optional_text(name)
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && !v.eq_ignore_ascii_case(unset))?;
+    parse(v).map_err(|why| f.bad(name, &why)).ok()
+}
 
-impl Settings {
-    /// Parse the device options. Returns the settings and the keys this family
-    /// does not know (as given), or `Error::Options` naming the bad option.
-    pub fn parse(options: &[(String, String)]) -> Result<(Settings, Vec<String>), Error> {
-        let mut s = Settings::default();
-        let mut unknown = Vec::new();
-        for (raw_key, value) in options {
-            let key = raw_key.trim().to_ascii_lowercase().replace('-', "_");
-            let v = value.trim();
-            match key.as_str() {
-                "reset_sequence" => s.reset_sequence = LineSeq::parse(&key, v)?,
-                "run_sequence" => s.run_sequence = LineSeq::parse(&key, v)?,
-                "parity" => {
-                    s.parity = match v.to_ascii_lowercase().as_str() {
-                        "even" | "e" => Parity::Even,
-                        "none" | "n" => Parity::None,
-                        _ => return Err(bad(&key, v, "expected `even` or `none`")),
-                    }
-                }
-                "baud" => s.baud = parse_u32(&key, v, 1200, 4_000_000)?,
-                "address" => {
-                    let a = parse_num(&key, v)?;
-                    if !a.is_multiple_of(4) {
-                        return Err(bad(&key, v, "must be a multiple of 4"));
-                    }
-                    if a < FLASH_BASE {
-                        return Err(bad(&key, v, "must be in flash, at or above 0x08000000"));
-                    }
-                    s.address = a;
-                }
-                "mass_erase" => s.mass_erase = parse_bool(&key, v)?,
-                "page_size" => {
-                    s.page_size = if v.is_empty() || v.eq_ignore_ascii_case("auto") {
-                        None
-                    } else {
-                        Some(Layout::parse(&key, v)?)
-                    }
-                }
-                "erase_timeout_ms" => s.erase_timeout_ms = parse_u32(&key, v, 10, MAX_MS)?,
-                "write_timeout_ms" => s.write_timeout_ms = parse_u32(&key, v, 10, MAX_MS)?,
-                "timeout_ms" => s.timeout_ms = parse_u32(&key, v, 10, MAX_MS)?,
-                "retries" => s.retries = parse_u32(&key, v, 0, 100)?,
-                "verify_readback" => s.verify_readback = parse_bool(&key, v)?,
-                "go" => s.go = parse_bool(&key, v)?,
-                "version_address" => {
-                    s.version_address = if v.is_empty() || v.eq_ignore_ascii_case("none") {
-                        None
-                    } else {
-                        Some(parse_num(&key, v)?)
-                    }
-                }
-                "version_length" => s.version_length = parse_u32(&key, v, 1, 256)?,
-                "flash_size" => {
-                    s.flash_size = if v.is_empty() || v.eq_ignore_ascii_case("auto") {
-                        None
-                    } else {
-                        let n = parse_size(&key, v)?;
-                        if n == 0 {
-                            return Err(bad(&key, v, "must not be 0"));
-                        }
-                        Some(n)
-                    }
-                }
-                "header_magic" => {
-                    let bytes = parse_hex_bytes(&key, v)?;
-                    s.header_magic = (!bytes.is_empty()).then_some(bytes);
-                }
-                _ => unknown.push(raw_key.clone()),
-            }
-        }
-        if let Some(a) = s.version_address
-            && a.checked_add(s.version_length - 1).is_none()
-        {
-            return Err(bad(
-                "version_address",
-                &format!("0x{a:08X}"),
-                "the version would run past 0xFFFFFFFF",
-            ));
-        }
-        Ok((s, unknown))
+/// The schema's defaults.
+impl Default for Settings {
+    fn default() -> Self {
+        crate::Stm32::default_settings()
     }
 }
 
@@ -200,8 +280,8 @@ pub struct LineSeq {
 }
 
 impl LineSeq {
-    /// Parse `v`; errors name `key`.
-    pub fn parse(key: &str, v: &str) -> Result<LineSeq, Error> {
+    /// Parse `v`; the error says what is wrong with it.
+    pub fn parse(v: &str) -> Result<LineSeq, String> {
         let mut steps = Vec::new();
         if v.is_empty() || v.eq_ignore_ascii_case("none") {
             return Ok(LineSeq { steps });
@@ -214,28 +294,24 @@ impl LineSeq {
             .filter(|t| !t.is_empty())
         {
             let Some((name, val)) = token.split_once('=') else {
-                return Err(bad(
-                    key,
-                    v,
-                    &format!("`{token}`: expected dtr=0|1, rts=0|1 or sleep=MS"),
-                ));
+                return Err(format!("`{token}`: expected dtr=0|1, rts=0|1 or sleep=MS"));
             };
             match name.trim().to_ascii_lowercase().as_str() {
                 "dtr" => {
-                    dtr = parse_level(key, v, token, val)?;
+                    dtr = parse_level(token, val)?;
                     pending = true;
                 }
                 "rts" => {
-                    rts = parse_level(key, v, token, val)?;
+                    rts = parse_level(token, val)?;
                     pending = true;
                 }
                 "sleep" | "wait" | "delay" => {
                     let ms: u32 = val
                         .trim()
                         .parse()
-                        .map_err(|_| bad(key, v, &format!("`{token}`: expected milliseconds")))?;
+                        .map_err(|_| format!("`{token}`: expected milliseconds"))?;
                     if ms > 10_000 {
-                        return Err(bad(key, v, &format!("`{token}`: at most 10000 ms")));
+                        return Err(format!("`{token}`: at most 10000 ms"));
                     }
                     if pending {
                         steps.push(LineStep::Set { dtr, rts });
@@ -244,11 +320,7 @@ impl LineSeq {
                     steps.push(LineStep::Sleep(ms));
                 }
                 _ => {
-                    return Err(bad(
-                        key,
-                        v,
-                        &format!("`{token}`: unknown step (known: dtr, rts, sleep)"),
-                    ));
+                    return Err(format!("`{token}`: unknown step (known: dtr, rts, sleep)"));
                 }
             }
         }
@@ -264,11 +336,11 @@ impl LineSeq {
     }
 }
 
-fn parse_level(key: &str, v: &str, token: &str, val: &str) -> Result<bool, Error> {
+fn parse_level(token: &str, val: &str) -> Result<bool, String> {
     match val.trim().to_ascii_lowercase().as_str() {
         "1" | "on" | "high" | "true" => Ok(true),
         "0" | "off" | "low" | "false" => Ok(false),
-        _ => Err(bad(key, v, &format!("`{token}`: expected 0 or 1"))),
+        _ => Err(format!("`{token}`: expected 0 or 1")),
     }
 }
 
@@ -293,8 +365,8 @@ impl Layout {
         }
     }
 
-    /// Parse `v`; errors name `key`.
-    pub fn parse(key: &str, v: &str) -> Result<Layout, Error> {
+    /// Parse `v`; the error says what is wrong with it.
+    pub fn parse(v: &str) -> Result<Layout, String> {
         let mut runs = Vec::new();
         for entry in v.split(',').map(str::trim) {
             let (size, count) = match entry.split_once('*') {
@@ -302,18 +374,14 @@ impl Layout {
                     let c: u32 = c
                         .trim()
                         .parse()
-                        .map_err(|_| bad(key, v, &format!("`{entry}`: bad count")))?;
+                        .map_err(|_| format!("`{entry}`: bad count"))?;
                     (s.trim(), c)
                 }
                 None => (entry, 1),
             };
-            let size = parse_size(key, size)?;
+            let size = parse_size(size)?;
             if size < 4 || count == 0 {
-                return Err(bad(
-                    key,
-                    v,
-                    &format!("`{entry}`: pages of at least 4 bytes"),
-                ));
+                return Err(format!("`{entry}`: pages of at least 4 bytes"));
             }
             runs.push((size, count));
         }
@@ -373,12 +441,8 @@ impl Layout {
 // ---------------------------------------------------------------------------
 // Scalars.
 
-fn bad(key: &str, value: &str, why: &str) -> Error {
-    OptionError::new(key, value, why).into()
-}
-
 /// `0x08000000`, `0X0800_0000` or decimal.
-fn parse_num(key: &str, v: &str) -> Result<u32, Error> {
+fn parse_num(v: &str) -> Result<u32, String> {
     let clean = v.replace('_', "");
     let parsed = match clean
         .strip_prefix("0x")
@@ -387,12 +451,12 @@ fn parse_num(key: &str, v: &str) -> Result<u32, Error> {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => clean.parse::<u32>(),
     };
-    parsed.map_err(|_| bad(key, v, "expected a 32-bit number, 0x… hex or decimal"))
+    parsed.map_err(|_| "expected a 32-bit number, 0x… hex or decimal".to_string())
 }
 
 /// A number with an optional `K` (1024) or `M` (1024²) suffix (`KiB`, `MiB`
 /// and a trailing `B` allowed).
-fn parse_size(key: &str, v: &str) -> Result<u32, Error> {
+fn parse_size(v: &str) -> Result<u32, String> {
     let t = v.trim();
     let upper = t.to_ascii_uppercase();
     let body = upper
@@ -406,85 +470,51 @@ fn parse_size(key: &str, v: &str) -> Result<u32, Error> {
     } else {
         (body, 1)
     };
-    let n = parse_num(key, digits.trim())
-        .map_err(|_| bad(key, v, "expected a size: bytes, or with K / M"))?;
-    u32::try_from(u64::from(n) * mult).map_err(|_| bad(key, v, "larger than 4 GiB"))
-}
-
-/// `7F454C46`, `7f 45 4c 46`, `0x7F:0x45` …: pairs of hex digits.
-fn parse_hex_bytes(key: &str, v: &str) -> Result<Vec<u8>, Error> {
-    let mut digits = String::new();
-    for part in v.split([' ', ':', ',', '-']).filter(|p| !p.is_empty()) {
-        let p = part
-            .strip_prefix("0x")
-            .or_else(|| part.strip_prefix("0X"))
-            .unwrap_or(part);
-        digits.push_str(p);
-    }
-    // Checked before slicing: a non-ASCII character would split a slice in
-    // the middle of its UTF-8 bytes (a panic, found by issue 12's review).
-    if !digits.len().is_multiple_of(2) || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(bad(key, v, "expected pairs of hex digits"));
-    }
-    (0..digits.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&digits[i..i + 2], 16)
-                .map_err(|_| bad(key, v, "expected pairs of hex digits"))
-        })
-        .collect()
+    let n = parse_num(digits.trim())
+        .map_err(|_| format!("`{t}`: expected a size: bytes, or with K / M"))?;
+    u32::try_from(u64::from(n) * mult).map_err(|_| format!("`{t}`: larger than 4 GiB"))
 }
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn no_value_of_any_option_panics_the_parser() {
-        let keys = [
-            "reset_sequence",
-            "run_sequence",
-            "parity",
-            "baud",
-            "address",
-            "mass_erase",
-            "page_size",
-            "erase_timeout_ms",
-            "write_timeout_ms",
-            "timeout_ms",
-            "retries",
-            "verify_readback",
-            "go",
-            "version_address",
-            "version_length",
-            "flash_size",
-            "header_magic",
-        ];
-        otagw_plugin_sdk::assert_no_option_value_panics(&keys, super::Settings::parse);
-        let r = super::Settings::parse(&[("header_magic".into(), "aéb".into())]);
-        assert!(r.unwrap_err().to_string().contains("hex digits"));
+    use super::*;
+    use crate::Stm32;
+    use otagw_plugin_sdk::testing::{assert_refused, check_family};
+
+    fn parse(options: &[(&str, &str)]) -> Result<Settings, Vec<Problem>> {
+        otagw_plugin_sdk::testing::settings::<Stm32>(options)
     }
 
-    use super::*;
-
-    fn opts(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    #[test]
+    fn the_schema_is_valid_and_no_value_of_any_option_panics() {
+        check_family::<Stm32>();
+        let r = parse(&[("header_magic", "aéb")]);
+        assert!(r.unwrap_err()[0].message.contains("hex digit"));
     }
 
     #[test]
     fn defaults() {
-        let (s, unknown) = Settings::parse(&[]).unwrap();
-        assert_eq!(s, Settings::default());
-        assert!(unknown.is_empty());
-        assert_eq!(s.parity, Parity::Even);
+        let s = Settings::default();
+        assert_eq!(s.parity, LineParity::Even);
+        assert_eq!(s.baud, 115_200);
         assert_eq!(s.address, 0x0800_0000);
-        assert!(s.reset_sequence.is_empty());
+        assert!(s.reset_sequence.is_empty() && s.run_sequence.is_empty());
         assert_eq!(s.retries, 3);
+        assert_eq!(
+            (s.erase_timeout_ms, s.write_timeout_ms, s.timeout_ms),
+            (30_000, 1000, 1000)
+        );
+        assert!(s.verify_readback && s.go && !s.mass_erase);
+        assert_eq!(s.version_length, 32);
+        assert_eq!(
+            (s.page_size, s.version_address, s.flash_size, s.header_magic),
+            (None, None, None, None)
+        );
     }
 
     #[test]
     fn parses_every_option() {
-        let (s, unknown) = Settings::parse(&opts(&[
+        let s = parse(&[
             ("reset-sequence", "rts=1, dtr=1, sleep=100, dtr=0, sleep=50"),
             ("run_sequence", "rts=0;dtr=1;wait=20;dtr=0"),
             ("Parity", "NONE"),
@@ -502,8 +532,7 @@ mod tests {
             ("version_length", "16"),
             ("flash_size", "256K"),
             ("header_magic", "00 50 00 20"),
-            ("colour", "blue"),
-        ]))
+        ])
         .unwrap();
         assert_eq!(
             s.reset_sequence.steps,
@@ -534,7 +563,7 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(s.parity, Parity::None);
+        assert_eq!(s.parity, LineParity::None);
         assert_eq!(s.baud, 57600);
         assert_eq!(s.address, 0x0800_4000);
         assert!(s.mass_erase);
@@ -554,23 +583,40 @@ mod tests {
         assert_eq!(s.version_length, 16);
         assert_eq!(s.flash_size, Some(256 * 1024));
         assert_eq!(s.header_magic, Some(vec![0x00, 0x50, 0x00, 0x20]));
-        assert_eq!(unknown, vec!["colour".to_string()]);
+    }
+
+    #[test]
+    fn auto_and_none_mean_unset() {
+        for v in ["", "auto", "AUTO"] {
+            let s = parse(&[("page_size", v), ("flash_size", v)]).unwrap();
+            assert_eq!((s.page_size, s.flash_size), (None, None), "{v:?}");
+        }
+        for v in ["", "none", " None "] {
+            let s = parse(&[("version_address", v), ("reset_sequence", v)]).unwrap();
+            assert_eq!(s.version_address, None, "{v:?}");
+            assert!(s.reset_sequence.is_empty());
+        }
+        assert_eq!(parse(&[("parity", "e")]).unwrap().parity, LineParity::Even);
+        assert_eq!(
+            parse(&[("flash_size", "64KB")]).unwrap().flash_size,
+            Some(65536)
+        );
     }
 
     #[test]
     fn none_sequences_and_sizes() {
         for v in ["", "none", "NONE"] {
-            assert!(LineSeq::parse("k", v).unwrap().is_empty());
+            assert!(LineSeq::parse(v).unwrap().is_empty());
         }
-        assert_eq!(parse_size("k", "64KiB").unwrap(), 65536);
-        assert_eq!(parse_size("k", "1M").unwrap(), 1 << 20);
-        assert_eq!(parse_size("k", "0x10000").unwrap(), 65536);
-        assert_eq!(parse_size("k", "2048").unwrap(), 2048);
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
+        assert_eq!(parse_size("0x10000").unwrap(), 65536);
+        assert_eq!(parse_size("2048").unwrap(), 2048);
     }
 
     #[test]
     fn bad_values_name_the_option() {
-        for (k, v, needle) in [
+        assert_refused::<Stm32>(&[
             ("parity", "odd", "`parity`"),
             ("address", "0x08000002", "multiple of 4"),
             ("address", "0x20000000x", "`address`"),
@@ -582,22 +628,19 @@ mod tests {
             ("run_sequence", "sleep=20000", "at most 10000"),
             ("page_size", "2K*0", "`page_size`"),
             ("page_size", "big", "`page_size`"),
-            ("timeout_ms", "0", "between 10 and 60000"),
+            ("timeout_ms", "0", "`timeout_ms`"),
+            ("timeout_ms", "61s", "from 10ms to"),
             ("retries", "-1", "`retries`"),
-            ("version_length", "300", "between 1 and 256"),
+            ("version_length", "300", "from 1 to 256"),
             ("flash_size", "0", "must not be 0"),
             ("flash_size", "8M*1024", "`flash_size`"),
-            ("header_magic", "ABC", "pairs of hex digits"),
-            ("header_magic", "zz", "pairs of hex digits"),
+            ("header_magic", "ABC", "odd number of hex digits"),
+            ("header_magic", "zz", "not a hex digit"),
             ("mass_erase", "maybe", "`mass_erase`"),
             ("version_address", "0xFFFFFFF0", "past 0xFFFFFFFF"),
-        ] {
-            let err = Settings::parse(&opts(&[(k, v)])).unwrap_err();
-            let Error::Options(msg) = &err else {
-                panic!("{k}: expected an options error, got {err:?}")
-            };
-            assert!(msg.contains(needle), "{k}={v}: {msg}");
-        }
+            ("version_address", "high", "`version_address`"),
+            ("colour", "blue", "unknown option `colour`"),
+        ]);
     }
 
     #[test]
@@ -613,7 +656,7 @@ mod tests {
 
     #[test]
     fn sector_layout() {
-        let l = Layout::parse("k", "16K*4,64K,128K").unwrap();
+        let l = Layout::parse("16K*4,64K,128K").unwrap();
         let p = l.pages(0, 0x40000);
         let idx: Vec<u32> = p.iter().map(|x| x.0).collect();
         assert_eq!(idx, vec![0, 1, 2, 3, 4, 5]);

@@ -92,7 +92,7 @@ mod tests {
     #[test]
     fn every_layout_parses_and_covers_the_flash() {
         for p in PARTS {
-            let l = Layout::parse("page_size", p.layout).unwrap();
+            let l = Layout::parse(p.layout).unwrap();
             let pages = l.pages(0, u64::from(p.flash_size));
             let end = pages.last().map(|(_, s, z)| s + u64::from(*z)).unwrap();
             assert_eq!(end, u64::from(p.flash_size), "{}", p.name);

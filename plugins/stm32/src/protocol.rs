@@ -5,11 +5,9 @@
 //! What it is not: the flashing plan (which pages, which blocks, in which
 //! order): that is [`crate::flash`]. Nothing here knows about images.
 
-use std::collections::VecDeque;
+use otagw_plugin_sdk::{Error, Inbox, Level, LinkFault, Port};
 
 use crate::options::Settings;
-use crate::port::{Level, Port};
-use crate::{Error, LinkFault};
 
 /// Positive answer.
 pub const ACK: u8 = 0x79;
@@ -102,21 +100,21 @@ enum Reply {
 }
 
 /// A bootloader session over a [`Port`].
-pub struct Session<'a, P: Port> {
+pub struct Session<'a, P: Port + ?Sized> {
     pub port: &'a mut P,
     pub settings: &'a Settings,
     /// Attempts beyond the first, over the whole session.
     pub retries: u32,
-    rx: VecDeque<u8>,
+    rx: Inbox,
 }
 
-impl<'a, P: Port> Session<'a, P> {
+impl<'a, P: Port + ?Sized> Session<'a, P> {
     pub fn new(port: &'a mut P, settings: &'a Settings) -> Self {
         Session {
             port,
             settings,
             retries: 0,
-            rx: VecDeque::new(),
+            rx: Inbox::default(),
         }
     }
 
@@ -363,24 +361,9 @@ impl<'a, P: Port> Session<'a, P> {
     }
 
     fn next_byte(&mut self, deadline: u64, stage: &str) -> Result<Option<u8>, Error> {
-        if let Some(b) = self.rx.pop_front() {
-            return Ok(Some(b));
-        }
-        loop {
-            let now = self.port.now_ms();
-            if now >= deadline {
-                return Ok(None);
-            }
-            let wait = (deadline - now).min(60_000) as u32;
-            let chunk = self
-                .port
-                .read(512, wait)
-                .map_err(|e| Error::Transfer(format!("reading the {stage}: {e}")))?;
-            if !chunk.is_empty() {
-                self.rx.extend(chunk);
-                return Ok(self.rx.pop_front());
-            }
-        }
+        self.rx
+            .next_byte(self.port, deadline, 512)
+            .map_err(|e| Error::Transfer(format!("reading the {stage}: {e}")))
     }
 
     fn send(&mut self, stage: &str, data: &[u8]) -> Result<(), Error> {

@@ -1,45 +1,13 @@
-//! Test support (compiled for tests only): an in-memory image and a simulated
-//! AN3155 bootloader on a virtual clock, with NOR flash (a byte is written
-//! only when erased), every checksum checked, and fault injection.
+//! Test support (compiled for tests only): a simulated AN3155 bootloader on
+//! a virtual clock, with NOR flash (a byte is written only when erased),
+//! every checksum checked, and fault injection. Images in memory are the
+//! SDK's `MemImage`.
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::LinkFault;
-use crate::port::{Level, LinkKind, Parity, Phase, Port, Source};
+use otagw_plugin_sdk::{Level, LinkFault, LinkKind, Parity, Phase, Port, SerialConfig};
+
 use crate::protocol::{ACK, NACK, SYNC, cmd, xor};
-
-/// An image in memory; records the largest single read.
-#[derive(Debug, Clone)]
-pub struct MemImage {
-    pub bytes: Vec<u8>,
-    pub largest_read: u32,
-}
-
-impl MemImage {
-    /// `len` bytes of a pattern.
-    pub fn pattern(len: usize) -> MemImage {
-        MemImage::new((0..len).map(|i| (i * 7 + i / 253) as u8).collect())
-    }
-
-    pub fn new(bytes: Vec<u8>) -> MemImage {
-        MemImage {
-            bytes,
-            largest_read: 0,
-        }
-    }
-}
-
-impl Source for MemImage {
-    fn size(&mut self) -> u64 {
-        self.bytes.len() as u64
-    }
-    fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
-        self.largest_read = self.largest_read.max(len);
-        let start = (offset as usize).min(self.bytes.len());
-        let end = (start + len as usize).min(self.bytes.len());
-        self.bytes[start..end].to_vec()
-    }
-}
 
 /// Fault injection.
 #[derive(Debug, Clone, Default)]
@@ -435,16 +403,16 @@ impl Port for Sim {
         Ok(n as u32)
     }
 
-    fn configure(&mut self, baud: u32, parity: Parity) -> Result<(), LinkFault> {
+    fn configure(&mut self, config: SerialConfig) -> Result<(), LinkFault> {
         if self.kind != LinkKind::Serial {
             return Err(LinkFault::Unsupported("not a serial link".into()));
         }
-        if self.faults.no_parity && parity != Parity::None {
+        if self.faults.no_parity && config.parity != Parity::None {
             return Err(LinkFault::Unsupported(
                 "the port does not keep even parity (pseudo-terminal?)".into(),
             ));
         }
-        self.configured.push((baud, parity));
+        self.configured.push((config.baud, config.parity));
         Ok(())
     }
 
@@ -457,7 +425,7 @@ impl Port for Sim {
     }
 
     fn kind(&mut self) -> LinkKind {
-        self.kind
+        self.kind.clone()
     }
 
     fn now_ms(&mut self) -> u64 {

@@ -7,72 +7,13 @@
 //! a virtual clock. The sender (or `identify`) runs against it to the end;
 //! nothing may panic, and what it reports must hold.
 
-use otagw_plugin_sdk::fuzzing::Script;
+use otagw_plugin_sdk::fuzzing::{FuzzPort, Script};
+use otagw_plugin_sdk::testing::MemImage;
+use otagw_plugin_sdk::{Error, Family, FlashReport};
 
+use crate::Xmodem;
 use crate::options::{Protocol, Settings};
-use crate::port::{Level, Port, Source};
 use crate::sender::ymodem_header;
-use crate::{Error, LinkFault};
-
-/// The receiver's side, from the script.
-struct FuzzPort {
-    script: Script,
-    /// Writes fail (`closed`) after this many (0: never).
-    close_after: usize,
-    writes: usize,
-    drain_unsupported: bool,
-    /// Once the script is over, reads fail instead of timing out.
-    gone_at_end: bool,
-}
-
-impl Port for FuzzPort {
-    fn write(&mut self, data: &[u8]) -> Result<(), LinkFault> {
-        self.writes += 1;
-        if self.close_after != 0 && self.writes > self.close_after {
-            return Err(LinkFault::Closed("fuzz: the receiver went away".into()));
-        }
-        self.script.write(data);
-        Ok(())
-    }
-    fn read(&mut self, max: u32, timeout_ms: u32) -> Result<Vec<u8>, LinkFault> {
-        if self.gone_at_end && self.script.finished() {
-            return Err(LinkFault::Io("fuzz: read failed".into()));
-        }
-        Ok(self.script.read(max, timeout_ms))
-    }
-    fn drain(&mut self) -> Result<u32, LinkFault> {
-        if self.drain_unsupported {
-            return Err(LinkFault::Unsupported("fuzz: no drain".into()));
-        }
-        Ok(self.script.drain())
-    }
-    fn now_ms(&mut self) -> u64 {
-        self.script.now
-    }
-    fn sleep(&mut self, ms: u32) {
-        self.script.sleep(ms);
-    }
-    fn progress(&mut self, done: u64, total: u64) {
-        assert!(done <= total, "progress {done} of {total}");
-    }
-    fn log(&mut self, _: Level, _: &str) {}
-}
-
-/// An image of `len` pattern bytes.
-struct MemImage(Vec<u8>);
-
-impl Source for MemImage {
-    fn size(&mut self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(self.0.len());
-        let end = start.saturating_add(len as usize).min(self.0.len());
-        self.0[start..end].to_vec()
-    }
-}
 
 /// The settings bits of the first byte choose (through the option parser, so
 /// only settings an operator can write).
@@ -95,7 +36,7 @@ fn settings(flags: u8) -> Settings {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    Settings::parse(&o).expect("the fuzz settings are valid").0
+    Xmodem::settings_from_text(&o).expect("the fuzz settings are valid")
 }
 
 /// The image size the second byte chooses: 1..=9472 bytes.
@@ -106,7 +47,7 @@ pub fn image_len(b: u8) -> usize {
 /// What [`session`] ran and how it ended.
 #[derive(Debug)]
 pub enum Outcome {
-    Flash(Result<crate::sender::Report, Error>),
+    Flash(Result<FlashReport, Error>),
     Identify(Result<String, Error>),
     /// Fewer than the 3 header bytes.
     Short,
@@ -126,13 +67,7 @@ pub fn session(data: &[u8]) -> Outcome {
         return Outcome::Short;
     };
     let s = settings(*flags);
-    let mut port = FuzzPort {
-        script: Script::parse(script),
-        close_after: usize::from(faults & 0x0f),
-        writes: 0,
-        drain_unsupported: faults & 0x10 != 0,
-        gone_at_end: faults & 0x20 != 0,
-    };
+    let mut port = FuzzPort::new(Script::parse(script), *faults);
     if flags & 0x80 != 0 {
         let r = crate::version::identify(&mut port, &s);
         if let Ok(v) = &r {
@@ -143,13 +78,17 @@ pub fn session(data: &[u8]) -> Outcome {
     }
     let len = image_len(*size);
     let image: Vec<u8> = (0..len).map(|i| (i * 13 + i / 255) as u8).collect();
-    let r = crate::sender::flash(&mut port, &mut MemImage(image), &s);
+    let r = crate::sender::flash(&mut port, &mut MemImage::new(image), &s);
     if let Ok(report) = &r {
         assert_eq!(report.bytes_sent, len as u64);
+        let blocks = report
+            .summary
+            .split_once(&format!("{len} bytes in "))
+            .and_then(|(_, rest)| rest.split(' ').next()?.parse::<u64>().ok())
+            .expect("the summary counts the blocks");
         assert!(
-            u64::from(report.blocks) >= (len as u64).div_ceil(1024),
-            "{} blocks for {len} bytes",
-            report.blocks
+            blocks >= (len as u64).div_ceil(1024),
+            "{blocks} blocks for {len} bytes"
         );
         let w = &port.script.written;
         if let Some(cmd) = &s.enter_command {

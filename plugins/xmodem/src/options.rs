@@ -1,17 +1,17 @@
-//! The device options this family understands, parsed and checked once.
+//! The device options this family understands: their [`schema`] (names,
+//! kinds, ranges, defaults, one line each for operators) and the typed
+//! [`Settings`] built from options checked against it.
 //!
-//! What it is: the typed form of the `options` list from the gateway's device
-//! configuration (key/value strings), with defaults, ranges and the escape
-//! syntax of byte-string options (`\r \n \t \0 \\ \xNN`). Keys are matched
-//! case-insensitively and `-` is the same as `_` (`enter-command` ==
-//! `enter_command`).
+//! What it is: what can be a setting is a setting. The gateway checks and
+//! types the options by the schema before the plugin sees them (the SDK does
+//! the same natively, [`otagw_plugin_sdk::Family::settings_from_text`]);
+//! [`Settings::from_options`] adds what the schema cannot say: a YMODEM file
+//! name must be something block 0 can carry.
 //!
-//! What it is not: it does no I/O. Unknown keys are not errors (the gateway may
-//! keep its own keys in the same list); they are returned so the caller can log
-//! them.
+//! What it is not: it does no I/O.
 
-use crate::Error;
-use otagw_plugin_sdk::{OptionError, parse_bool, parse_u32};
+use otagw_plugin_sdk::schema::{BytesEncoding, OptionSpec, Options, Problem};
+use otagw_plugin_sdk::{Family, Fields};
 
 /// Which protocol to speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +32,7 @@ impl Protocol {
     }
 }
 
-/// Every setting of the family, with its default.
+/// Every setting of the family; the defaults are the schema's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// `protocol`: `xmodem` (default) or `ymodem`.
@@ -74,206 +74,190 @@ pub struct Settings {
     pub version_timeout_ms: u32,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            protocol: Protocol::Xmodem,
-            block_size: 1024,
-            small_tail: true,
-            pad_byte: 0x1A,
-            filename: "firmware.bin".to_string(),
-            retries: 10,
-            block_timeout_ms: 3000,
-            handshake_timeout_ms: 30_000,
-            enter_command: None,
-            enter_wait_ms: 0,
-            enter_repeat_ms: 10_000,
-            max_size: None,
-            version_command: None,
-            version_timeout_ms: 2000,
-        }
-    }
-}
-
 /// Longest timeout accepted for any `*_ms` option: one hour.
-const MAX_MS: u32 = 3_600_000;
+const MAX_MS: u64 = 3_600_000;
+
+/// The longest YMODEM file name: block 0 (`name\0size\0`) must fit 1 KiB,
+/// and the size takes at most 20 digits.
+const MAX_FILENAME: u32 = 1024 - 22;
+
+/// The options of the family, in the order operators see them.
+pub fn schema() -> Vec<OptionSpec> {
+    vec![
+        OptionSpec::choice(
+            "protocol",
+            &[
+                (
+                    "xmodem",
+                    &["xmodem-1k", "xmodem1k"],
+                    "XMODEM: one file, no name, no size",
+                ),
+                (
+                    "ymodem",
+                    &[],
+                    "YMODEM batch: block 0 carries the name and exact size",
+                ),
+            ],
+            "which protocol to speak",
+        )
+        .default_choice("xmodem"),
+        OptionSpec::choice(
+            "block_size",
+            &[
+                ("1024", &["1k"], "XMODEM-1K; falls back to 128 when refused"),
+                ("128", &[], "original 128-byte blocks"),
+            ],
+            "data block size",
+        )
+        .default_choice("1024"),
+        OptionSpec::boolean(
+            "small_tail",
+            "send a short tail in 128-byte blocks when that is fewer bytes on the wire",
+        )
+        .default_bool(true),
+        OptionSpec::integer(
+            "pad_byte",
+            0,
+            255,
+            "filler of the last block (0x1A: CP/M EOF)",
+        )
+        .default_int(0x1A),
+        OptionSpec::text("filename", "the file name in the YMODEM header")
+            .max_length(MAX_FILENAME)
+            .default_text("firmware.bin"),
+        OptionSpec::integer(
+            "retries",
+            0,
+            1000,
+            "re-sends allowed per block, EOT and block 0",
+        )
+        .default_int(10),
+        OptionSpec::duration(
+            "block_timeout_ms",
+            10,
+            MAX_MS,
+            "how long to wait for ACK/NAK after a block",
+        )
+        .default_duration_ms(3000),
+        OptionSpec::duration(
+            "handshake_timeout_ms",
+            10,
+            MAX_MS,
+            "how long to wait for the receiver's first 'C' or NAK (and YMODEM's block 0 ACK)",
+        )
+        .default_duration_ms(30_000),
+        OptionSpec::bytes(
+            "enter_command",
+            BytesEncoding::Escaped,
+            "bytes sent before the handshake to start the bootloader's receive mode",
+        ),
+        OptionSpec::duration("enter_wait_ms", 0, MAX_MS, "pause after enter_command")
+            .default_duration_ms(0),
+        OptionSpec::duration(
+            "enter_repeat_ms",
+            0,
+            MAX_MS,
+            "send enter_command again after this long without a 'C' or NAK (0: once)",
+        )
+        .default_duration_ms(10_000),
+        OptionSpec::size("max_size", 1, u64::MAX, "largest image verify accepts"),
+        OptionSpec::bytes(
+            "version_command",
+            BytesEncoding::Escaped,
+            "bytes that make the running firmware print its version on one line (identify)",
+        ),
+        OptionSpec::duration(
+            "version_timeout_ms",
+            10,
+            MAX_MS,
+            "how long identify waits for the version line",
+        )
+        .default_duration_ms(2000),
+    ]
+}
 
 impl Settings {
-    /// Parse the device options. Returns the settings and the keys this family
-    /// does not know (as given), or `Error::Other` naming the bad option.
-    pub fn parse(options: &[(String, String)]) -> Result<(Settings, Vec<String>), Error> {
-        let mut s = Settings::default();
-        let mut unknown = Vec::new();
-        for (raw_key, value) in options {
-            let key = raw_key.trim().to_ascii_lowercase().replace('-', "_");
-            let v = value.trim();
-            match key.as_str() {
-                "protocol" => {
-                    s.protocol = match v.to_ascii_lowercase().as_str() {
-                        "xmodem" | "xmodem-1k" | "xmodem1k" => Protocol::Xmodem,
-                        "ymodem" => Protocol::Ymodem,
-                        _ => return Err(bad(&key, v, "expected `xmodem` or `ymodem`")),
-                    }
-                }
-                "block_size" => {
-                    s.block_size = match v {
-                        "1024" | "1k" | "1K" => 1024,
-                        "128" => 128,
-                        _ => return Err(bad(&key, v, "expected 1024 or 128")),
-                    }
-                }
-                "small_tail" => s.small_tail = parse_bool(&key, v)?,
-                "pad_byte" => s.pad_byte = parse_byte(&key, v)?,
-                "filename" => {
-                    // Not trimmed: a name is what the operator wrote.
-                    if value.is_empty() {
-                        return Err(bad(&key, value, "must not be empty"));
-                    }
-                    if value.contains('\0') {
-                        return Err(bad(&key, value, "must not contain NUL"));
-                    }
-                    // Header "name\0size\0" must fit a 1K block 0; the size takes
-                    // at most 20 digits.
-                    if value.len() > 1024 - 22 {
-                        return Err(bad(&key, value, "longer than 1002 bytes"));
-                    }
-                    s.filename = value.clone();
-                }
-                "retries" => s.retries = parse_u32(&key, v, 0, 1000)?,
-                "block_timeout_ms" => s.block_timeout_ms = parse_u32(&key, v, 10, MAX_MS)?,
-                "handshake_timeout_ms" => s.handshake_timeout_ms = parse_u32(&key, v, 10, MAX_MS)?,
-                "enter_command" => s.enter_command = non_empty(unescape(&key, value)?),
-                "enter_wait_ms" => s.enter_wait_ms = parse_u32(&key, v, 0, MAX_MS)?,
-                "enter_repeat_ms" => s.enter_repeat_ms = parse_u32(&key, v, 0, MAX_MS)?,
-                "max_size" => {
-                    let n: u64 = v
-                        .parse()
-                        .map_err(|_| bad(&key, v, "expected a number of bytes"))?;
-                    if n == 0 {
-                        return Err(bad(&key, v, "must be at least 1"));
-                    }
-                    s.max_size = Some(n);
-                }
-                "version_command" => s.version_command = non_empty(unescape(&key, value)?),
-                "version_timeout_ms" => s.version_timeout_ms = parse_u32(&key, v, 10, MAX_MS)?,
-                _ => unknown.push(raw_key.clone()),
-            }
+    /// The settings from options checked against [`schema`]: every problem,
+    /// each naming its option.
+    pub fn from_options(options: &Options) -> Result<Settings, Vec<Problem>> {
+        let specs = schema();
+        let mut f = Fields::new(&specs, options);
+        let filename = f.text("filename").to_string();
+        if filename.is_empty() {
+            f.bad("filename", "must not be empty");
         }
-        Ok((s, unknown))
-    }
-}
-
-fn bad(key: &str, value: &str, why: &str) -> Error {
-    OptionError::new(key, value, why).into()
-}
-
-fn non_empty(bytes: Vec<u8>) -> Option<Vec<u8>> {
-    (!bytes.is_empty()).then_some(bytes)
-}
-
-/// `0x1A`, `0X1a` or decimal `26`.
-fn parse_byte(key: &str, v: &str) -> Result<u8, Error> {
-    let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        Some(hex) => u8::from_str_radix(hex, 16),
-        None => v.parse::<u8>(),
-    };
-    parsed.map_err(|_| bad(key, v, "expected a byte, 0x00..0xFF or 0..255"))
-}
-
-/// Turn `version\r` (typed with a real backslash in TOML or JSON) into bytes.
-/// Escapes: `\r \n \t \0 \\ \xNN`; any other backslash sequence is an error.
-pub fn unescape(key: &str, s: &str) -> Result<Vec<u8>, Error> {
-    let mut out = Vec::with_capacity(s.len());
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b != b'\\' {
-            out.push(b);
-            i += 1;
-            continue;
+        if filename.contains('\0') {
+            f.bad("filename", "must not contain NUL");
         }
-        let Some(&e) = bytes.get(i + 1) else {
-            return Err(bad(key, s, &format!("dangling `\\` at byte {i}")));
+        let settings = Settings {
+            protocol: match f.choice("protocol") {
+                "ymodem" => Protocol::Ymodem,
+                _ => Protocol::Xmodem,
+            },
+            block_size: match f.choice("block_size") {
+                "128" => 128,
+                _ => 1024,
+            },
+            small_tail: f.boolean("small_tail"),
+            pad_byte: f.integer("pad_byte"),
+            filename,
+            retries: f.integer("retries"),
+            block_timeout_ms: f.duration_ms("block_timeout_ms"),
+            handshake_timeout_ms: f.duration_ms("handshake_timeout_ms"),
+            enter_command: f.optional_bytes("enter_command"),
+            enter_wait_ms: f.duration_ms("enter_wait_ms"),
+            enter_repeat_ms: f.duration_ms("enter_repeat_ms"),
+            max_size: f.optional_size("max_size"),
+            version_command: f.optional_bytes("version_command"),
+            version_timeout_ms: f.duration_ms("version_timeout_ms"),
         };
-        match e {
-            b'r' => out.push(b'\r'),
-            b'n' => out.push(b'\n'),
-            b't' => out.push(b'\t'),
-            b'0' => out.push(0),
-            b'\\' => out.push(b'\\'),
-            b'x' | b'X' => {
-                let hex = bytes
-                    .get(i + 2..i + 4)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| {
-                        bad(key, s, &format!("`\\x` at byte {i} needs two hex digits"))
-                    })?;
-                out.push(hex);
-                i += 2;
-            }
-            other => {
-                return Err(bad(
-                    key,
-                    s,
-                    &format!(
-                        "unknown escape `\\{}` at byte {i} (known: \\r \\n \\t \\0 \\\\ \\xNN)",
-                        other as char
-                    ),
-                ));
-            }
-        }
-        i += 2;
+        f.finish(settings)
     }
-    Ok(out)
+}
+
+/// The schema's defaults.
+impl Default for Settings {
+    fn default() -> Self {
+        crate::Xmodem::default_settings()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Xmodem;
+    use otagw_plugin_sdk::testing::{assert_refused, check_family};
 
-    #[test]
-    fn no_value_of_any_option_panics_the_parser() {
-        let keys = [
-            "protocol",
-            "ymodem",
-            "block_size",
-            "small_tail",
-            "pad_byte",
-            "filename",
-            "retries",
-            "block_timeout_ms",
-            "handshake_timeout_ms",
-            "enter_command",
-            "enter_wait_ms",
-            "enter_repeat_ms",
-            "max_size",
-            "version_command",
-            "version_timeout_ms",
-        ];
-        otagw_plugin_sdk::assert_no_option_value_panics(&keys, Settings::parse);
+    fn parse(options: &[(&str, &str)]) -> Result<Settings, Vec<Problem>> {
+        otagw_plugin_sdk::testing::settings::<Xmodem>(options)
     }
 
-    fn opts(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    #[test]
+    fn the_schema_is_valid_and_no_value_of_any_option_panics() {
+        check_family::<Xmodem>();
     }
 
     #[test]
     fn defaults() {
-        let (s, unknown) = Settings::parse(&[]).unwrap();
-        assert_eq!(s, Settings::default());
-        assert!(unknown.is_empty());
+        let s = Settings::default();
+        assert_eq!(s.protocol, Protocol::Xmodem);
         assert_eq!(s.block_size, 1024);
+        assert!(s.small_tail);
         assert_eq!(s.pad_byte, 0x1A);
+        assert_eq!(s.filename, "firmware.bin");
         assert_eq!(s.retries, 10);
+        assert_eq!((s.block_timeout_ms, s.handshake_timeout_ms), (3000, 30_000));
+        assert_eq!((s.enter_wait_ms, s.enter_repeat_ms), (0, 10_000));
+        assert_eq!(s.version_timeout_ms, 2000);
+        assert_eq!(
+            (s.enter_command, s.max_size, s.version_command),
+            (None, None, None)
+        );
     }
 
     #[test]
     fn parses_every_option_and_dash_keys() {
-        let (s, unknown) = Settings::parse(&opts(&[
+        let s = parse(&[
             ("protocol", "YMODEM"),
             ("block-size", "128"),
             ("small_tail", "no"),
@@ -287,8 +271,7 @@ mod tests {
             ("max_size", "65536"),
             ("version_command", "ver\\x0d"),
             ("version_timeout_ms", "100"),
-            ("colour", "blue"),
-        ]))
+        ])
         .unwrap();
         assert_eq!(s.protocol, Protocol::Ymodem);
         assert_eq!(s.block_size, 128);
@@ -303,53 +286,60 @@ mod tests {
         assert_eq!(s.max_size, Some(65536));
         assert_eq!(s.version_command.as_deref(), Some(&b"ver\r"[..]));
         assert_eq!(s.version_timeout_ms, 100);
-        assert_eq!(unknown, vec!["colour".to_string()]);
     }
 
     #[test]
-    fn decimal_pad_byte() {
-        let (s, _) = Settings::parse(&opts(&[("pad_byte", "0")])).unwrap();
-        assert_eq!(s.pad_byte, 0);
+    fn spellings_of_0_1_configurations_stay_valid() {
+        for (k, v) in [
+            ("protocol", "xmodem-1k"),
+            ("protocol", "XMODEM1K"),
+            ("block_size", "1k"),
+            ("block_size", "1K"),
+            ("pad_byte", "26"),
+        ] {
+            assert!(parse(&[(k, v)]).is_ok(), "{k} = {v}");
+        }
+        assert_eq!(parse(&[("pad_byte", "0")]).unwrap().pad_byte, 0);
     }
 
     #[test]
     fn bad_values_name_the_option() {
-        for (k, v, needle) in [
+        assert_refused::<Xmodem>(&[
             ("protocol", "zmodem", "`protocol`"),
             ("block_size", "512", "`block_size`"),
             ("retries", "-1", "`retries`"),
-            ("retries", "5000", "between 0 and 1000"),
+            ("retries", "5000", "from 0 to 1000"),
             ("block_timeout_ms", "0", "`block_timeout_ms`"),
             ("pad_byte", "0x100", "`pad_byte`"),
             ("small_tail", "maybe", "`small_tail`"),
             ("max_size", "0", "`max_size`"),
             ("filename", "", "`filename`"),
+            ("filename", "a\0b", "must not contain NUL"),
             ("enter_command", "go\\q", "unknown escape `\\q`"),
             ("enter_command", "go\\x4", "two hex digits"),
-            ("enter_command", "go\\", "dangling"),
-        ] {
-            let err = Settings::parse(&opts(&[(k, v)])).unwrap_err();
-            let Error::Options(msg) = &err else {
-                panic!("{k}: expected an options error, got {err:?}")
-            };
-            assert!(msg.contains(needle), "{k}={v}: {msg}");
-        }
+            ("enter_command", "go\\", "lone `\\`"),
+            ("colour", "blue", "unknown option `colour`"),
+        ]);
+        let long = "x".repeat(1003);
+        assert!(parse(&[("filename", &long)]).is_err());
+        assert!(parse(&[("filename", &long[..1002])]).is_ok());
     }
 
     #[test]
-    fn unescape_all_escapes() {
-        assert_eq!(
-            unescape("k", "a\\r\\n\\t\\0\\\\\\x41\\xfF").unwrap(),
-            b"a\r\n\t\0\\A\xff".to_vec()
-        );
+    fn byte_options_take_every_escape() {
+        let s = parse(&[
+            ("enter_command", "a\\r\\n\\t\\0\\\\\\x41\\xfF"),
+            ("version_command", "é"),
+        ])
+        .unwrap();
+        assert_eq!(s.enter_command.unwrap(), b"a\r\n\t\0\\A\xff".to_vec());
         // Non-ASCII text passes through as UTF-8.
-        assert_eq!(unescape("k", "é").unwrap(), "é".as_bytes().to_vec());
+        assert_eq!(s.version_command.unwrap(), "é".as_bytes().to_vec());
     }
 
     #[test]
     fn empty_commands_are_none() {
-        let (s, _) =
-            Settings::parse(&opts(&[("enter_command", ""), ("version_command", "")])).unwrap();
+        let s = parse(&[("enter_command", ""), ("version_command", "")]).unwrap();
         assert_eq!(s.enter_command, None);
         assert_eq!(s.version_command, None);
     }

@@ -40,13 +40,10 @@
 //! their send loops, so this module implements the sender directly (CRC-16 via
 //! the `crc` crate).
 
-use std::collections::VecDeque;
-
 use crc::{CRC_16_XMODEM, Crc};
+use otagw_plugin_sdk::{Error, FlashReport, Inbox, Level, LinkFault, Phase, Port, Source};
 
 use crate::options::{Protocol, Settings};
-use crate::port::{Level, Port, Source};
-use crate::{Error, LinkFault};
 
 pub const SOH: u8 = 0x01;
 pub const STX: u8 = 0x02;
@@ -67,25 +64,9 @@ pub const SETTLE_MS: u32 = 50;
 /// and how many reads at most before the handshake takes over.
 pub(crate) const QUIET_MS: u32 = 5;
 const QUIET_READS: usize = 64;
-/// The host caps one read's timeout at 60 s; longer waits loop.
-const MAX_READ_MS: u64 = 60_000;
 /// Consecutive failures of a 1K block before falling back to 128-byte blocks.
 const FALLBACK_FIRST_BLOCK: u32 = 2;
 const FALLBACK_LATER_BLOCK: u32 = 3;
-
-/// What a finished transfer reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report {
-    /// Image bytes the receiver acknowledged (without padding).
-    pub bytes_sent: u64,
-    /// Data blocks, block 0s and null blocks sent again (EOT repeats are not counted:
-    /// receivers NAK the first EOT by design).
-    pub retries: u32,
-    /// Data blocks acknowledged.
-    pub blocks: u32,
-    /// One line for the log.
-    pub summary: String,
-}
 
 /// CRC-16/XMODEM of `data`.
 pub fn crc16(data: &[u8]) -> u16 {
@@ -184,11 +165,15 @@ const STALE_WAIT_MAX_MS: u64 = 20_000;
 /// block as out of sequence, or aborts its old session (CAN CAN) while we
 /// wait for its start character. Then, once, wait for the line to go quiet
 /// and start over from the enter-bootloader command.
-pub fn flash<P: Port, S: Source>(
+///
+/// The report counts the image bytes the receiver acknowledged (without
+/// padding) and as retries the data blocks, block 0s and null blocks sent
+/// again (EOT repeats are not: receivers NAK the first EOT by design).
+pub fn flash<P: Port + ?Sized, S: Source + ?Sized>(
     port: &mut P,
     image: &mut S,
     settings: &Settings,
-) -> Result<Report, Error> {
+) -> Result<FlashReport, Error> {
     let mut sender = Sender::new(port, image, settings);
     match sender.run() {
         Err(e) if sender.cancelled_at_start => {
@@ -220,12 +205,12 @@ pub fn flash<P: Port, S: Source>(
     }
 }
 
-struct Sender<'a, P: Port, S: Source> {
+struct Sender<'a, P: Port + ?Sized, S: Source + ?Sized> {
     port: &'a mut P,
     image: &'a mut S,
     s: &'a Settings,
     /// Bytes read from the link and not yet looked at.
-    rx: VecDeque<u8>,
+    rx: Inbox,
     crc: bool,
     block_size: usize,
     retries: u32,
@@ -236,13 +221,13 @@ struct Sender<'a, P: Port, S: Source> {
     cancelled_at_start: bool,
 }
 
-impl<'a, P: Port, S: Source> Sender<'a, P, S> {
+impl<'a, P: Port + ?Sized, S: Source + ?Sized> Sender<'a, P, S> {
     fn new(port: &'a mut P, image: &'a mut S, s: &'a Settings) -> Self {
         Sender {
             port,
             image,
             s,
-            rx: VecDeque::new(),
+            rx: Inbox::default(),
             crc: true,
             block_size: s.block_size,
             retries: 0,
@@ -253,8 +238,8 @@ impl<'a, P: Port, S: Source> Sender<'a, P, S> {
     }
 }
 
-impl<P: Port, S: Source> Sender<'_, P, S> {
-    fn run(&mut self) -> Result<Report, Error> {
+impl<P: Port + ?Sized, S: Source + ?Sized> Sender<'_, P, S> {
+    fn run(&mut self) -> Result<FlashReport, Error> {
         let total = self.image.size();
         if total == 0 {
             return Err(Error::Verify("the image is empty: nothing to send".into()));
@@ -319,7 +304,7 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
             }
         }
 
-        self.port.progress(0, total);
+        self.port.progress(0, total, Phase::Transfer);
         self.send_data(total)?;
         self.send_eot()?;
 
@@ -339,10 +324,9 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
             ms % 1000
         );
         self.log(Level::Info, &format!("done: {summary}"));
-        Ok(Report {
+        Ok(FlashReport {
             bytes_sent: total,
             retries: self.retries,
-            blocks: self.blocks,
             summary,
         })
     }
@@ -354,7 +338,7 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
         while offset < total {
             let remaining = total - offset;
             let mut len = block_len(self.block_size, remaining, self.s.small_tail);
-            let mut data = self.read_image(offset, len.min(remaining as usize))?;
+            let mut data = self.image.read_exact(offset, len.min(remaining as usize))?;
             let seq = index as u8;
             let mut f = frame(seq, &data, len, self.s.pad_byte, self.crc);
             let first = index == 1;
@@ -415,7 +399,7 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
             offset += data.len() as u64;
             index += 1;
             self.blocks += 1;
-            self.port.progress(offset, total);
+            self.port.progress(offset, total, Phase::Transfer);
         }
         Ok(())
     }
@@ -669,7 +653,7 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
                 CRC_C | NAK => start = b,
                 _ => {
                     // Let the caller look at it (it may be a CAN).
-                    self.rx.push_front(b);
+                    self.rx.unread(b);
                     return Ok(None);
                 }
             }
@@ -714,43 +698,9 @@ impl<P: Port, S: Source> Sender<'_, P, S> {
 
     /// The next received byte, or `None` once `deadline` has passed.
     fn next_byte(&mut self, deadline: u64, phase: &str) -> Result<Option<u8>, Error> {
-        if let Some(b) = self.rx.pop_front() {
-            return Ok(Some(b));
-        }
-        loop {
-            let now = self.port.now_ms();
-            if now >= deadline {
-                return Ok(None);
-            }
-            let wait = (deadline - now).min(MAX_READ_MS) as u32;
-            let chunk = self
-                .port
-                .read(1024, wait)
-                .map_err(|e| link_error(phase, e))?;
-            if !chunk.is_empty() {
-                self.rx.extend(chunk);
-                return Ok(self.rx.pop_front());
-            }
-        }
-    }
-
-    /// `len` image bytes at `offset` (fewer only at the end of the image).
-    fn read_image(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
-        let mut data = Vec::with_capacity(len);
-        while data.len() < len {
-            let want = (len - data.len()) as u32;
-            let got = self.image.read(offset + data.len() as u64, want);
-            if got.is_empty() {
-                return Err(Error::Transfer(format!(
-                    "image: read at offset {} returned nothing, {} bytes short of the size \
-                     the image announced",
-                    offset + data.len() as u64,
-                    len - data.len()
-                )));
-            }
-            data.extend_from_slice(&got[..got.len().min(len - data.len())]);
-        }
-        Ok(data)
+        self.rx
+            .next_byte(self.port, deadline, 1024)
+            .map_err(|e| link_error(phase, e))
     }
 
     fn log(&mut self, level: Level, message: &str) {

@@ -7,23 +7,14 @@
 //! What it is not: a format check. XMODEM moves opaque bytes; a family that
 //! knows its image format (GBL, Intel HEX, signed headers) needs its own plugin.
 
-use crate::Error;
+use otagw_plugin_sdk::{Error, ImageInfo};
+
 use crate::options::{Protocol, Settings};
 use crate::sender::pad_bytes;
 
-/// What `verify` found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verified {
-    /// Bytes that will be sent (the image size; padding not included).
-    pub payload_size: u64,
-    /// One line for the job log.
-    pub summary: String,
-    /// A warning to log, if any.
-    pub warning: Option<String>,
-}
-
-/// Check an image of `size` bytes against the device's settings.
-pub fn verify(size: u64, s: &Settings) -> Result<Verified, Error> {
+/// Check an image of `size` bytes against the device's settings. The payload
+/// is the image (padding not included).
+pub fn verify(size: u64, s: &Settings) -> Result<ImageInfo, Error> {
     if size == 0 {
         return Err(Error::Verify("the image is empty: nothing to send".into()));
     }
@@ -34,12 +25,12 @@ pub fn verify(size: u64, s: &Settings) -> Result<Verified, Error> {
             "the image is {size} bytes, larger than max_size = {max} bytes"
         )));
     }
-    let mut warning = None;
+    let mut warnings = Vec::new();
     let summary = match s.protocol {
         Protocol::Xmodem => {
             let pad = pad_bytes(size, s.block_size, s.small_tail);
             if pad > 0 {
-                warning = Some(format!(
+                warnings.push(format!(
                     "XMODEM carries no size: the receiver will get {pad} pad bytes (0x{:02X}) \
                      after the {size} image bytes (more if it forces 128-byte or checksum mode)",
                     s.pad_byte
@@ -49,10 +40,11 @@ pub fn verify(size: u64, s: &Settings) -> Result<Verified, Error> {
         }
         Protocol::Ymodem => format!("{size} bytes, YMODEM as {:?}", s.filename),
     };
-    Ok(Verified {
+    Ok(ImageInfo {
+        version: None,
         payload_size: size,
         summary,
-        warning,
+        warnings,
     })
 }
 
@@ -83,14 +75,14 @@ mod tests {
     #[test]
     fn xmodem_warns_about_padding() {
         let v = verify(1024 * 3, &Settings::default()).unwrap();
-        assert_eq!(v.warning, None);
+        assert!(v.warnings.is_empty());
         assert_eq!(v.payload_size, 3072);
         // 100-byte tail goes in one 128-byte block: 28 pad bytes.
         let v = verify(1024 + 100, &Settings::default()).unwrap();
-        assert!(v.warning.unwrap().contains("28 pad bytes (0x1A)"));
+        assert!(v.warnings[0].contains("28 pad bytes (0x1A)"));
         // 1000-byte tail goes in one 1K block: 24 pad bytes.
         let v = verify(1000, &Settings::default()).unwrap();
-        assert!(v.warning.unwrap().contains("24 pad bytes"));
+        assert!(v.warnings[0].contains("24 pad bytes"));
     }
 
     #[test]
@@ -100,7 +92,7 @@ mod tests {
             ..Settings::default()
         };
         let v = verify(1, &s).unwrap();
-        assert_eq!(v.warning, None);
+        assert!(v.warnings.is_empty());
         assert_eq!(v.summary, "1 bytes, YMODEM as \"firmware.bin\"");
     }
 }

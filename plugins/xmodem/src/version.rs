@@ -8,12 +8,12 @@
 //! What it is not: XMODEM has no way to ask a bootloader for its version, so
 //! without `version_command` this answers `unsupported`.
 
+use otagw_plugin_sdk::{Error, Level, LinkFault, Port};
+
 use crate::options::Settings;
-use crate::port::{Level, Port};
-use crate::{Error, LinkFault};
 
 /// Read the version line. `Unsupported` without `version_command`.
-pub fn identify<P: Port>(port: &mut P, settings: &Settings) -> Result<String, Error> {
+pub fn identify<P: Port + ?Sized>(port: &mut P, settings: &Settings) -> Result<String, Error> {
     let Some(cmd) = &settings.version_command else {
         return Err(Error::Unsupported(
             "xmodem has no way to read the version; set version_command".into(),
@@ -66,7 +66,7 @@ pub fn identify<P: Port>(port: &mut P, settings: &Settings) -> Result<String, Er
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sender::tests::ScriptPort;
+    use otagw_plugin_sdk::testing::ScriptPort;
 
     fn settings(cmd: Option<&str>) -> Settings {
         Settings {
@@ -77,7 +77,7 @@ mod tests {
 
     #[test]
     fn unsupported_without_command() {
-        let mut port = ScriptPort::new(vec![]);
+        let mut port = ScriptPort::new();
         let err = identify(&mut port, &settings(None)).unwrap_err();
         assert_eq!(
             err,
@@ -88,12 +88,12 @@ mod tests {
 
     #[test]
     fn reads_the_line_and_skips_the_echo() {
-        let mut port = ScriptPort::new(vec![
-            (0, b"version\r\n".to_vec()),
-            (5, b"  1.4.2-rc1 ".to_vec()),
-            (7, b"\r\n> ".to_vec()),
-        ]);
-        port.stale = 12;
+        // Stale bytes (drained), the echo of the command, then the line.
+        let mut port = ScriptPort::new()
+            .arrive(0, [b'x'; 12])
+            .reply_to(b"version\r", 1, b"version\r\n")
+            .arrive(5, b"  1.4.2-rc1 ")
+            .arrive(7, b"\r\n> ");
         let v = identify(&mut port, &settings(Some("version\r"))).unwrap();
         assert_eq!(v, "1.4.2-rc1");
         assert_eq!(port.written, b"version\r");
@@ -102,14 +102,14 @@ mod tests {
 
     #[test]
     fn partial_line_at_timeout() {
-        let mut port = ScriptPort::new(vec![(3, b"v2.0".to_vec())]);
+        let mut port = ScriptPort::new().arrive(3, b"v2.0");
         let v = identify(&mut port, &settings(Some("ver\n"))).unwrap();
         assert_eq!(v, "v2.0");
     }
 
     #[test]
     fn silence_is_a_timeout() {
-        let mut port = ScriptPort::new(vec![]);
+        let mut port = ScriptPort::new();
         let err = identify(&mut port, &settings(Some("ver\n"))).unwrap_err();
         assert_eq!(
             err,

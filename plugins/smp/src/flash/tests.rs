@@ -6,7 +6,8 @@
 use super::*;
 use crate::identify::identify;
 use crate::smp::{group, id, op};
-use crate::testing::{ImageSpec, MemImage, Sim, TestKey};
+use crate::testing::{ImageSpec, Sim, TestKey};
+use otagw_plugin_sdk::testing::MemImage;
 
 const KEY: TestKey = TestKey::P256([0x42; 32]);
 
@@ -449,25 +450,77 @@ fn works_over_ble_with_raw_packets_cut_to_the_mtu() {
 }
 
 #[test]
-fn identify_reads_version_and_model() {
+fn a_link_that_goes_down_with_the_reset_is_reopened() {
+    // A BLE peripheral disconnects when it reboots into the new image.
+    let bytes = image(3_000);
+    let mut sim = Sim::new().ble(128);
+    sim.faults.link_drops_on_reset = true;
+    run(&mut sim, &bytes, &settings()).unwrap();
+    assert_eq!((sim.resets, sim.reopens), (1, 1));
+    assert_new_image_confirmed(&sim, &bytes);
+
+    // Not back within reset_wait_ms: a timeout that says what failed.
+    let mut sim = Sim::new().ble(128);
+    sim.faults.link_drops_on_reset = true;
+    sim.reboot_ms = 60_000;
+    let err = run(&mut sim, &bytes, &settings()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Timeout(m) if m.contains("reopening the link")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn identify_reads_version_model_and_slots() {
     let mut sim = Sim::new();
-    let (v, m) = identify(&mut sim, &Settings::default()).unwrap();
-    assert_eq!(v, "1.0.0");
-    assert_eq!(m.as_deref(), Some("sim_board"));
-    // No model: rc 8, or an empty format.
+    let d = identify(&mut sim, &Settings::default()).unwrap();
+    assert_eq!(d.version, "1.0.0");
+    assert_eq!(d.model.as_deref(), Some("sim_board"));
+    assert_eq!(d.hardware_id.as_deref(), Some("sim_board"));
+    assert_eq!(
+        d.attributes,
+        vec![
+            ("image_hash".to_string(), "aa".repeat(32)),
+            ("confirmed".to_string(), "true".to_string()),
+        ]
+    );
+    // No model: rc 8, or an empty format; another format is no hardware id.
     sim.model = None;
-    assert_eq!(identify(&mut sim, &Settings::default()).unwrap().1, None);
+    assert_eq!(
+        identify(&mut sim, &Settings::default()).unwrap().model,
+        None
+    );
     let s = Settings {
         model_format: String::new(),
         ..Settings::default()
     };
     let before = sim.requests.len();
-    assert_eq!(identify(&mut sim, &s).unwrap().1, None);
+    assert_eq!(identify(&mut sim, &s).unwrap().model, None);
     assert_eq!(sim.requests.len() - before, 1);
-    // After a flash it reports the new version.
+    sim.model = Some("Zephyr 4.1".into());
+    let os = Settings {
+        model_format: "sv".into(),
+        ..Settings::default()
+    };
+    let d = identify(&mut sim, &os).unwrap();
+    assert_eq!(
+        (d.model.as_deref(), d.hardware_id),
+        (Some("Zephyr 4.1"), None)
+    );
+    // After a flash it reports the new version, and the old one in slot 1.
     let bytes = image(2_000);
     run(&mut sim, &bytes, &settings()).unwrap();
-    assert_eq!(identify(&mut sim, &s).unwrap().0, "1.1.0");
+    let d = identify(&mut sim, &s).unwrap();
+    assert_eq!(d.version, "1.1.0");
+    assert_eq!(d.attributes[0].1, hex(&image_hash(&bytes)));
+    assert_eq!(
+        d.attributes[2],
+        ("secondary_version".to_string(), "1.0.0".to_string())
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! MCUboot's `imgtool` (see `testdata/README.md`).
 
 use super::*;
-use crate::testing::{ImageSpec, MemImage, TestKey};
+use crate::testing::{ImageSpec, TestKey};
+use otagw_plugin_sdk::testing::MemImage;
 
 const ED: TestKey = TestKey::Ed25519([0x11; 32]);
 const EC: TestKey = TestKey::P256([0x22; 32]);

@@ -1,16 +1,16 @@
 //! `verify`, `flash` and `identify` against the simulated bootloader
 //! (`crate::testing`) on a virtual clock.
 
-use super::*;
-use crate::protocol::{cmd, erase_frame, write_frame};
-use crate::testing::{MemImage, Sim};
+use otagw_plugin_sdk::Parity;
+use otagw_plugin_sdk::testing::MemImage;
 
-fn settings(list: &[(&str, &str)]) -> Settings {
-    let opts: Vec<(String, String)> = list
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    Settings::parse(&opts).unwrap().0
+use super::*;
+use crate::Stm32;
+use crate::protocol::{cmd, erase_frame, write_frame};
+use crate::testing::Sim;
+
+fn settings(options: &[(&str, &str)]) -> Settings {
+    otagw_plugin_sdk::testing::settings::<Stm32>(options).unwrap()
 }
 
 /// Whether `needle` occurs in `hay`.
@@ -366,9 +366,17 @@ fn identify_reads_the_version_and_leaves() {
     let mut sim = Sim::new();
     sim.flash[0x200..0x20A].copy_from_slice(b" 2.4.1-rc\0");
     let s = settings(&[("version_address", "0x08000200"), ("version_length", "16")]);
-    let (version, model) = identify(&mut sim, &s).unwrap();
-    assert_eq!(version, "2.4.1-rc");
-    assert_eq!(model.as_deref(), Some("STM32F10x high-density (PID 0x414)"));
+    let d = identify(&mut sim, &s).unwrap();
+    assert_eq!(d.version, "2.4.1-rc");
+    assert_eq!(
+        d.model.as_deref(),
+        Some("STM32F10x high-density (PID 0x414)")
+    );
+    assert_eq!(d.hardware_id.as_deref(), Some("0x414"));
+    assert_eq!(
+        d.attributes,
+        vec![("bootloader_version".to_string(), "3.1".to_string())]
+    );
     assert_eq!(sim.reads, vec![(0x0800_0200, 16)]);
     assert_eq!(sim.go, vec![0x0800_0000]);
 

@@ -3,72 +3,10 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use otagw_plugin_sdk::testing::{MemImage, ScriptPort};
+
 use super::*;
 use crate::options::{Protocol, Settings};
-use crate::port::{Level, Port, Source};
-use crate::{Error, LinkFault};
-
-// ---------------------------------------------------------------------------
-// Scripted port: bytes arrive at fixed times.
-
-/// A port whose input is a script of `(time_ms, bytes)`; reads advance a
-/// virtual clock.
-pub struct ScriptPort {
-    pub now: u64,
-    script: VecDeque<(u64, Vec<u8>)>,
-    pub written: Vec<u8>,
-    /// Bytes `drain` reports discarding.
-    pub stale: u32,
-    pub drained: u32,
-}
-
-impl ScriptPort {
-    pub fn new(script: Vec<(u64, Vec<u8>)>) -> Self {
-        ScriptPort {
-            now: 0,
-            script: script.into(),
-            written: Vec::new(),
-            stale: 0,
-            drained: 0,
-        }
-    }
-}
-
-impl Port for ScriptPort {
-    fn write(&mut self, data: &[u8]) -> Result<(), LinkFault> {
-        self.written.extend_from_slice(data);
-        Ok(())
-    }
-    fn read(&mut self, max: u32, timeout_ms: u32) -> Result<Vec<u8>, LinkFault> {
-        match self.script.front_mut() {
-            Some((t, bytes)) if *t <= self.now + u64::from(timeout_ms) => {
-                self.now = self.now.max(*t);
-                let n = bytes.len().min(max as usize);
-                let out: Vec<u8> = bytes.drain(..n).collect();
-                if bytes.is_empty() {
-                    self.script.pop_front();
-                }
-                Ok(out)
-            }
-            _ => {
-                self.now += u64::from(timeout_ms);
-                Ok(Vec::new())
-            }
-        }
-    }
-    fn drain(&mut self) -> Result<u32, LinkFault> {
-        self.drained += self.stale;
-        Ok(std::mem::take(&mut self.stale))
-    }
-    fn now_ms(&mut self) -> u64 {
-        self.now
-    }
-    fn sleep(&mut self, ms: u32) {
-        self.now += u64::from(ms);
-    }
-    fn progress(&mut self, _: u64, _: u64) {}
-    fn log(&mut self, _: Level, _: &str) {}
-}
 
 // ---------------------------------------------------------------------------
 // Simulated receiver.
@@ -458,7 +396,7 @@ impl Port for Sim {
         }
     }
 
-    fn progress(&mut self, done: u64, total: u64) {
+    fn progress(&mut self, done: u64, total: u64, _: Phase) {
         self.progress.push((done, total));
     }
 
@@ -467,41 +405,9 @@ impl Port for Sim {
     }
 }
 
-/// An image served in pieces; records the largest read.
-struct Img {
-    bytes: Vec<u8>,
-    largest_read: u32,
-    reads: u32,
-}
-
-impl Img {
-    fn new(size: usize) -> Self {
-        // Not periodic with the block size, so a misplaced block shows.
-        let bytes = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
-        Img {
-            bytes,
-            largest_read: 0,
-            reads: 0,
-        }
-    }
-}
-
-impl Source for Img {
-    fn size(&mut self) -> u64 {
-        self.bytes.len() as u64
-    }
-    fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
-        self.reads += 1;
-        self.largest_read = self.largest_read.max(len);
-        let start = (offset as usize).min(self.bytes.len());
-        let end = (start + len as usize).min(self.bytes.len());
-        self.bytes[start..end].to_vec()
-    }
-}
-
-fn run(rx: Rx, size: usize, settings: Settings) -> (Sim, Img, Result<Report, Error>) {
+fn run(rx: Rx, size: usize, settings: Settings) -> (Sim, MemImage, Result<FlashReport, Error>) {
     let mut sim = Sim::new(rx);
-    let mut img = Img::new(size);
+    let mut img = MemImage::pattern(size);
     let r = flash(&mut sim, &mut img, &settings);
     (sim, img, r)
 }
@@ -518,7 +424,7 @@ fn ymodem() -> Settings {
 }
 
 /// The received data is the image followed by pad bytes only.
-fn assert_delivered(sim: &Sim, img: &Img, pad: u8) {
+fn assert_delivered(sim: &Sim, img: &MemImage, pad: u8) {
     assert!(
         sim.data.len() >= img.bytes.len(),
         "short: {}",
@@ -587,7 +493,6 @@ fn xmodem_1k_crc_happy_path_streams_the_image() {
     assert_eq!(sim.block_sizes, vec![1024; 5]);
     assert_eq!(report.bytes_sent, 5000);
     assert_eq!(report.retries, 0);
-    assert_eq!(report.blocks, 5);
     assert!(
         report
             .summary
@@ -781,12 +686,12 @@ fn handshake_timeout_when_the_receiver_never_starts() {
 
 #[test]
 fn handshake_timeout_counts_skipped_bytes_and_long_timeouts_loop() {
-    let mut port = ScriptPort::new(vec![(10, b"hello".to_vec())]);
+    let mut port = ScriptPort::arrivals(vec![(10, b"hello".to_vec())]);
     let settings = Settings {
         handshake_timeout_ms: 150_000,
         ..xmodem()
     };
-    let err = flash(&mut port, &mut Img::new(10), &settings).unwrap_err();
+    let err = flash(&mut port, &mut MemImage::pattern(10), &settings).unwrap_err();
     assert_eq!(
         err,
         Error::Timeout(
@@ -821,8 +726,8 @@ fn receiver_cancel_during_handshake_starts_over_once() {
     // A stale receiver aborts its old session while we wait for 'C'; the
     // second start sees the 'C' of its new session and sends block 1 (this
     // script never acknowledges it).
-    let mut port = ScriptPort::new(vec![(100, vec![CAN, CAN]), (4_000, vec![CRC_C])]);
-    let err = flash(&mut port, &mut Img::new(10), &xmodem())
+    let mut port = ScriptPort::arrivals(vec![(100, vec![CAN, CAN]), (4_000, vec![CRC_C])]);
+    let err = flash(&mut port, &mut MemImage::pattern(10), &xmodem())
         .unwrap_err()
         .to_string();
     assert!(
@@ -835,8 +740,8 @@ fn receiver_cancel_during_handshake_starts_over_once() {
     assert_eq!(port.written.first(), Some(&SOH), "block 1 went out");
 
     // A receiver that keeps cancelling is not retried a second time.
-    let mut port = ScriptPort::new(vec![(100, vec![CAN, CAN]), (4_000, vec![CAN, CAN])]);
-    let err = flash(&mut port, &mut Img::new(10), &xmodem())
+    let mut port = ScriptPort::arrivals(vec![(100, vec![CAN, CAN]), (4_000, vec![CAN, CAN])]);
+    let err = flash(&mut port, &mut MemImage::pattern(10), &xmodem())
         .unwrap_err()
         .to_string();
     assert!(
@@ -863,48 +768,25 @@ fn banner_with_a_c_in_it_is_skipped() {
 fn lone_start_character_in_a_script_settles() {
     // 'C' followed by more 'C's within the settle window is still a start
     // (after an enter command, so the handshake reads it).
-    let mut port = ScriptPort::new(vec![(5, b"xxC".to_vec()), (20, b"C".to_vec())]);
+    let mut port = ScriptPort::arrivals(vec![(5, b"xxC".to_vec()), (20, b"C".to_vec())]);
     let settings = Settings {
         retries: 0,
         block_timeout_ms: 100,
         enter_command: Some(b"u".to_vec()),
         ..xmodem()
     };
-    let err = flash(&mut port, &mut Img::new(10), &settings).unwrap_err();
+    let err = flash(&mut port, &mut MemImage::pattern(10), &settings).unwrap_err();
     // It started (a block went out) and then timed out on the reply.
     assert!(matches!(err, Error::Timeout(m) if m.starts_with("transfer: block 1")));
     assert_eq!(port.written[..2], [b'u', SOH]);
 }
 
-/// A [`ScriptPort`] whose `drain` discards what has arrived so far, as a real
-/// link's does; it notes when the first frame went out.
-struct DrainingPort(ScriptPort, Option<u64>);
-
-impl Port for DrainingPort {
-    fn write(&mut self, data: &[u8]) -> Result<(), LinkFault> {
-        if matches!(data.first(), Some(&SOH | &STX)) {
-            self.1.get_or_insert(self.0.now);
-        }
-        self.0.write(data)
-    }
-    fn read(&mut self, max: u32, timeout_ms: u32) -> Result<Vec<u8>, LinkFault> {
-        self.0.read(max, timeout_ms)
-    }
-    fn drain(&mut self) -> Result<u32, LinkFault> {
-        let mut n = 0;
-        while self.0.script.front().is_some_and(|(t, _)| *t <= self.0.now) {
-            n += self.0.script.pop_front().map_or(0, |(_, b)| b.len() as u32);
-        }
-        Ok(n)
-    }
-    fn now_ms(&mut self) -> u64 {
-        self.0.now
-    }
-    fn sleep(&mut self, ms: u32) {
-        self.0.sleep(ms);
-    }
-    fn progress(&mut self, _: u64, _: u64) {}
-    fn log(&mut self, _: Level, _: &str) {}
+/// When the first data frame went out.
+fn first_frame_at(port: &ScriptPort) -> Option<u64> {
+    port.writes
+        .iter()
+        .find(|(_, w)| matches!(w.first(), Some(&SOH | &STX)))
+        .map(|(t, _)| *t)
 }
 
 #[test]
@@ -921,11 +803,15 @@ fn a_start_character_queued_before_the_sender_looks_is_used_not_drained() {
         (10_100, vec![ACK]),
         (10_101, vec![ACK]),
     ];
-    let mut port = DrainingPort(ScriptPort::new(script.clone()), None);
-    let report = flash(&mut port, &mut Img::new(10), &xmodem()).unwrap();
-    assert_eq!(report.blocks, 1);
-    assert_eq!(port.0.written[0], SOH);
-    assert_eq!(port.0.now, 61, "block 1 went out on the queued 'C'");
+    let mut port = ScriptPort::arrivals(script.clone());
+    let report = flash(&mut port, &mut MemImage::pattern(10), &xmodem()).unwrap();
+    assert!(
+        report.summary.contains("10 bytes in 1 blocks"),
+        "{}",
+        report.summary
+    );
+    assert_eq!(port.written[0], SOH);
+    assert_eq!(port.now, 61, "block 1 went out on the queued 'C'");
 
     // With an enter command a queued 'C' is stale: the sender drains it and
     // waits for one after the command.
@@ -933,11 +819,11 @@ fn a_start_character_queued_before_the_sender_looks_is_used_not_drained() {
         enter_command: Some(b"go\r".to_vec()),
         ..xmodem()
     };
-    let mut port = DrainingPort(ScriptPort::new(script), None);
-    flash(&mut port, &mut Img::new(10), &settings).unwrap();
-    assert!(port.0.written.starts_with(b"go\r\x01"));
+    let mut port = ScriptPort::arrivals(script);
+    flash(&mut port, &mut MemImage::pattern(10), &settings).unwrap();
+    assert!(port.written.starts_with(b"go\r\x01"));
     assert_eq!(
-        port.0.now, 10_101,
+        port.now, 10_101,
         "block 1 waited for the receiver's next 'C'"
     );
 }
@@ -952,9 +838,9 @@ fn a_queued_c_followed_by_text_is_a_banner_letter() {
         (200, vec![ACK]),
         (201, vec![ACK]),
     ];
-    let mut port = DrainingPort(ScriptPort::new(script), None);
-    flash(&mut port, &mut Img::new(10), &xmodem()).unwrap();
-    let first_block = port.1.unwrap();
+    let mut port = ScriptPort::arrivals(script);
+    flash(&mut port, &mut MemImage::pattern(10), &xmodem()).unwrap();
+    let first_block = first_frame_at(&port).unwrap();
     assert!(
         first_block >= 100 + u64::from(SETTLE_MS),
         "block 1 at {first_block} ms: waited for the receiver's 'C' and its settle"
@@ -1011,9 +897,9 @@ fn block_numbers_wrap_after_255() {
         ..xmodem()
     };
     let (sim, img, r) = run(Rx::default(), 300 * 128 + 5, settings);
-    let report = r.unwrap();
+    r.unwrap();
     assert_delivered(&sim, &img, 0x1A);
-    assert_eq!(report.blocks, 301);
+    assert_eq!(sim.block_sizes.len(), 301);
 }
 
 #[test]
@@ -1023,9 +909,9 @@ fn large_image_one_byte_reads() {
         ..Rx::default()
     };
     let (sim, img, r) = run(rx, 300 * 1024 + 17, xmodem());
-    let report = r.unwrap();
+    r.unwrap();
     assert_delivered(&sim, &img, 0x1A);
-    assert_eq!(report.blocks, 301);
+    assert_eq!(sim.block_sizes.len(), 301);
     assert!(img.largest_read <= 1024);
     assert!(img.reads >= 301);
 }
