@@ -1,6 +1,7 @@
 //! otagw's end-to-end tests: one binary, one harness (`harness.rs`).
 
 mod aliyun;
+mod ble;
 mod cli;
 mod contract;
 mod daemon;

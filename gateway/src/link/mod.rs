@@ -12,6 +12,7 @@
 //! URL can be [reopened](Link::reopen) (a device that re-enumerates or reboots
 //! into a new image); a link built from a transport can be given a way to.
 
+pub mod ble;
 pub mod gatt;
 mod serial;
 mod tcp;
