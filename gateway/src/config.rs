@@ -46,6 +46,8 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub plugins: PluginLimitsConfig,
+    #[serde(default)]
+    pub ble: BleConfig,
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
 }
@@ -158,6 +160,40 @@ impl Default for JobsConfig {
         Self {
             max_parallel: default_parallel(),
             flash_restarts: default_flash_restarts(),
+        }
+    }
+}
+
+/// `[ble]`: the Bluetooth LE adapter `ble://` devices are reached through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BleConfig {
+    /// `hci+tcp://HOST:PORT` (H4 over TCP) or
+    /// `hci+serial:///dev/ttyACM0?baud=1000000` (an H4 UART); none: no BLE.
+    pub adapter: Option<String>,
+    /// BLE connections at once on the adapter (1 to 4), separate from
+    /// `[jobs] max_parallel`.
+    #[serde(default = "default_ble_connections")]
+    pub max_connections: usize,
+    /// How long scanning, connecting and discovery may take.
+    #[serde(default = "default_ble_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+fn default_ble_connections() -> usize {
+    1
+}
+
+fn default_ble_timeout() -> Duration {
+    crate::link::BLE_CONNECT_TIMEOUT
+}
+
+impl Default for BleConfig {
+    fn default() -> Self {
+        Self {
+            adapter: None,
+            max_connections: default_ble_connections(),
+            connect_timeout: default_ble_timeout(),
         }
     }
 }
@@ -424,6 +460,13 @@ impl Config {
         if self.plugins.cpu.is_zero() || self.plugins.job_deadline.is_zero() {
             return Err("[plugins] cpu and job_deadline must be longer than 0s".into());
         }
+        if let Some(a) = &self.ble.adapter {
+            crate::link::ble::AdapterUrl::parse(a).map_err(|e| format!("[ble] adapter: {e}"))?;
+        }
+        within("[ble] max_connections", self.ble.max_connections, 1..=4)?;
+        if self.ble.connect_timeout.is_zero() {
+            return Err("[ble] connect_timeout must be longer than 0s".into());
+        }
         let mut seen = std::collections::BTreeSet::new();
         for d in &self.devices {
             let who = format!("{}/{}", d.product_key, d.device_name);
@@ -445,7 +488,19 @@ impl Config {
             if d.product_key == g.product_key && d.device_name == g.device_name {
                 return Err(format!("device {who} is the gateway itself"));
             }
-            LinkUrl::parse(&d.link).map_err(|e| format!("device {who}: {e}"))?;
+            if d.link.starts_with("ble://") {
+                crate::link::ble::BleUrl::parse(&d.link)
+                    .map_err(|e| format!("device {who}: {e}"))?;
+                if self.ble.adapter.is_none() {
+                    return Err(format!(
+                        "device {who} is on {} but no [ble] adapter is configured \
+                         (adapter = \"hci+tcp://HOST:PORT\" or \"hci+serial:///dev/ttyACM0\")",
+                        d.link
+                    ));
+                }
+            } else {
+                LinkUrl::parse(&d.link).map_err(|e| format!("device {who}: {e}"))?;
+            }
             if d.family.is_empty() {
                 return Err(format!("device {who}: family must not be empty"));
             }
@@ -498,6 +553,35 @@ plugins_dir = "/tmp/p"
             err.contains("`retries`") && err.contains("a number"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ble_devices_need_an_adapter_and_valid_addresses() {
+        let device = "[[device]]\nproduct_key = \"p\"\ndevice_name = \"d\"\nfamily = \"smp\"\n\
+                      link = \"ble://C4:11:22:33:44:55\"\nversion = \"1\"\n";
+        let err = parse(&format!("{MINIMAL}\n{device}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no [ble] adapter"), "{err}");
+        let ble = "[ble]\nadapter = \"hci+tcp://127.0.0.1:9000\"\nmax_connections = 2\n";
+        let cfg = parse(&format!("{MINIMAL}\n{ble}\n{device}")).unwrap();
+        assert_eq!(cfg.ble.max_connections, 2);
+        assert_eq!(cfg.ble.connect_timeout, Duration::from_secs(30));
+        let err = parse(&format!(
+            "{MINIMAL}\n{ble}\n{}",
+            device.replace("44:55", "44")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not a Bluetooth address"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[ble]\nadapter = \"bluetooth\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[ble] adapter"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n{}", ble.replace("= 2", "= 9")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_connections"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::link::Link;
+use crate::link::Opener;
 use crate::plugin::{
     DeviceInfo, FlashError, FlashReport, ImageInfo, ImageSource, JobMeta, PluginError, PluginHost,
 };
@@ -24,7 +24,8 @@ pub struct FlashOutcome {
     pub device: Option<DeviceInfo>,
 }
 
-/// Run verify → flash → identify with `family`'s plugin on the device at `link_url`.
+/// Run verify → flash → identify with `family`'s plugin on the device at
+/// `link_url` (serial or TCP links; [`flash_with`] opens BLE links too).
 pub async fn flash(
     host: &PluginHost,
     family: &str,
@@ -33,9 +34,32 @@ pub async fn flash(
     meta: &JobMeta,
     events: Option<mpsc::UnboundedSender<JobEvent>>,
 ) -> Result<FlashOutcome, PluginError> {
+    flash_with(
+        host,
+        &Opener::default(),
+        family,
+        link_url,
+        image,
+        meta,
+        events,
+    )
+    .await
+}
+
+/// [`flash`], opening the link with `opener`.
+pub async fn flash_with(
+    host: &PluginHost,
+    opener: &Opener,
+    family: &str,
+    link_url: &str,
+    image: Arc<dyn ImageSource>,
+    meta: &JobMeta,
+    events: Option<mpsc::UnboundedSender<JobEvent>>,
+) -> Result<FlashOutcome, PluginError> {
     let mut session = host.session(family, events).await?;
     let info = session.verify(image.clone(), meta).await?;
-    let link = Link::open(link_url).await?;
+    let plan = session.plugin().info.gatt_plan();
+    let link = opener.open(link_url, plan.as_ref()).await?;
     let (link, report) = session.flash(link, image, meta).await;
     let report = report?;
     let (_link, identified) = session.identify(link, &meta.options).await;
@@ -61,8 +85,20 @@ pub async fn identify(
     link_url: &str,
     options: &[(String, String)],
 ) -> Result<DeviceInfo, PluginError> {
+    identify_with(host, &Opener::default(), family, link_url, options).await
+}
+
+/// [`identify`], opening the link with `opener`.
+pub async fn identify_with(
+    host: &PluginHost,
+    opener: &Opener,
+    family: &str,
+    link_url: &str,
+    options: &[(String, String)],
+) -> Result<DeviceInfo, PluginError> {
     let mut session = host.session(family, None).await?;
-    let link = Link::open(link_url).await?;
+    let plan = session.plugin().info.gatt_plan();
+    let link = opener.open(link_url, plan.as_ref()).await?;
     let (_link, r) = session.identify(link, options).await;
     r
 }

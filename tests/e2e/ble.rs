@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use otagw::link::ble::{BleAdapter, GattPlan};
 use otagw::link::gatt::parse_uuid;
+use otagw_e2e::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -56,7 +57,7 @@ fn smp_plan() -> GattPlan {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ble_link_carries_bytes_reads_characteristics_and_reconnects() {
     let (_peripheral, adapter_url) = peripheral().await;
-    let adapter = BleAdapter::start(&adapter_url).await.unwrap();
+    let adapter = BleAdapter::start(&adapter_url, 1).await.unwrap();
     let url = format!("ble://{PERIPHERAL}");
     let mut link = adapter
         .open(&url, smp_plan(), Duration::from_secs(10))
@@ -94,7 +95,7 @@ async fn a_ble_link_carries_bytes_reads_characteristics_and_reconnects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_nobody_advertises_is_not_found_in_bounded_time() {
     let (_peripheral, adapter_url) = peripheral().await;
-    let adapter = BleAdapter::start(&adapter_url).await.unwrap();
+    let adapter = BleAdapter::start(&adapter_url, 1).await.unwrap();
     let e = adapter
         .open(
             "ble://C4:00:00:00:00:01",
@@ -123,9 +124,38 @@ async fn an_unreachable_adapter_is_a_clear_error() {
         .local_addr()
         .unwrap()
         .port();
-    let e = BleAdapter::start(&format!("hci+tcp://127.0.0.1:{port}"))
+    let e = BleAdapter::start(&format!("hci+tcp://127.0.0.1:{port}"), 1)
         .await
         .unwrap_err()
         .to_string();
     assert!(e.contains("cannot reach the HCI controller"), "{e}");
+}
+
+/// `otagw flash` to a ble:// link without an adapter says what to configure.
+#[tokio::test]
+async fn a_ble_link_without_an_adapter_says_what_to_set() {
+    let plugins = PluginsDir::with(&[artifacts::SMP]);
+    let cache = tempfile::tempdir().unwrap();
+    let image = cache.path().join("fw.bin");
+    std::fs::write(&image, b"not flashed").unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_otagw-e2e-gateway"))
+        .args([
+            "identify",
+            "--family",
+            "smp",
+            "--link",
+            &format!("ble://{PERIPHERAL}"),
+        ])
+        .args(["--plugins-dir", plugins.path().to_str().unwrap()])
+        .args(["--cache-dir", cache.path().to_str().unwrap()])
+        .env_remove("OTAGW_BLE_ADAPTER")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("needs a BLE adapter") && err.contains("--ble-adapter"),
+        "{err}"
+    );
 }

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{PluginArgs, parse_option};
+use super::{LinkArgs, PluginArgs, parse_option};
 use crate::plugin::{FileImage, JobMeta};
 use crate::progress::JobEvent;
 
@@ -18,7 +18,8 @@ pub struct FlashArgs {
     /// Device family (the plugin's name), e.g. xmodem.
     #[arg(long)]
     pub family: String,
-    /// Link to the device: serial:///dev/ttyUSB0?baud=115200 or tcp://host:port.
+    /// Link to the device: serial:///dev/ttyUSB0?baud=115200, tcp://host:port
+    /// or ble://AA:BB:CC:DD:EE:FF (with --ble-adapter).
     #[arg(long)]
     pub link: String,
     /// Firmware image file.
@@ -35,6 +36,8 @@ pub struct FlashArgs {
     pub options: Vec<(String, String)>,
     #[command(flatten)]
     pub plugins: PluginArgs,
+    #[command(flatten)]
+    pub links: LinkArgs,
 }
 
 pub async fn run(a: FlashArgs) -> anyhow::Result<ExitCode> {
@@ -72,8 +75,16 @@ pub async fn run(a: FlashArgs) -> anyhow::Result<ExitCode> {
             }
         })
     };
-    let result =
-        crate::flash::flash(&host, &a.family, &a.link, Arc::new(image), &meta, Some(tx)).await;
+    let result = crate::flash::flash_with(
+        &host,
+        &a.links.opener(),
+        &a.family,
+        &a.link,
+        Arc::new(image),
+        &meta,
+        Some(tx),
+    )
+    .await;
     let _ = render.await;
     bar.finish_and_clear();
     match result {

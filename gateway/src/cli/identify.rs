@@ -4,14 +4,15 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::{PluginArgs, parse_option};
+use super::{LinkArgs, PluginArgs, parse_option};
 
 #[derive(Debug, Args)]
 pub struct IdentifyArgs {
     /// Device family (the plugin's name).
     #[arg(long)]
     pub family: String,
-    /// Link to the device: serial:///dev/ttyUSB0?baud=115200 or tcp://host:port.
+    /// Link to the device: serial:///dev/ttyUSB0?baud=115200, tcp://host:port
+    /// or ble://AA:BB:CC:DD:EE:FF (with --ble-adapter).
     #[arg(long)]
     pub link: String,
     /// Device option for the plugin, key=value (repeatable).
@@ -19,11 +20,15 @@ pub struct IdentifyArgs {
     pub options: Vec<(String, String)>,
     #[command(flatten)]
     pub plugins: PluginArgs,
+    #[command(flatten)]
+    pub links: LinkArgs,
 }
 
 pub async fn run(a: IdentifyArgs) -> anyhow::Result<ExitCode> {
     let host = a.plugins.load().await?;
-    match crate::flash::identify(&host, &a.family, &a.link, &a.options).await {
+    match crate::flash::identify_with(&host, &a.links.opener(), &a.family, &a.link, &a.options)
+        .await
+    {
         Ok(d) => {
             println!("version {}", d.version);
             if let Some(m) = d.model {

@@ -96,6 +96,32 @@ impl PluginArgs {
     }
 }
 
+/// How `otagw flash` and `otagw identify` reach links beyond serial and TCP.
+#[derive(Debug, Args)]
+pub struct LinkArgs {
+    /// The Bluetooth LE adapter for ble:// links: hci+tcp://HOST:PORT (an HCI
+    /// controller over TCP) or hci+serial:///dev/ttyACM0?baud=1000000 (an HCI
+    /// UART, e.g. an nRF52840 dongle with Zephyr's hci_uart).
+    #[arg(long, env = "OTAGW_BLE_ADAPTER")]
+    pub ble_adapter: Option<String>,
+    /// How long finding and connecting to a BLE device may take, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub ble_timeout_secs: u64,
+}
+
+impl LinkArgs {
+    pub fn opener(&self) -> crate::link::Opener {
+        match &self.ble_adapter {
+            Some(spec) => crate::link::Opener::with_ble(
+                spec,
+                1,
+                std::time::Duration::from_secs(self.ble_timeout_secs),
+            ),
+            None => crate::link::Opener::default(),
+        }
+    }
+}
+
 /// Parse `key=value` (values may contain '=').
 pub fn parse_option(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {

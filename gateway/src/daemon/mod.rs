@@ -89,6 +89,8 @@ pub(crate) struct Core {
     pub cache: Cache,
     /// Device-family plugins.
     pub plugins: PluginHost,
+    /// Opens the leaves' links (BLE ones through the `[ble]` adapter).
+    pub opener: crate::link::Opener,
     /// Where reports, informs and requests go upstream.
     pub publisher: Arc<dyn Publisher>,
     /// What the intake refuses up front.
@@ -115,6 +117,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Core {
+    /// Open a leaf's link, as its family's plugin needs it opened.
+    pub(crate) async fn open_link(
+        &self,
+        leaf: &crate::devices::Leaf,
+    ) -> Result<crate::link::Link, crate::link::LinkError> {
+        let plan = self
+            .plugins
+            .get(&leaf.family)
+            .and_then(|p| p.info.gatt_plan());
+        self.opener.open(&leaf.link, plan.as_ref()).await
+    }
+
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -555,6 +569,14 @@ impl Gateway {
             table,
             cache,
             plugins,
+            opener: match &cfg.ble.adapter {
+                Some(spec) => crate::link::Opener::with_ble(
+                    spec,
+                    cfg.ble.max_connections,
+                    cfg.ble.connect_timeout,
+                ),
+                None => crate::link::Opener::default(),
+            },
             publisher: Arc::new(upstream),
             limits: IntakeLimits {
                 max_image_bytes: cfg.cache.max_image_bytes(),

@@ -450,7 +450,11 @@ impl Ctx {
     async fn take_link(&mut self) -> Result<Link, String> {
         match self.link.take() {
             Some(l) => Ok(l),
-            None => Link::open(&self.leaf.link).await.map_err(|e| e.to_string()),
+            None => self
+                .core
+                .open_link(&self.leaf)
+                .await
+                .map_err(|e| e.to_string()),
         }
     }
 
@@ -530,7 +534,7 @@ async fn read_version(core: &Core, leaf: &Leaf) -> Option<Result<String, PluginE
         p = core.permits.clone().acquire_owned() => p.ok()?,
     };
     let work = async {
-        let link = Link::open(&leaf.link).await?;
+        let link = core.open_link(&leaf).await?;
         let mut session = core.plugins.session(&leaf.family, None).await?;
         session
             .identify(link, &leaf.options)

@@ -63,6 +63,7 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
         table,
         cache,
         plugins: PluginHost::new(limits, None).unwrap(),
+        opener: crate::link::Opener::default(),
         publisher: sent.clone(),
         limits: IntakeLimits {
             max_image_bytes: 1 << 20,

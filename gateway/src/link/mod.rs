@@ -209,6 +209,91 @@ pub enum LinkUrl {
     },
 }
 
+/// How long opening a BLE link may take (scan, connect, discover) unless the
+/// configuration says otherwise.
+pub const BLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Opens links by URL with what some kinds of link need beyond their URL: a
+/// BLE link needs the adapter to reach it through and the characteristics of
+/// the family's protocol.
+#[derive(Debug, Clone)]
+pub struct Opener {
+    ble: Option<BleSource>,
+    ble_timeout: Duration,
+}
+
+/// The configured BLE adapter, started on first use and again after it
+/// stopped (its controller went away), so one bad adapter fails only the
+/// BLE links, each with the reason, and heals when the controller is back.
+#[derive(Debug, Clone)]
+struct BleSource {
+    spec: String,
+    max_connections: usize,
+    adapter: std::sync::Arc<tokio::sync::Mutex<Option<ble::BleAdapter>>>,
+}
+
+impl Default for Opener {
+    fn default() -> Self {
+        Opener {
+            ble: None,
+            ble_timeout: BLE_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+impl Opener {
+    /// An opener that reaches `ble://` links through the adapter `spec`
+    /// (`hci+tcp://...`, `hci+serial://...`), connecting at most
+    /// `max_connections` at once, each within `timeout`.
+    pub fn with_ble(spec: &str, max_connections: usize, timeout: Duration) -> Opener {
+        Opener {
+            ble: Some(BleSource {
+                spec: spec.to_string(),
+                max_connections,
+                adapter: Default::default(),
+            }),
+            ble_timeout: timeout,
+        }
+    }
+
+    /// Open `url`; `gatt` is the family's default characteristics (its
+    /// `default-gatt`), needed for `ble://` links.
+    pub async fn open(&self, url: &str, gatt: Option<&ble::GattPlan>) -> Result<Link, LinkError> {
+        if !url.starts_with("ble://") {
+            return Link::open(url).await;
+        }
+        let Some(source) = &self.ble else {
+            return Err(LinkError::BadUrl {
+                url: url.to_string(),
+                reason: "a ble:// link needs a BLE adapter: set `[ble] adapter` in the \
+                         configuration, or --ble-adapter / OTAGW_BLE_ADAPTER \
+                         (hci+tcp://HOST:PORT or hci+serial:///dev/ttyACM0)"
+                    .into(),
+            });
+        };
+        let Some(plan) = gatt else {
+            return Err(LinkError::BadUrl {
+                url: url.to_string(),
+                reason: "the device's family declares no default GATT characteristics, so it \
+                         cannot work over BLE (its plugin's transports say which links it takes)"
+                    .into(),
+            });
+        };
+        let adapter = {
+            let mut slot = source.adapter.lock().await;
+            match slot.as_ref().filter(|a| a.is_running()) {
+                Some(a) => a.clone(),
+                None => {
+                    let a = ble::BleAdapter::start(&source.spec, source.max_connections).await?;
+                    *slot = Some(a.clone());
+                    a
+                }
+            }
+        };
+        adapter.open(url, plan.clone(), self.ble_timeout).await
+    }
+}
+
 /// The largest chunk handed to a byte-stream transport in one write.
 const STREAM_MTU: u32 = 4096;
 /// The largest read the contract allows in one call.

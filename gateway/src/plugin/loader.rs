@@ -276,6 +276,18 @@ impl PluginHost {
                 info.name
             )));
         }
+        if let Some(g) = &info.default_gatt
+            && g.plan().is_none()
+        {
+            return Err(bad(format!(
+                "its default GATT characteristics are not Bluetooth UUIDs: {g:?}"
+            )));
+        }
+        if info.transports.contains(&crate::link::LinkKind::Ble) && info.default_gatt.is_none() {
+            return Err(bad(
+                "it lists BLE among its transports but declares no default-gatt".into(),
+            ));
+        }
         if let Some(specs) = &info.options
             && let Err(problems) = schema::validate_schema(specs)
         {

@@ -216,6 +216,27 @@ pub struct GattDefaults {
     pub notify: String,
 }
 
+impl GattDefaults {
+    /// The plan a BLE link opens with; `None` when a UUID is malformed (the
+    /// loader refuses such plugins, so this does not happen to loaded ones).
+    pub fn plan(&self) -> Option<crate::link::ble::GattPlan> {
+        use crate::link::gatt::parse_uuid;
+        Some(crate::link::ble::GattPlan {
+            service: parse_uuid(&self.service).ok()?,
+            write: parse_uuid(&self.write).ok()?,
+            write_with_response: self.write_with_response,
+            notify: parse_uuid(&self.notify).ok()?,
+        })
+    }
+}
+
+impl FamilyInfo {
+    /// How a BLE link of this family opens, when the family works over BLE.
+    pub fn gatt_plan(&self) -> Option<crate::link::ble::GattPlan> {
+        self.default_gatt.as_ref().and_then(GattDefaults::plan)
+    }
+}
+
 /// A loaded plugin: its description and a pre-linked, ready-to-instantiate component.
 pub struct LoadedPlugin {
     pub info: FamilyInfo,
