@@ -534,7 +534,7 @@ async fn read_version(core: &Core, leaf: &Leaf) -> Option<Result<String, PluginE
         p = core.permits.clone().acquire_owned() => p.ok()?,
     };
     let work = async {
-        let link = core.open_link(&leaf).await?;
+        let link = core.open_link(leaf).await?;
         let mut session = core.plugins.session(&leaf.family, None).await?;
         session
             .identify(link, &leaf.options)
