@@ -159,3 +159,147 @@ async fn a_ble_link_without_an_adapter_says_what_to_set() {
         "{err}"
     );
 }
+
+/// The BLE leaf simulator (`examples/ble-sim`: Bumble controllers, each
+/// peripheral an SMP/MCUboot leaf-sim behind the SMP GATT service): its
+/// process, its adapter URL, and every event line it printed so far.
+struct BleSim {
+    _child: Child,
+    adapter: String,
+    events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+async fn ble_sim(devices: &[String]) -> BleSim {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/ble-sim/ble_sim.py"
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args([script, "--hci", "tcp-server:127.0.0.1:0"])
+        .args(["--leaf-sim", env!("CARGO_BIN_EXE_otagw-e2e-leaf-sim")]);
+    for d in devices {
+        cmd.args(["--device", d]);
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 with bumble (pip install bumble==0.0.236)");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines.next_line().await.unwrap().expect("a ready line");
+    let hci = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("hci="))
+        .unwrap_or_else(|| panic!("not a ready line: {ready}"))
+        .to_string();
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = events.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str(&line) {
+                sink.lock().unwrap().push(v);
+            }
+        }
+    });
+    BleSim {
+        _child: child,
+        adapter: format!("hci+tcp://{hci}"),
+        events,
+    }
+}
+
+/// A 512 KiB imgtool-signed image through `otagw flash` over BLE: uploaded,
+/// tested, reset (the peripheral disconnects and advertises again),
+/// confirmed; slot 0 then holds exactly the image and `otagw identify`
+/// reads the new version over BLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smp_over_ble_flashes_a_signed_image_through_otagw_flash() {
+    let work = tempfile::tempdir().unwrap();
+    let key = imgtool::keygen(work.path(), "ecdsa-p256");
+    let payload: Vec<u8> = (0..512 * 1024u32)
+        .map(|i| (i * 13 + i / 509) as u8)
+        .collect();
+    let img = imgtool::sign(work.path(), &key, &payload, "2.0.0");
+    let file = work.path().join("fw-2.0.0.bin");
+    std::fs::write(&file, &img).unwrap();
+    let slot0 = work.path().join("slot0.bin");
+    let address = "C0:00:00:00:00:01";
+    let sim = ble_sim(&[format!("{address},name=leaf1,slot0={}", slot0.display())]).await;
+
+    let plugins = PluginsDir::with(&[artifacts::SMP]);
+    let cache = tempfile::tempdir().unwrap();
+    let link = format!("ble://{address}");
+    let common = [
+        "--family",
+        "smp",
+        "--link",
+        &link,
+        "--ble-adapter",
+        &sim.adapter,
+        "--plugins-dir",
+        plugins.path().to_str().unwrap(),
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ];
+    let public_key = format!("public_key={}", imgtool::public_key_hex(&key, "ecdsa-p256"));
+    let out = Command::new(env!("CARGO_BIN_EXE_otagw-e2e-gateway"))
+        .arg("flash")
+        .args(common)
+        .args(["--image", file.to_str().unwrap(), "-o", &public_key])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "flash over BLE: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let held = std::fs::read(&slot0).unwrap();
+    assert_eq!(&held[..img.len()], &img[..], "slot 0 holds the image");
+    assert!(
+        held[img.len()..].iter().all(|b| *b == 0xFF),
+        "erased after it"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_otagw-e2e-gateway"))
+        .arg("identify")
+        .args(common)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("version 2.0.0"),
+        "{said}"
+    );
+
+    // The peripheral reset once (disconnect, advertise again) and came back.
+    let events = sim.events.lock().unwrap().clone();
+    let resets = events
+        .iter()
+        .filter(|e| e["event"] == "disconnect" && e["why"] == "reset")
+        .count();
+    assert_eq!(resets, 1, "{events:?}");
+}
+
+/// The BLE simulator's own tests (`examples/ble-sim/test_ble_sim.py`, its
+/// central written with Bumble's API, not ours), so `cargo test` runs them.
+#[tokio::test]
+async fn the_ble_simulator_passes_its_own_tests() {
+    let out = Command::new("python3")
+        .args(["-m", "unittest", "test_ble_sim"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/ble-sim"))
+        .env("OTAGW_LEAF_SIM", env!("CARGO_BIN_EXE_otagw-e2e-leaf-sim"))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -3,8 +3,8 @@
 //! A simulator is a real protocol peer, byte for byte, reached over a real pseudo-terminal or a
 //! TCP port; it is not a mock of the gateway's link layer and it never talks to the gateway's
 //! code directly. It plays the device side of XMODEM / XMODEM-1K / YMODEM, and an MCUmgr SMP
-//! device (serial transport) with MCUboot behind it, and the STM32 ROM bootloader's UART
-//! protocol (AN3155).
+//! device (serial transport, or raw SMP packets for a Bluetooth LE peripheral in front of it)
+//! with MCUboot behind it, and the STM32 ROM bootloader's UART protocol (AN3155).
 //!
 //! # Layout
 //! - [`xmodem`]: the device: settings, faults, what tests observe ([`xmodem::SimHandle`]) and the
@@ -13,7 +13,8 @@
 //!   - `xmodem/device.rs`: application mode and the receiver's rules.
 //! - [`smp`]: the SMP device: settings, faults, what tests observe ([`smp::SmpHandle`]) and
 //!   the session loop.
-//!   - `smp/frame.rs`: SMP header and console framing (base64, CRC-16, 127-byte frames).
+//!   - `smp/frame.rs`: SMP header, console framing (base64, CRC-16, 127-byte frames) and the
+//!     reassembly of raw packets (the Bluetooth LE form) by the header's length.
 //!   - `smp/mcuboot.rs`: the MCUboot image format (parse and check, build).
 //!   - `smp/device.rs`: command handlers and the slot model (swap, test, confirm, revert).
 //! - [`stm32`]: the STM32 ROM bootloader: settings, faults, what tests observe
@@ -41,7 +42,7 @@ pub mod stm32;
 pub mod transport;
 pub mod xmodem;
 
-pub use smp::{SmpEvent, SmpFaults, SmpHandle, SmpSimConfig};
+pub use smp::{SmpEvent, SmpFaults, SmpFraming, SmpHandle, SmpSimConfig};
 pub use stm32::{EraseCommand, Stm32Event, Stm32Faults, Stm32Handle, Stm32SimConfig};
 pub use transport::{Device, PtySim, TcpSim};
 pub use xmodem::{Faults, Mode, Protocol, Received, SimHandle, XmodemSimConfig};

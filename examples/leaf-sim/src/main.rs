@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use otagw_leaf_sim::smp::{ResetCause, Swap};
 use otagw_leaf_sim::{
-    EraseCommand, Faults, Mode, Protocol, PtySim, SimHandle, SmpEvent, SmpFaults, SmpHandle,
-    SmpSimConfig, Stm32Event, Stm32Faults, Stm32Handle, Stm32SimConfig, TcpSim, XmodemSimConfig,
+    EraseCommand, Faults, Mode, Protocol, PtySim, SimHandle, SmpEvent, SmpFaults, SmpFraming,
+    SmpHandle, SmpSimConfig, Stm32Event, Stm32Faults, Stm32Handle, Stm32SimConfig, TcpSim,
+    XmodemSimConfig,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -25,7 +27,8 @@ struct Cli {
 enum Command {
     /// The device side of XMODEM / XMODEM-1K / YMODEM.
     Xmodem(XmodemArgs),
-    /// An MCUmgr SMP device (serial transport) with MCUboot behind it.
+    /// An MCUmgr SMP device (serial transport, or raw SMP packets with --raw-tcp) with
+    /// MCUboot behind it.
     Smp(SmpArgs),
     /// An STM32 ROM bootloader (AN3155 UART protocol), 8N1 on a pty (no parity there).
     Stm32(Stm32Args),
@@ -90,11 +93,27 @@ fn parse_u8(s: &str) -> Result<u8, String> {
 #[derive(clap::Args, Debug)]
 struct SmpArgs {
     /// Serve on a new pseudo-terminal (prints `pty: /dev/pts/N`).
-    #[arg(long, conflicts_with = "tcp", required_unless_present = "tcp")]
+    #[arg(
+        long,
+        conflicts_with_all = ["tcp", "raw_tcp"],
+        required_unless_present_any = ["tcp", "raw_tcp"]
+    )]
     pty: bool,
     /// Serve on a TCP address (prints `tcp: ADDR`), e.g. 127.0.0.1:0.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "raw_tcp")]
     tcp: Option<String>,
+    /// Serve RAW SMP packets (header + CBOR, no console framing: the Bluetooth LE form) on a
+    /// TCP address (prints `raw-tcp: ADDR`), one session per connection. Packets are
+    /// reassembled by the header's length; a device reset closes the connection once the
+    /// answer is written, and the next connection is accepted when the device has booted.
+    #[arg(long, value_name = "ADDR")]
+    raw_tcp: Option<String>,
+    /// Print every device event as one JSON object per line on stdout (after the address line).
+    #[arg(long)]
+    json_events: bool,
+    /// Write the slot-0 image here at start and after every boot (replaced atomically).
+    #[arg(long, value_name = "PATH")]
+    slot0_out: Option<PathBuf>,
     /// The version of the initial slot-0 image (MAJOR.MINOR.REVISION[+BUILD]).
     #[arg(long, default_value = "1.0.0")]
     version: String,
@@ -109,7 +128,7 @@ struct SmpArgs {
     keep_upload: bool,
     /// Simulated line rate (bits per second, 8N1): each answer is written no sooner than
     /// the request and the answer take on such a wire.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "raw_tcp")]
     baud: Option<u32>,
     /// A fault: drop-request=K, drop=K, garble=K, reset=K, refuse-upload, refuse-test,
     /// no-boot (repeatable).
@@ -306,25 +325,103 @@ fn smp_config(args: &SmpArgs) -> anyhow::Result<SmpSimConfig> {
         keep_upload_across_reset: args.keep_upload,
         faults,
         line_rate: args.baud,
+        framing: if args.raw_tcp.is_some() {
+            SmpFraming::Raw
+        } else {
+            SmpFraming::Console
+        },
         ..SmpSimConfig::default()
     })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One device event as a JSON object (`--json-events`): `{"event": NAME, ...fields}`.
+fn event_json(event: &SmpEvent) -> serde_json::Value {
+    use serde_json::json;
+    match event {
+        SmpEvent::Request { op, group, id, seq } => {
+            json!({"event": "request", "op": op, "group": group, "id": id, "seq": seq})
+        }
+        SmpEvent::Dropped { reason } => json!({"event": "dropped", "reason": reason}),
+        SmpEvent::UploadStarted { len, sha } => {
+            json!({"event": "upload_started", "len": len, "sha": sha.as_deref().map(hex)})
+        }
+        SmpEvent::UploadResumed { off } => json!({"event": "upload_resumed", "off": off}),
+        SmpEvent::OffsetMismatch { got, expected } => {
+            json!({"event": "offset_mismatch", "got": got, "expected": expected})
+        }
+        SmpEvent::UploadComplete { version, hash } => {
+            json!({"event": "upload_complete", "version": version, "hash": hex(hash)})
+        }
+        SmpEvent::UploadRejected { reason } => {
+            json!({"event": "upload_rejected", "reason": reason})
+        }
+        SmpEvent::TestMarked { hash } => json!({"event": "test_marked", "hash": hex(hash)}),
+        SmpEvent::PermanentMarked { hash } => {
+            json!({"event": "permanent_marked", "hash": hex(hash)})
+        }
+        SmpEvent::Confirmed { hash } => json!({"event": "confirmed", "hash": hex(hash)}),
+        SmpEvent::Erased => json!({"event": "erased"}),
+        SmpEvent::Fault(what) => json!({"event": "fault", "what": what}),
+        SmpEvent::Reset { cause } => json!({
+            "event": "reset",
+            "cause": match cause {
+                ResetCause::Command => "command",
+                ResetCause::Fault => "fault",
+            },
+        }),
+        SmpEvent::Booted(boot) => json!({
+            "event": "booted",
+            "version": boot.version,
+            "hash": hex(&boot.hash),
+            "confirmed": boot.confirmed,
+            "swap": match boot.swap {
+                Swap::None => "none",
+                Swap::Test => "test",
+                Swap::Permanent => "permanent",
+                Swap::Revert => "revert",
+                Swap::NoBoot => "no_boot",
+            },
+        }),
+    }
+}
+
+/// Writes the running image to `path` through a temporary file, so that a reader never sees
+/// half of it.
+async fn write_slot0(handle: &SmpHandle, path: &std::path::Path) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    tokio::fs::write(&tmp, handle.slot0().data)
+        .await
+        .with_context(|| format!("writing {}", PathBuf::from(&tmp).display()))?;
+    tokio::fs::rename(&tmp, path)
+        .await
+        .with_context(|| format!("renaming onto {}", path.display()))
 }
 
 async fn run_smp(args: SmpArgs) -> anyhow::Result<()> {
     let cfg = smp_config(&args)?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let (pty, tcp) = match &args.tcp {
-        Some(addr) => {
+    let (pty, tcp, where_) = match (&args.tcp, &args.raw_tcp) {
+        (Some(addr), _) | (_, Some(addr)) => {
             let sim = TcpSim::bind_smp(addr.as_str(), cfg)
                 .await
                 .with_context(|| format!("binding {addr}"))?;
-            println!("tcp: {}", sim.local_addr());
-            (None, Some(sim))
+            let label = if args.raw_tcp.is_some() {
+                "raw-tcp"
+            } else {
+                "tcp"
+            };
+            let where_ = format!("{label}: {}", sim.local_addr());
+            (None, Some(sim), where_)
         }
-        None => {
+        (None, None) => {
             let sim = PtySim::spawn_smp(cfg).context("opening a pty")?;
-            println!("pty: {}", sim.path().display());
-            (Some(sim), None)
+            let where_ = format!("pty: {}", sim.path().display());
+            (Some(sim), None, where_)
         }
     };
     let handle: SmpHandle = match (&pty, &tcp) {
@@ -332,6 +429,11 @@ async fn run_smp(args: SmpArgs) -> anyhow::Result<()> {
         (_, Some(t)) => t.handle().clone(),
         _ => unreachable!("one transport is always set"),
     };
+    // The slot-0 file exists once the address line is out.
+    if let Some(path) = &args.slot0_out {
+        write_slot0(&handle, path).await?;
+    }
+    println!("{where_}");
     {
         let dead = async {
             match &pty {
@@ -348,10 +450,18 @@ async fn run_smp(args: SmpArgs) -> anyhow::Result<()> {
                     tracing::warn!("the pty device stopped");
                     break;
                 }
-                event = handle.next_event() => match event {
-                    SmpEvent::Request { .. } => tracing::debug!(?event, "smp"),
-                    _ => tracing::info!(?event, "smp"),
-                },
+                event = handle.next_event() => {
+                    match event {
+                        SmpEvent::Request { .. } => tracing::debug!(?event, "smp"),
+                        _ => tracing::info!(?event, "smp"),
+                    }
+                    if let (SmpEvent::Booted(_), Some(path)) = (&event, &args.slot0_out) {
+                        write_slot0(&handle, path).await?;
+                    }
+                    if args.json_events {
+                        println!("{}", event_json(&event));
+                    }
+                }
             }
         }
     }
@@ -451,7 +561,7 @@ async fn run_stm32(args: Stm32Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> ExitCode {
+pub fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -42,6 +42,9 @@ pub enum SessionEnd {
     LinkError(io::Error),
     /// A `disconnect_after` fault: the device wants the link closed now.
     Disconnected,
+    /// The device reset and its link went with it (the SMP device with raw framing, as a
+    /// Bluetooth LE peripheral drops its connection when it reboots). The device listens again.
+    Reset,
     /// The cancellation token fired.
     Shutdown,
 }
@@ -376,8 +379,9 @@ impl AsyncWrite for PtyMaster {
 /// The device's one-shot faults and version persist across connections; each connection starts
 /// in application mode (or the bootloader when there is no enter command).
 ///
-/// For the SMP device a reset does not close the connection (the device server stays up while
-/// the device behind it reboots).
+/// For the SMP device with console framing a reset does not close the connection (the device
+/// server stays up while the device behind it reboots); with raw framing (the Bluetooth LE
+/// form) it does, and the next connection is accepted once the device has booted.
 #[derive(Debug)]
 pub struct TcpSim<D = SimHandle> {
     local_addr: SocketAddr,

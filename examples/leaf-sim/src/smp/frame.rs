@@ -1,6 +1,15 @@
-//! SMP over a serial console, the receiving and the sending side, without I/O: the 8-byte SMP
-//! header ([`Header`]) and the console framing ([`Deframer`], [`encode`]).
+//! SMP packets on a link, the receiving and the sending side, without I/O: the 8-byte SMP
+//! header ([`Header`]), the console framing of the serial transport ([`Deframer`], [`encode`])
+//! and the raw form of the Bluetooth LE (and UDP) transport ([`RawAssembler`]).
 //!
+//! # Raw
+//! Over Bluetooth LE an SMP packet is sent as it is, header and CBOR body, with no length
+//! prefix, CRC or base64: a central cuts it into ATT writes and the device reassembles it by
+//! the header's length field (Zephyr's `CONFIG_MCUMGR_TRANSPORT_BT_REASSEMBLY`); answers go back
+//! the same way in notifications. On a byte stream that carries such packets back to back,
+//! [`RawAssembler`] finds each packet's end from its header.
+//!
+//! # Console
 //! A packet on the wire is `len (2, big endian) + SMP packet + CRC-16/XMODEM of the SMP packet
 //! (2, big endian)`, where `len` counts the SMP packet and the CRC (as the mcumgr console
 //! specification says). That is base64-encoded and cut into frames of at most 127 bytes: the
@@ -230,9 +239,103 @@ impl Deframer {
     }
 }
 
+/// Reassembles raw SMP packets (header + CBOR body, see the module docs) from a byte stream
+/// that may split them anywhere, by the length field of each header.
+///
+/// A packet larger than the device's buffer is reported as [`FrameError::TooLarge`] as soon as
+/// its header is complete, and its body is skipped by the announced length, so the packets
+/// after it still line up.
+#[derive(Debug)]
+pub struct RawAssembler {
+    limit: usize,
+    packet: Vec<u8>,
+    /// Body bytes of an oversized packet still to skip.
+    skip: usize,
+}
+
+impl RawAssembler {
+    /// An assembler that refuses SMP packets (header + body) larger than `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            packet: Vec::with_capacity(limit.min(4096)),
+            skip: 0,
+        }
+    }
+
+    /// Forgets any partial packet (the session ended or the device rebooted).
+    pub fn reset(&mut self) {
+        self.packet.clear();
+        self.skip = 0;
+    }
+
+    /// Takes one byte; returns a complete SMP packet, or why one was dropped.
+    pub fn push(&mut self, byte: u8) -> Option<Result<Vec<u8>, FrameError>> {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return None;
+        }
+        self.packet.push(byte);
+        if self.packet.len() < Header::SIZE {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes([self.packet[2], self.packet[3]]));
+        let size = Header::SIZE + len;
+        if self.packet.len() == Header::SIZE && size > self.limit {
+            self.packet.clear();
+            self.skip = len;
+            return Some(Err(FrameError::TooLarge {
+                size,
+                limit: self.limit,
+            }));
+        }
+        (self.packet.len() == size).then(|| Ok(std::mem::take(&mut self.packet)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_packets_split_anywhere_and_oversized_ones_skipped() {
+        let packet = |len: u16, fill: u8| {
+            let mut p = Header {
+                op: 2,
+                version: 1,
+                flags: 0,
+                len,
+                group: 1,
+                seq: fill,
+                id: 1,
+            }
+            .to_bytes()
+            .to_vec();
+            p.extend(std::iter::repeat_n(fill, usize::from(len)));
+            p
+        };
+        let (a, big, b, empty) = (packet(100, 1), packet(300, 2), packet(7, 3), packet(0, 4));
+        let stream: Vec<u8> = [&a[..], &big, &b, &empty].concat();
+        let mut asm = RawAssembler::new(200);
+        let got: Vec<_> = stream.iter().filter_map(|&x| asm.push(x)).collect();
+        assert_eq!(
+            got,
+            vec![
+                Ok(a.clone()),
+                Err(FrameError::TooLarge {
+                    size: 308,
+                    limit: 200
+                }),
+                Ok(b),
+                Ok(empty)
+            ]
+        );
+        // A partial packet is forgotten at a reset.
+        asm.push(9);
+        asm.reset();
+        let got: Vec<_> = a.iter().filter_map(|&x| asm.push(x)).collect();
+        assert_eq!(got, vec![Ok(a)]);
+    }
 
     fn feed(d: &mut Deframer, bytes: &[u8]) -> Vec<Result<Vec<u8>, FrameError>> {
         bytes.iter().filter_map(|b| d.push(*b)).collect()

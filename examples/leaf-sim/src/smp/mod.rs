@@ -1,13 +1,15 @@
 //! The simulated MCUmgr SMP device with MCUboot behind it, over the serial (console)
-//! transport: its settings ([`SmpSimConfig`], [`SmpFaults`]), what tests observe
-//! ([`SmpHandle`], [`SmpEvent`], [`Boot`]) and the session loop ([`serve`]) over any
-//! `AsyncRead + AsyncWrite` link.
+//! transport or as raw SMP packets (the Bluetooth LE form): its settings ([`SmpSimConfig`],
+//! [`SmpFaults`], [`SmpFraming`]), what tests observe ([`SmpHandle`], [`SmpEvent`], [`Boot`])
+//! and the session loop ([`serve`]) over any `AsyncRead + AsyncWrite` link.
 //!
 //! It is the DEVICE side only, like a Zephyr application with MCUmgr's OS and image groups on
-//! a UART and MCUboot (swap mode) below it. It opens no links itself (see
-//! [`crate::transport`]) and knows nothing of the gateway.
+//! a UART (or behind the SMP GATT service) and MCUboot (swap mode) below it. It opens no links
+//! itself (see [`crate::transport`]) and knows nothing of the gateway, nor of Bluetooth: a
+//! BLE peripheral in front of it (`examples/ble-sim`) relays the characteristic's writes and
+//! notifications as raw packets on a byte stream.
 //!
-//! - `frame.rs`: the SMP header and the console framing (no I/O).
+//! - `frame.rs`: the SMP header, the console framing and raw reassembly (no I/O).
 //! - `mcuboot.rs`: the MCUboot image format: parse and check, build (no I/O).
 //! - `device.rs`: the command handlers and the slot model (no I/O).
 //!
@@ -22,6 +24,12 @@
 //! - A packet with a bad CRC, a bad length, bad base64, a frame over 127 bytes, or an SMP
 //!   packet (header + body) larger than `buf_size` is dropped without an answer, as a real
 //!   device drops it.
+//! - Raw framing ([`SmpFraming::Raw`]): packets are reassembled by the header's length, however
+//!   the stream splits them; an oversized one is dropped and its body skipped. A reset (the
+//!   command, or the `reset` fault) ends the session once the answer is written: the link
+//!   drops as a rebooting BLE peripheral's does. The session returns [`SessionEnd::Reset`] once
+//!   the boot time is over, so a TCP transport accepts the next session only when the device
+//!   listens again.
 //! - Upload, resume and MCUboot rules: see [`SmpHandle`].
 //! - With [`SmpSimConfig::line_rate`] each answer is written when its last byte would have
 //!   arrived on a UART at that rate, 8N1: after the wire time of the request bytes heard and of
@@ -57,7 +65,9 @@ pub struct SmpFaults {
     pub drop_request: Option<u32>,
     /// The k-th answer is not sent (the request WAS carried out).
     pub drop_answer: Option<u32>,
-    /// One base64 character of the k-th answer is changed (the request was carried out).
+    /// One base64 character of the k-th answer is changed (the request was carried out). With
+    /// raw framing, which has no CRC (Bluetooth's link layer lets no corrupt packet through),
+    /// the answer's sequence number is changed instead: an answer to no pending request.
     pub garble_answer: Option<u32>,
     /// After the k-th upload chunk is written, the device resets instead of answering it.
     pub reset_mid_upload: Option<u32>,
@@ -126,6 +136,19 @@ impl FromStr for SmpFaults {
     }
 }
 
+/// How SMP packets travel on the device's link.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SmpFraming {
+    /// The serial transport: base64 console frames with a length and a CRC-16
+    /// (`frame.rs`). A reset keeps the link (the UART stays where it is).
+    #[default]
+    Console,
+    /// Raw SMP packets, header + CBOR body back to back, as the Bluetooth LE transport carries
+    /// them (reassembled by the header's length). A reset ends the session. Meant for TCP,
+    /// where each connection is one session; on a pty the device stops at its first reset.
+    Raw,
+}
+
 /// Settings of one simulated SMP device.
 #[derive(Clone, Debug)]
 pub struct SmpSimConfig {
@@ -150,8 +173,10 @@ pub struct SmpSimConfig {
     pub faults: SmpFaults,
     /// Simulated line rate in bits per second (8N1: 10 bits a byte): each answer is written
     /// no sooner than the request bytes heard and the answer itself take on such a wire.
-    /// `None` (or 0): as fast as the link carries them.
+    /// `None` (or 0): as fast as the link carries them. Console framing only.
     pub line_rate: Option<u32>,
+    /// How packets travel on the link.
+    pub framing: SmpFraming,
 }
 
 impl Default for SmpSimConfig {
@@ -167,6 +192,7 @@ impl Default for SmpSimConfig {
             keep_upload_across_reset: false,
             faults: SmpFaults::default(),
             line_rate: None,
+            framing: SmpFraming::Console,
         }
     }
 }
@@ -543,8 +569,8 @@ impl SmpHandle {
         }
     }
 
-    /// Handles a packet; returns the framed answer to send (after the answer faults), and
-    /// whether to reset afterwards.
+    /// Handles a packet; returns the answer to send, framed as the link wants it (after the
+    /// answer faults), and whether to reset afterwards.
     fn packet(&self, packet: &[u8]) -> (Option<Vec<u8>>, Option<ResetCause>) {
         let cfg = &self.inner.config;
         let mut st = self.state();
@@ -554,7 +580,11 @@ impl SmpHandle {
         };
         st.counters.answers += 1;
         let n = st.counters.answers as u32;
-        let mut wire = frame::encode(&answer);
+        let framing = cfg.framing;
+        let mut wire = match framing {
+            SmpFraming::Console => frame::encode(&answer),
+            SmpFraming::Raw => answer,
+        };
         if cfg.faults.drop_answer == Some(n) && !std::mem::replace(&mut st.fired.drop_answer, true)
         {
             st.event(SmpEvent::Fault(format!("answer {n} dropped")));
@@ -564,9 +594,15 @@ impl SmpHandle {
             && !std::mem::replace(&mut st.fired.garble_answer, true)
         {
             st.event(SmpEvent::Fault(format!("answer {n} garbled")));
-            // Inside the first frame's base64 (the SMP header): a CRC mismatch for the reader.
-            let b = &mut wire[6];
-            *b = if *b == b'A' { b'B' } else { b'A' };
+            match framing {
+                SmpFraming::Console => {
+                    // Inside the first frame's base64 (the SMP header): a CRC mismatch.
+                    let b = &mut wire[6];
+                    *b = if *b == b'A' { b'B' } else { b'A' };
+                }
+                // The sequence number: an answer to no pending request.
+                SmpFraming::Raw => wire[6] ^= 0x80,
+            }
         }
         (Some(wire), outcome.reset)
     }
@@ -595,9 +631,20 @@ impl SmpHandle {
     }
 }
 
-/// Runs the device on `io` until the link closes or `cancel` fires. The device's state lives
-/// in `device` and outlives the session; a reset does not end it.
-pub async fn serve<S>(device: &SmpHandle, mut io: S, cancel: &CancellationToken) -> SessionEnd
+/// Runs the device on `io` until the link closes or `cancel` fires, in the framing of its
+/// configuration. The device's state lives in `device` and outlives the session. With console
+/// framing a reset does not end the session; with raw framing it does (see the module docs).
+pub async fn serve<S>(device: &SmpHandle, io: S, cancel: &CancellationToken) -> SessionEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match device.config().framing {
+        SmpFraming::Console => serve_console(device, io, cancel).await,
+        SmpFraming::Raw => serve_raw(device, io, cancel).await,
+    }
+}
+
+async fn serve_console<S>(device: &SmpHandle, mut io: S, cancel: &CancellationToken) -> SessionEnd
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -681,6 +728,83 @@ where
                 deframer.reset();
                 heard = 0;
                 break; // the rest of what was read is lost
+            }
+        }
+    }
+}
+
+/// The raw session: packets reassembled by their headers, answers written as they are, and the
+/// session ends at a reset (after the boot time).
+async fn serve_raw<S>(device: &SmpHandle, mut io: S, cancel: &CancellationToken) -> SessionEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut assembler = frame::RawAssembler::new(device.config().buf_size);
+    let mut buf = vec![0u8; 4096];
+    // Bytes read since the last packet ended (for the wire counters).
+    let mut heard = 0u64;
+    loop {
+        let silent_until = device.state().silent_until;
+        let n = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return SessionEnd::Shutdown,
+            () = sleep_until(silent_until), if silent_until.is_some() => {
+                assembler.reset();
+                device.state().booted();
+                continue;
+            }
+            r = io.read(&mut buf) => match r {
+                Ok(0) => return SessionEnd::PeerClosed,
+                Ok(n) => n,
+                Err(e) => return SessionEnd::LinkError(e),
+            },
+        };
+        device.state().counters.link_in += n as u64;
+        if silent_until.is_some_and(|t| Instant::now() < t) {
+            continue; // booting: the bytes are lost
+        }
+        for &byte in &buf[..n] {
+            heard += 1;
+            let packet = match assembler.push(byte) {
+                None => continue,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "packet dropped");
+                    device.dropped(&e);
+                    heard = 0;
+                    continue;
+                }
+                Some(Ok(packet)) => packet,
+            };
+            let request_bytes = std::mem::take(&mut heard);
+            let (answer, reset) = device.packet(&packet);
+            let answer_bytes = answer.as_ref().map_or(0, Vec::len);
+            device.count_wire(&packet, request_bytes, answer_bytes as u64);
+            if let Some(wire) = answer {
+                let write = async {
+                    io.write_all(&wire).await?;
+                    io.flush().await
+                };
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return SessionEnd::Shutdown,
+                    r = write => if let Err(e) = r {
+                        return SessionEnd::LinkError(e);
+                    },
+                }
+            }
+            if let Some(cause) = reset {
+                tracing::info!(?cause, "device reset: the raw session ends");
+                device.reset(cause);
+                // The peer sees the link go now; the device boots before the session returns.
+                // A peer that already left makes the shutdown fail: nothing to tell it then.
+                let _ = io.shutdown().await;
+                let until = device.state().silent_until;
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return SessionEnd::Shutdown,
+                    () = sleep_until(until) => device.state().booted(),
+                }
+                return SessionEnd::Reset;
             }
         }
     }

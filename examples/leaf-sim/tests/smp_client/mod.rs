@@ -95,7 +95,8 @@ impl V {
     }
 }
 
-fn decode(d: &mut Decoder<'_>) -> V {
+/// Decodes one CBOR item.
+pub fn decode(d: &mut Decoder<'_>) -> V {
     match d.datatype().expect("a CBOR item") {
         Type::U8 | Type::U16 | Type::U32 | Type::U64 => V::U(d.u64().unwrap()),
         Type::I8 | Type::I16 | Type::I32 | Type::I64 => V::I(d.i64().unwrap()),
