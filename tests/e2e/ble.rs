@@ -303,3 +303,111 @@ async fn the_ble_simulator_passes_its_own_tests() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Three BLE leaves behind one adapter and one serial leaf, one notice each,
+/// through mosquitto: all report 2.0.0, and with `max_connections = 1` the
+/// BLE leaves' connections never overlap (the simulator's connection log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_upgrades_ble_leaves_one_connection_at_a_time_beside_a_serial_one() {
+    const LIMIT: Duration = Duration::from_secs(240);
+    let work = tempfile::tempdir().unwrap();
+    let key = imgtool::keygen(work.path(), "ecdsa-p256");
+    let payload: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let signed = imgtool::sign(work.path(), &key, &payload, "2.0.0");
+    let public_key = imgtool::public_key_hex(&key, "ecdsa-p256");
+    let addresses = [
+        "C0:00:00:00:00:11",
+        "C0:00:00:00:00:12",
+        "C0:00:00:00:00:13",
+    ];
+    let sim = ble_sim(
+        &addresses
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{a},name=ble{i}"))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let serial = PtySim::spawn(xmodem_device()).unwrap();
+
+    let broker = Mosquitto::start().await;
+    let probe = MqttProbe::connect(broker.port(), "#").await;
+    let files = FileServer::start().await;
+    let smp_url = files.add("app.signed.bin", signed.clone());
+    let xmodem_img = versioned_image(40_000, "2.0.0");
+    let xmodem_url = files.add("fw.bin", xmodem_img.clone());
+    let plugins = PluginsDir::with(&[artifacts::SMP, artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let mut leaves: Vec<LeafSpec> = addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            LeafSpec::smp(
+                &format!("ble-{i}"),
+                &format!("ble://{a}"),
+                &[("public_key", &public_key)],
+            )
+        })
+        .collect();
+    leaves.push(LeafSpec::xmodem("serial-0", &serial.url()));
+    let config = format!(
+        "{}\n[ble]\nadapter = {:?}\nmax_connections = 1\n",
+        gateway_config(data.path(), plugins.path(), Some(&broker.url()), &leaves),
+        sim.adapter
+    );
+    let gw = Daemon::start(&config).await;
+    let topic = |kind: &str, dn: &str| format!("/ota/device/{kind}/{LEAF_PK}/{dn}");
+    let names: Vec<String> = leaves.iter().map(|l| l.device_name.clone()).collect();
+    for (i, dn) in names.iter().enumerate() {
+        probe
+            .wait_until(LIMIT, "inform of 1.0.0", |m| {
+                has_inform(m, &topic("inform", dn), "1.0.0")
+            })
+            .await;
+        let (url, img) = if dn.starts_with("ble") {
+            (&smp_url, &signed)
+        } else {
+            (&xmodem_url, &xmodem_img)
+        };
+        probe
+            .publish(
+                &topic("upgrade", dn),
+                notice(100 + i as u64, "2.0.0", url, img),
+            )
+            .await;
+    }
+    probe
+        .wait_until(LIMIT, "every leaf runs 2.0.0", |m| {
+            names
+                .iter()
+                .all(|dn| has_inform(m, &topic("inform", dn), "2.0.0"))
+        })
+        .await;
+    gw.stop().await;
+
+    // Connection intervals from the simulator's log: never two at once.
+    let events = sim.events.lock().unwrap().clone();
+    let mut open: Option<String> = None;
+    let mut connections = 0;
+    for e in &events {
+        match e["event"].as_str() {
+            Some("connect") => {
+                let dev = e["device"].as_str().unwrap_or_default().to_string();
+                assert!(
+                    open.is_none(),
+                    "{dev} connected while {open:?} was: {events:?}"
+                );
+                open = Some(dev);
+                connections += 1;
+            }
+            Some("disconnect") => open = None,
+            _ => {}
+        }
+    }
+    assert!(
+        connections >= 6,
+        "identify and flash each connect: {connections}"
+    );
+    assert_padded(&serial.handle().next_image().await.data, &xmodem_img, 0x1a);
+    serial.shutdown().await;
+}

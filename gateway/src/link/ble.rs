@@ -187,6 +187,8 @@ enum Request {
         url: BleUrl,
         plan: GattPlan,
         timeout: Duration,
+        /// One of the adapter's connections, held until the connection ends.
+        permit: tokio::sync::OwnedSemaphorePermit,
         reply: oneshot::Sender<Result<Connected, String>>,
     },
 }
@@ -230,7 +232,8 @@ pub struct BleAdapter {
     name: String,
     requests: mpsc::UnboundedSender<Request>,
     /// Connections the adapter may hold at once (`[ble] max_connections`):
-    /// a link holds one from connecting until it is dropped.
+    /// one is held from connecting until the connection has ended (after a
+    /// dropped link's linger), so the limit counts real connections.
     connections: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
@@ -329,6 +332,7 @@ impl BleAdapter {
                 url: url.clone(),
                 plan: plan.clone(),
                 timeout,
+                permit,
                 reply,
             })
             .map_err(|_| gone())?;
@@ -340,7 +344,6 @@ impl BleAdapter {
                 source: std::io::Error::other(reason),
             })?;
         Ok(BleTransport {
-            _permit: permit,
             mtu: connected.mtu,
             requests: connected.requests,
             stream: connected.stream,
@@ -352,8 +355,6 @@ impl BleAdapter {
 
 /// The gateway's side of one connection.
 struct BleTransport {
-    /// One of the adapter's connections, given back when the link is dropped.
-    _permit: tokio::sync::OwnedSemaphorePermit,
     mtu: u32,
     requests: mpsc::UnboundedSender<ConnRequest>,
     stream: mpsc::UnboundedReceiver<Vec<u8>>,
@@ -589,6 +590,7 @@ async fn serve(
         url,
         plan,
         timeout,
+        permit,
         reply,
     }) = requests.recv().await
     {
@@ -627,7 +629,10 @@ async fn serve(
                 continue;
             }
         };
-        tokio::task::spawn_local(connection(stack, conn, plan, reply));
+        tokio::task::spawn_local(async move {
+            connection(stack, conn, plan, reply).await;
+            drop(permit);
+        });
     }
 }
 
