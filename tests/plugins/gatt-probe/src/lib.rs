@@ -26,8 +26,8 @@
 
 use otagw_plugin_sdk::schema::{OptionSpec, Options, Problem};
 use otagw_plugin_sdk::{
-    DeviceInfo, Error, Family, FlashReport, GattDelivery, GattWriteMode, Info, JobMeta, LinkFault,
-    LinkFeature, LinkKind, Phase, Port, Source,
+    DeviceInfo, Error, Family, FlashReport, GattDefaults, GattDelivery, GattWriteMode, Info,
+    JobMeta, LinkFault, LinkFeature, LinkKind, Phase, Port, Source,
 };
 
 /// The control point, 128-bit form.
@@ -86,7 +86,14 @@ impl Family for Probe {
             description: "test family: GATT and reopen through contract 0.2".into(),
             transports: vec![LinkKind::Ble, LinkKind::Serial],
             default_serial: None,
-            default_gatt: None,
+            // Required of a family that lists BLE: what plain reads and
+            // writes would use (this probe uses only the gatt-* calls).
+            default_gatt: Some(GattDefaults {
+                service: "fe59".into(),
+                write: PACKET.into(),
+                write_mode: GattWriteMode::WithoutResponse,
+                notify: CONTROL.into(),
+            }),
             options: vec![
                 OptionSpec::choice(
                     "mode",
