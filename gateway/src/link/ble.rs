@@ -181,14 +181,18 @@ pub struct GattPlan {
     pub notify: Uuid,
 }
 
+/// A link's share of its adapter's connections.
+type Permit = std::sync::Arc<tokio::sync::OwnedSemaphorePermit>;
+
 /// A request to the stack thread.
 enum Request {
     Connect {
         url: BleUrl,
         plan: GattPlan,
         timeout: Duration,
-        /// One of the adapter's connections, held until the connection ends.
-        permit: tokio::sync::OwnedSemaphorePermit,
+        /// The link's share of the adapter's connections, held until the
+        /// connection ends.
+        permit: Permit,
         reply: oneshot::Sender<Result<Connected, String>>,
     },
 }
@@ -231,9 +235,11 @@ enum ConnRequest {
 pub struct BleAdapter {
     name: String,
     requests: mpsc::UnboundedSender<Request>,
-    /// Connections the adapter may hold at once (`[ble] max_connections`):
-    /// one is held from connecting until the connection has ended (after a
-    /// dropped link's linger), so the limit counts real connections.
+    /// Connections the adapter may hold at once (`[ble] max_connections`).
+    /// A link takes one when it opens and keeps it across reopens (a device
+    /// that resets must get back in before other links); it is given back
+    /// when both the link and its last connection are gone (after a dropped
+    /// link's linger), so the limit counts real connections.
     connections: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
@@ -286,7 +292,19 @@ impl BleAdapter {
         timeout: Duration,
     ) -> Result<Link, LinkError> {
         let parsed = BleUrl::parse(url)?;
-        let transport = self.connect(url, &parsed, &plan, timeout).await?;
+        let permit: Permit = std::sync::Arc::new(
+            self.connections
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| LinkError::Open {
+                    link: url.to_string(),
+                    source: std::io::Error::other(format!("the BLE adapter {} stopped", self.name)),
+                })?,
+        );
+        let transport = self
+            .connect(url, &parsed, &plan, timeout, permit.clone())
+            .await?;
         let mtu = transport.mtu;
         let adapter = self.clone();
         let name = url.to_string();
@@ -295,9 +313,10 @@ impl BleAdapter {
             let name = name.clone();
             let parsed = parsed.clone();
             let plan = plan.clone();
+            let permit = permit.clone();
             Box::pin(async move {
                 adapter
-                    .connect(&name, &parsed, &plan, timeout)
+                    .connect(&name, &parsed, &plan, timeout, permit)
                     .await
                     .map(|t| Box::new(t) as Box<dyn Transport>)
                     .map_err(|e| e.to_string())
@@ -315,17 +334,12 @@ impl BleAdapter {
         url: &BleUrl,
         plan: &GattPlan,
         timeout: Duration,
+        permit: Permit,
     ) -> Result<BleTransport, LinkError> {
         let gone = || LinkError::Open {
             link: link.to_string(),
             source: std::io::Error::other(format!("the BLE adapter {} stopped", self.name)),
         };
-        let permit = self
-            .connections
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| gone())?;
         let (reply, answer) = oneshot::channel();
         self.requests
             .send(Request::Connect {
