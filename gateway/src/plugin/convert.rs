@@ -9,7 +9,7 @@ use otagw_plugin_sdk::schema::{self, OptionKind, OptionSpec, OptionValue};
 
 use super::bindings::{Contract, v0_1_0, v0_2_0};
 use super::host::serial_from_wit;
-use super::{DeviceInfo, FamilyInfo, FlashError, GattDefaults};
+use super::{DeviceInfo, FamilyInfo, FlashError, FlashReport, GattDefaults, ImageInfo};
 use crate::link::{LinkKind, Parity, SerialConfig, StopBits};
 
 use v0_1_0::otagw::plugin::types as old;
@@ -206,3 +206,19 @@ impl From<wit::FlashError> for FlashError {
         }
     }
 }
+
+/// `image-info` and `flash-report` have the same fields in every version.
+macro_rules! same_record {
+    ($host:ident { $($field:ident),* } from $version:ident) => {
+        impl From<$version::$host> for $host {
+            fn from(r: $version::$host) -> Self {
+                $host { $($field: r.$field),* }
+            }
+        }
+    };
+}
+
+same_record!(ImageInfo { version, payload_size, summary } from old);
+same_record!(ImageInfo { version, payload_size, summary } from wit);
+same_record!(FlashReport { bytes_sent, retries, summary } from old);
+same_record!(FlashReport { bytes_sent, retries, summary } from wit);

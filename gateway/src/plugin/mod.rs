@@ -697,22 +697,12 @@ impl PluginSession {
                     (Family::V0_1_0(b), JobOptions::Written(options)) => {
                         let meta = v0_1_meta(meta, options);
                         let r = b.otagw_plugin_plugin().call_verify(s, image, &meta).await?;
-                        Ok(r.map(|i| ImageInfo {
-                            version: i.version,
-                            payload_size: i.payload_size,
-                            summary: i.summary,
-                        })
-                        .map_err(FlashError::from))
+                        Ok(r.map(ImageInfo::from).map_err(FlashError::from))
                     }
                     (Family::V0_2_0(b), JobOptions::Typed(options)) => {
                         let meta = v0_2_meta(meta, options);
                         let r = b.otagw_plugin_plugin().call_verify(s, image, &meta).await?;
-                        Ok(r.map(|i| ImageInfo {
-                            version: i.version,
-                            payload_size: i.payload_size,
-                            summary: i.summary,
-                        })
-                        .map_err(FlashError::from))
+                        Ok(r.map(ImageInfo::from).map_err(FlashError::from))
                     }
                     _ => Err(mismatch()),
                 }
@@ -749,12 +739,7 @@ impl PluginSession {
                             .otagw_plugin_plugin()
                             .call_flash(s, link, image, &meta)
                             .await?;
-                        Ok(r.map(|f| FlashReport {
-                            bytes_sent: f.bytes_sent,
-                            retries: f.retries,
-                            summary: f.summary,
-                        })
-                        .map_err(FlashError::from))
+                        Ok(r.map(FlashReport::from).map_err(FlashError::from))
                     }
                     (Family::V0_2_0(b), JobOptions::Typed(options)) => {
                         let meta = v0_2_meta(meta, options);
@@ -762,12 +747,7 @@ impl PluginSession {
                             .otagw_plugin_plugin()
                             .call_flash(s, link, image, &meta)
                             .await?;
-                        Ok(r.map(|f| FlashReport {
-                            bytes_sent: f.bytes_sent,
-                            retries: f.retries,
-                            summary: f.summary,
-                        })
-                        .map_err(FlashError::from))
+                        Ok(r.map(FlashReport::from).map_err(FlashError::from))
                     }
                     _ => Err(mismatch()),
                 }
