@@ -168,8 +168,9 @@ impl Default for JobsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BleConfig {
-    /// `hci+tcp://HOST:PORT` (H4 over TCP) or
-    /// `hci+serial:///dev/ttyACM0?baud=1000000` (an H4 UART); none: no BLE.
+    /// `hci+tcp://HOST:PORT` (H4 over TCP),
+    /// `hci+serial:///dev/ttyACM0?baud=1000000` (an H4 UART) or `bluez://hci0`
+    /// (the host's BlueZ, in builds with the `bluez` feature); none: no BLE.
     pub adapter: Option<String>,
     /// BLE connections at once on the adapter (1 to 4), separate from
     /// `[jobs] max_parallel`.
@@ -461,7 +462,7 @@ impl Config {
             return Err("[plugins] cpu and job_deadline must be longer than 0s".into());
         }
         if let Some(a) = &self.ble.adapter {
-            crate::link::ble::AdapterUrl::parse(a).map_err(|e| format!("[ble] adapter: {e}"))?;
+            crate::link::check_ble_adapter(a).map_err(|e| format!("[ble] adapter: {e}"))?;
         }
         within("[ble] max_connections", self.ble.max_connections, 1..=4)?;
         if self.ble.connect_timeout.is_zero() {
@@ -582,6 +583,24 @@ plugins_dir = "/tmp/p"
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_connections"), "{err}");
+        // BlueZ: only in builds with the feature, and then checked.
+        let bluez = parse(&format!("{MINIMAL}\n[ble]\nadapter = \"bluez://hci0\"\n"));
+        #[cfg(feature = "bluez")]
+        assert!(bluez.is_ok(), "{bluez:?}");
+        #[cfg(not(feature = "bluez"))]
+        assert!(
+            bluez
+                .unwrap_err()
+                .to_string()
+                .contains("without BlueZ support"),
+            "a build without the feature says so"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}\n[ble]\nadapter = \"bluez://hci0?x=1\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("[ble] adapter"), "{err}");
     }
 
     #[test]

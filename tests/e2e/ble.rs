@@ -169,13 +169,30 @@ struct BleSim {
     events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 }
 
+impl Drop for BleSim {
+    /// A failing test shows what the radio saw.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for e in self.events.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                eprintln!("ble-sim: {e}");
+            }
+        }
+    }
+}
+
 async fn ble_sim(devices: &[String]) -> BleSim {
+    ble_sim_on("tcp-server:127.0.0.1:0", devices).await
+}
+
+/// The simulator with controller C0 on `hci` (a Bumble transport:
+/// `tcp-server:HOST:PORT` or `pty:PATH`).
+async fn ble_sim_on(hci: &str, devices: &[String]) -> BleSim {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../examples/ble-sim/ble_sim.py"
     );
     let mut cmd = Command::new("python3");
-    cmd.args([script, "--hci", "tcp-server:127.0.0.1:0"])
+    cmd.args([script, "--hci", hci])
         .args(["--leaf-sim", env!("CARGO_BIN_EXE_otagw-e2e-leaf-sim")]);
     for d in devices {
         cmd.args(["--device", d]);
@@ -201,9 +218,13 @@ async fn ble_sim(devices: &[String]) -> BleSim {
             }
         }
     });
+    let adapter = match hci.strip_prefix("pty:") {
+        Some(path) => format!("hci+serial://{path}?baud=1000000"),
+        None => format!("hci+tcp://{hci}"),
+    };
     BleSim {
         _child: child,
-        adapter: format!("hci+tcp://{hci}"),
+        adapter,
         events,
     }
 }
@@ -283,6 +304,12 @@ async fn smp_over_ble_flashes_a_signed_image_through_otagw_flash() {
         .filter(|e| e["event"] == "disconnect" && e["why"] == "reset")
         .count();
     assert_eq!(resets, 1, "{events:?}");
+    // Connected for bulk transfer: an interval of 7.5 to 30 ms, not the
+    // host stack's default 80 ms.
+    for e in events.iter().filter(|e| e["event"] == "connect") {
+        let ms = e["interval_ms"].as_f64().unwrap();
+        assert!((7.5..=30.0).contains(&ms), "{e}");
+    }
 }
 
 /// The BLE simulator's own tests (`examples/ble-sim/test_ble_sim.py`, its
@@ -308,10 +335,8 @@ async fn the_ble_simulator_passes_its_own_tests() {
 /// through mosquitto: all report 2.0.0, and with `max_connections = 1` the
 /// BLE leaves' connections never overlap (the simulator's connection log).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "passes alone (cargo test -p otagw-e2e --test e2e ble:: -- --ignored) but under the \
-            whole suite's load one BLE job fails -4 'link closed' after its reset; issue 13 \
-            stays open until it is understood"]
 async fn the_daemon_upgrades_ble_leaves_one_connection_at_a_time_beside_a_serial_one() {
+    test_log();
     const LIMIT: Duration = Duration::from_secs(240);
     let work = tempfile::tempdir().unwrap();
     let key = imgtool::keygen(work.path(), "ecdsa-p256");
@@ -413,4 +438,369 @@ async fn the_daemon_upgrades_ble_leaves_one_connection_at_a_time_beside_a_serial
     );
     assert_padded(&serial.handle().next_image().await.data, &xmodem_img, 0x1a);
     serial.shutdown().await;
+}
+
+/// `otagw ble scan` lists what advertises: each simulated peripheral with
+/// its address and type, its name (marked when the advertisement carries
+/// only a shortened one: Bumble's controller passes on no scan response
+/// data) and the SMP service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ble_scan_lists_advertisers_with_names_and_services() {
+    let sim = ble_sim(&[
+        "C0:00:00:00:00:21,name=leaf1".to_string(),
+        "C0:00:00:00:00:22,name=press-line-3-leaf".to_string(),
+    ])
+    .await;
+    let out = Command::new(env!("CARGO_BIN_EXE_otagw-e2e-gateway"))
+        .args(["ble", "scan", "--seconds", "2", "--json"])
+        .args(["--ble-adapter", &sim.adapter])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    let by_address = |a: &str| {
+        found
+            .iter()
+            .find(|d| d["address"] == a)
+            .unwrap_or_else(|| panic!("{a} not in {stdout}"))
+    };
+    for (address, name, shortened) in [
+        ("C0:00:00:00:00:21", "leaf1", false),
+        ("C0:00:00:00:00:22", "press-li", true),
+    ] {
+        let d = by_address(address);
+        assert_eq!(d["name"], name, "{stdout}");
+        assert_eq!(d["name_shortened"], shortened, "{stdout}");
+        assert_eq!(d["addr_type"], "random", "{stdout}");
+        assert_eq!(d["connectable"], true, "{stdout}");
+        assert!(
+            d["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s == "8d53dc1d-1db7-4cd3-868b-8a527460aa84"),
+            "{stdout}"
+        );
+    }
+    assert_eq!(found.len(), 2, "{stdout}");
+
+    // The table a technician reads, and the hint when the adapter is missing.
+    let out = Command::new(env!("CARGO_BIN_EXE_otagw-e2e-gateway"))
+        .args(["ble", "scan", "--seconds", "1"])
+        .args(["--ble-adapter", &sim.adapter])
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("ADDRESS"), "{table}");
+    assert!(table.contains("press-li…"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("C0:00:00:00:00:21") && l.contains("smp (")),
+        "{table}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_otagw-e2e-gateway"))
+        .args(["ble", "scan"])
+        .env_remove("OTAGW_BLE_ADAPTER")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ble-adapter"));
+}
+
+/// `otagw flash` of `img` to the simulated peripheral at `address`, with
+/// extra plugin options; its exit status, stdout and stderr. Bounded: a
+/// flash that never ends fails the test instead of hanging it.
+async fn flash_over_ble(
+    sim: &BleSim,
+    address: &str,
+    file: &std::path::Path,
+    options: &[String],
+) -> (bool, String, String) {
+    let plugins = PluginsDir::with(&[artifacts::SMP]);
+    let cache = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_otagw-e2e-gateway"));
+    cmd.arg("flash")
+        .args(["--family", "smp", "--link", &format!("ble://{address}")])
+        .args(["--ble-adapter", &sim.adapter, "--ble-timeout-secs", "5"])
+        .args(["--plugins-dir", plugins.path().to_str().unwrap()])
+        .args(["--cache-dir", cache.path().to_str().unwrap()])
+        .args(["--image", file.to_str().unwrap()]);
+    for o in options {
+        cmd.args(["-o", o]);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.kill_on_drop(true).output())
+        .await
+        .expect("otagw flash ends")
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A signed image for the fault tests: its file and the key option.
+fn signed_image(dir: &std::path::Path, len: u32) -> (std::path::PathBuf, Vec<u8>, String) {
+    let key = imgtool::keygen(dir, "ecdsa-p256");
+    let payload: Vec<u8> = (0..len).map(|i| (i * 31 + i / 257) as u8).collect();
+    let img = imgtool::sign(dir, &key, &payload, "2.0.0");
+    let file = dir.join("fw-2.0.0.bin");
+    std::fs::write(&file, &img).unwrap();
+    let option = format!("public_key={}", imgtool::public_key_hex(&key, "ecdsa-p256"));
+    (file, img, option)
+}
+
+/// The peripheral leaves radio range mid-upload (the simulator drops the
+/// link as a supervision timeout would) and comes back: the gateway
+/// connects again and the upload resumes from the offset the device holds,
+/// not from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_mid_upload_resumes_from_the_device_offset() {
+    let work = tempfile::tempdir().unwrap();
+    let (file, img, key) = signed_image(work.path(), 160 * 1024);
+    let slot0 = work.path().join("slot0.bin");
+    let address = "C0:00:00:00:00:31";
+    let sim = ble_sim(&[format!(
+        "{address},out-of-range=65536,out-of-range-ms=700,slot0={}",
+        slot0.display()
+    )])
+    .await;
+    let (ok, stdout, stderr) = flash_over_ble(&sim, address, &file, &[key]).await;
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("resumed at offset"), "{stdout}");
+    assert_eq!(&std::fs::read(&slot0).unwrap()[..img.len()], &img[..]);
+
+    let events = sim.events.lock().unwrap().clone();
+    let lost = events
+        .iter()
+        .position(|e| e["event"] == "disconnect" && e["why"] == "out_of_range")
+        .unwrap_or_else(|| panic!("no out-of-range drop: {events:?}"));
+    let before = events[..lost]
+        .iter()
+        .filter(|e| e["event"] == "upload")
+        .map(|e| e["off"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let after: Vec<u64> = events[lost..]
+        .iter()
+        .filter(|e| e["event"] == "upload")
+        .map(|e| e["off"].as_u64().unwrap())
+        .collect();
+    assert!(before >= 60_000, "{before}");
+    assert!(
+        after.first().is_some_and(|o| *o >= before),
+        "after reconnecting the device went on from {before}: {after:?}"
+    );
+    assert!(
+        !events[lost..]
+            .iter()
+            .any(|e| e["event"] == "upload_started"),
+        "the upload started over: {events:?}"
+    );
+}
+
+/// A peripheral that resets and never comes back: -4 with the reason, once
+/// reset_wait_ms has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peripheral_that_never_comes_back_fails_the_flash_with_the_reason() {
+    let work = tempfile::tempdir().unwrap();
+    let (file, _img, key) = signed_image(work.path(), 16 * 1024);
+    let address = "C0:00:00:00:00:32";
+    let sim = ble_sim(&[format!("{address},no-return")]).await;
+    let (ok, stdout, stderr) = flash_over_ble(
+        &sim,
+        address,
+        &file,
+        &[key, "reset_wait_ms=3000".to_string()],
+    )
+    .await;
+    assert!(!ok, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("(step -4)")
+            && stderr.contains("reset_wait_ms = 3000")
+            && stderr.contains("did not come back"),
+        "{stderr}"
+    );
+    let events = sim.events.lock().unwrap().clone();
+    assert!(events.iter().any(|e| e["event"] == "gone"), "{events:?}");
+}
+
+/// A tampered image fails verification (-3) before the gateway connects:
+/// the peripheral sees no connection at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_image_fails_verify_without_a_connection() {
+    let work = tempfile::tempdir().unwrap();
+    let (file, mut img, key) = signed_image(work.path(), 16 * 1024);
+    img[4096] ^= 0x01;
+    std::fs::write(&file, &img).unwrap();
+    let address = "C0:00:00:00:00:33";
+    let sim = ble_sim(&[address.to_string()]).await;
+    let (ok, stdout, stderr) = flash_over_ble(&sim, address, &file, &[key]).await;
+    assert!(!ok, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("(step -3)") && stderr.contains("verify"),
+        "{stderr}"
+    );
+    let events = sim.events.lock().unwrap().clone();
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "connect" || e["event"] == "hci_connected"),
+        "{events:?}"
+    );
+}
+
+/// An address nobody advertises, through `otagw flash`: -4 "not found"
+/// once --ble-timeout-secs has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flashing_an_address_nobody_advertises_fails_not_found() {
+    let work = tempfile::tempdir().unwrap();
+    let (file, _img, key) = signed_image(work.path(), 4096);
+    let sim = ble_sim(&["C0:00:00:00:00:34".to_string()]).await;
+    let (ok, stdout, stderr) = flash_over_ble(&sim, "C0:00:00:00:00:99", &file, &[key]).await;
+    assert!(!ok, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("(step -4)") && stderr.contains("not found: nothing with this address"),
+        "{stderr}"
+    );
+}
+
+/// The BLE adapter's TCP port is closed: the BLE leaf's job fails -4 saying
+/// the controller cannot be reached and what to check, and the serial leaf
+/// beside it upgrades as if nothing happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_adapter_port_fails_ble_jobs_and_leaves_the_serial_leaf_alone() {
+    const LIMIT: Duration = Duration::from_secs(120);
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let work = tempfile::tempdir().unwrap();
+    let (_file, signed, key) = signed_image(work.path(), 4096);
+    let serial = PtySim::spawn(xmodem_device()).unwrap();
+    let broker = Mosquitto::start().await;
+    let probe = MqttProbe::connect(broker.port(), "#").await;
+    let files = FileServer::start().await;
+    let smp_url = files.add("app.signed.bin", signed.clone());
+    let xmodem_img = versioned_image(20_000, "2.0.0");
+    let xmodem_url = files.add("fw.bin", xmodem_img.clone());
+    let plugins = PluginsDir::with(&[artifacts::SMP, artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let key_hex = key.trim_start_matches("public_key=").to_string();
+    let leaves = [
+        LeafSpec::smp(
+            "ble-0",
+            "ble://C0:00:00:00:00:41",
+            &[("public_key", &key_hex)],
+        ),
+        LeafSpec::xmodem("serial-0", &serial.url()),
+    ];
+    let config = format!(
+        "{}\n[ble]\nadapter = \"hci+tcp://127.0.0.1:{closed}\"\nconnect_timeout = \"3s\"\n",
+        gateway_config(data.path(), plugins.path(), Some(&broker.url()), &leaves),
+    );
+    let gw = Daemon::start(&config).await;
+    let topic = |kind: &str, dn: &str| format!("/ota/device/{kind}/{LEAF_PK}/{dn}");
+    probe
+        .wait_until(LIMIT, "the serial leaf's inform", |m| {
+            has_inform(m, &topic("inform", "serial-0"), "1.0.0")
+        })
+        .await;
+    probe
+        .publish(
+            &topic("upgrade", "ble-0"),
+            notice(1, "2.0.0", &smp_url, &signed),
+        )
+        .await;
+    probe
+        .publish(
+            &topic("upgrade", "serial-0"),
+            notice(2, "2.0.0", &xmodem_url, &xmodem_img),
+        )
+        .await;
+    probe
+        .wait_until(
+            LIMIT,
+            "the BLE job fails, the serial leaf runs 2.0.0",
+            |m| {
+                has_inform(m, &topic("inform", "serial-0"), "2.0.0")
+                    && has_step(m, &topic("progress", "ble-0"), "-4")
+            },
+        )
+        .await;
+    let failed = payloads(&probe, &topic("progress", "ble-0"));
+    let desc = failed
+        .iter()
+        .find(|p| p["params"]["step"] == "-4")
+        .map(|p| p["params"]["desc"].to_string())
+        .unwrap();
+    assert!(
+        desc.contains(&format!(
+            "cannot reach the HCI controller at 127.0.0.1:{closed}"
+        )),
+        "{desc}"
+    );
+    assert!(
+        !probe
+            .on(&topic("inform", "ble-0"))
+            .iter()
+            .any(|m| m.text().contains("2.0.0")),
+        "nothing untrue about the BLE leaf"
+    );
+    gw.stop().await;
+    assert_padded(&serial.handle().next_image().await.data, &xmodem_img, 0x1a);
+    serial.shutdown().await;
+}
+
+/// An H4 UART controller (`hci+serial://`): the simulator's controller C0 on
+/// a pseudo-terminal (Bumble's `pty:` transport), as an nRF52840 dongle with
+/// Zephyr's hci_uart appears on /dev/ttyACM0. `otagw identify` finds the
+/// peripheral through it and reads its version over SMP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hci_uart_adapter_reaches_a_peripheral() {
+    let dir = tempfile::tempdir().unwrap();
+    let tty = dir.path().join("hci-uart");
+    let address = "C0:00:00:00:00:51";
+    let sim = ble_sim_on(
+        &format!("pty:{}", tty.display()),
+        &[format!("{address},version=1.4.2")],
+    )
+    .await;
+    assert!(sim.adapter.starts_with("hci+serial:///"), "{}", sim.adapter);
+    let plugins = PluginsDir::with(&[artifacts::SMP]);
+    let cache = tempfile::tempdir().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new(env!("CARGO_BIN_EXE_otagw-e2e-gateway"))
+            .arg("identify")
+            .args(["--family", "smp", "--link", &format!("ble://{address}")])
+            .args(["--ble-adapter", &sim.adapter, "--ble-timeout-secs", "10"])
+            .args(["--plugins-dir", plugins.path().to_str().unwrap()])
+            .args(["--cache-dir", cache.path().to_str().unwrap()])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("identify ends")
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("version 1.4.2"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = sim.events.lock().unwrap().clone();
+    assert!(events.iter().any(|e| e["event"] == "connect"), "{events:?}");
 }

@@ -478,3 +478,16 @@ pub mod imgtool {
         std::fs::read(output).unwrap()
     }
 }
+
+/// With `OTAGW_TEST_LOG=filter` (e.g. `otagw=debug`), the in-process
+/// daemon's log goes to the test's output (shown for failing tests), to
+/// find out why a test failed. Off by default.
+pub fn test_log() {
+    if let Ok(filter) = std::env::var("OTAGW_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .with_ansi(false)
+            .try_init();
+    }
+}

@@ -1,5 +1,6 @@
 //! The `otagw` command line: one file per subcommand (CONVENTIONS 14).
 
+pub mod ble;
 pub mod config;
 pub mod flash;
 pub mod identify;
@@ -41,6 +42,8 @@ pub enum Command {
     Check(config::CheckArgs),
     /// Show every leaf's family, version, state, progress and last error.
     Status(status::StatusArgs),
+    /// Bluetooth LE: find devices near the adapter (`otagw ble scan`).
+    Ble(ble::BleArgs),
 }
 
 /// Where plugins live and how they are bounded: shared by every subcommand
@@ -100,8 +103,9 @@ impl PluginArgs {
 #[derive(Debug, Args)]
 pub struct LinkArgs {
     /// The Bluetooth LE adapter for ble:// links: hci+tcp://HOST:PORT (an HCI
-    /// controller over TCP) or hci+serial:///dev/ttyACM0?baud=1000000 (an HCI
-    /// UART, e.g. an nRF52840 dongle with Zephyr's hci_uart).
+    /// controller over TCP), hci+serial:///dev/ttyACM0?baud=1000000 (an HCI
+    /// UART, e.g. an nRF52840 dongle with Zephyr's hci_uart), or bluez://hci0
+    /// (the host's BlueZ; only in builds with the `bluez` feature).
     #[arg(long, env = "OTAGW_BLE_ADAPTER")]
     pub ble_adapter: Option<String>,
     /// How long finding and connecting to a BLE device may take, in seconds.
@@ -217,6 +221,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Plugins(a) => plugins::run(a).await,
         Command::Plugin(a) => plugin::run(a).await,
         Command::Status(a) => status::run(a).await,
+        Command::Ble(a) => ble::run(a).await,
         Command::Config(a) => config::run(a).await,
         Command::Check(a) => config::check(a).await,
     }

@@ -18,21 +18,19 @@
 //! pairing and bonding.
 
 use std::collections::HashMap;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use bt_hci_serial::SerialTransport;
 use embassy_futures::select::{Either, select};
 use embassy_sync::blocking_mutex::raw::NoopRawMutex;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use trouble_host::prelude::{
     Address, Central, Characteristic, ConnectConfig, Connection, DefaultPacketPool,
     ExternalController, GattClient, HostResources, ScanConfig, Stack, Uuid as BtUuid,
 };
 
-use super::gatt::{GattError, GattFuture, GattLink, GattValue, Uuid};
+use super::gatt::{Channel, GattError, GattValue, Request as GattRequest, Uuid};
 use super::{Link, LinkError, LinkKind, Transport};
 
 /// The ATT MTU the gateway asks for is the packet pool's; what was granted is
@@ -108,7 +106,7 @@ pub struct BleUrl {
 }
 
 /// The type of a BLE device address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AddrKind {
     Random,
     Public,
@@ -181,6 +179,37 @@ pub struct GattPlan {
     pub notify: Uuid,
 }
 
+/// A device heard advertising during a scan (`otagw ble scan`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Advertiser {
+    /// `AA:BB:CC:DD:EE:FF`, most significant byte first, as a `ble://` URL
+    /// writes it.
+    pub address: String,
+    /// `random` or `public`.
+    pub addr_type: &'static str,
+    /// Its complete name, or the shortened one if that is all it sent.
+    pub name: Option<String>,
+    /// Whether `name` is the shortened one (the complete name, if the
+    /// device has one, is in a scan response the controller did not pass on).
+    pub name_shortened: bool,
+    /// The strongest signal heard, in dBm.
+    pub rssi: i8,
+    /// Service UUIDs it advertised (16-, 32- and 128-bit, in 128-bit form).
+    pub services: Vec<Uuid>,
+    /// Whether it accepts connections.
+    pub connectable: bool,
+}
+
+impl AddrKind {
+    /// How a `ble://` URL's `addr_type` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AddrKind::Random => "random",
+            AddrKind::Public => "public",
+        }
+    }
+}
+
 /// A link's share of its adapter's connections.
 type Permit = std::sync::Arc<tokio::sync::OwnedSemaphorePermit>;
 
@@ -195,39 +224,21 @@ enum Request {
         permit: Permit,
         reply: oneshot::Sender<Result<Connected, String>>,
     },
+    /// Listen to advertisements for a while.
+    Scan {
+        duration: Duration,
+        reply: oneshot::Sender<Result<Vec<Advertiser>, String>>,
+    },
 }
 
 /// What a connection task hands back once the link is ready.
 struct Connected {
     mtu: u32,
-    requests: mpsc::UnboundedSender<ConnRequest>,
+    /// The address type the connection was made with.
+    kind: AddrKind,
+    requests: mpsc::UnboundedSender<GattRequest>,
     stream: mpsc::UnboundedReceiver<Vec<u8>>,
     values: mpsc::UnboundedReceiver<GattValue>,
-}
-
-/// A request to one connection's task.
-enum ConnRequest {
-    /// A piece of the default characteristic's byte stream.
-    Write(Vec<u8>),
-    GattWrite {
-        uuid: Uuid,
-        data: Vec<u8>,
-        with_response: bool,
-        reply: oneshot::Sender<Result<(), GattError>>,
-    },
-    GattRead {
-        uuid: Uuid,
-        reply: oneshot::Sender<Result<Vec<u8>, GattError>>,
-    },
-    Subscribe {
-        uuid: Uuid,
-        indicate: bool,
-        reply: oneshot::Sender<Result<(), GattError>>,
-    },
-    Unsubscribe {
-        uuid: Uuid,
-        reply: oneshot::Sender<Result<(), GattError>>,
-    },
 }
 
 /// One HCI controller and the host stack on it.
@@ -284,6 +295,26 @@ impl BleAdapter {
         !self.requests.is_closed()
     }
 
+    /// Listen for `duration` and return every device heard advertising,
+    /// strongest signal first. Connections already up are not disturbed.
+    pub async fn scan(&self, duration: Duration) -> Result<Vec<Advertiser>, LinkError> {
+        let gone = || LinkError::Open {
+            link: self.name.clone(),
+            source: std::io::Error::other(format!("the BLE adapter {} stopped", self.name)),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request::Scan { duration, reply })
+            .map_err(|_| gone())?;
+        answer
+            .await
+            .map_err(|_| gone())?
+            .map_err(|reason| LinkError::Open {
+                link: self.name.clone(),
+                source: std::io::Error::other(reason),
+            })
+    }
+
     /// Connect to the peripheral `url` names and make a link of it.
     pub async fn open(
         &self,
@@ -291,7 +322,7 @@ impl BleAdapter {
         plan: GattPlan,
         timeout: Duration,
     ) -> Result<Link, LinkError> {
-        let parsed = BleUrl::parse(url)?;
+        let mut parsed = BleUrl::parse(url)?;
         let permit: Permit = std::sync::Arc::new(
             self.connections
                 .clone()
@@ -302,10 +333,12 @@ impl BleAdapter {
                     source: std::io::Error::other(format!("the BLE adapter {} stopped", self.name)),
                 })?,
         );
-        let transport = self
+        let (transport, kind) = self
             .connect(url, &parsed, &plan, timeout, permit.clone())
             .await?;
         let mtu = transport.mtu;
+        // Reconnect with the address type it advertised the first time.
+        parsed.kind = Some(kind);
         let adapter = self.clone();
         let name = url.to_string();
         let reopener: super::Reopener = Box::new(move || {
@@ -318,7 +351,7 @@ impl BleAdapter {
                 adapter
                     .connect(&name, &parsed, &plan, timeout, permit)
                     .await
-                    .map(|t| Box::new(t) as Box<dyn Transport>)
+                    .map(|(t, _)| Box::new(t) as Box<dyn Transport>)
                     .map_err(|e| e.to_string())
             })
         });
@@ -335,7 +368,7 @@ impl BleAdapter {
         plan: &GattPlan,
         timeout: Duration,
         permit: Permit,
-    ) -> Result<BleTransport, LinkError> {
+    ) -> Result<(Channel, AddrKind), LinkError> {
         let gone = || LinkError::Open {
             link: link.to_string(),
             source: std::io::Error::other(format!("the BLE adapter {} stopped", self.name)),
@@ -357,135 +390,14 @@ impl BleAdapter {
                 link: link.to_string(),
                 source: std::io::Error::other(reason),
             })?;
-        Ok(BleTransport {
+        let channel = Channel {
             mtu: connected.mtu,
             requests: connected.requests,
             stream: connected.stream,
             values: connected.values,
             unread: Vec::new(),
-        })
-    }
-}
-
-/// The gateway's side of one connection.
-struct BleTransport {
-    mtu: u32,
-    requests: mpsc::UnboundedSender<ConnRequest>,
-    stream: mpsc::UnboundedReceiver<Vec<u8>>,
-    values: mpsc::UnboundedReceiver<GattValue>,
-    /// The rest of a notification a read did not take.
-    unread: Vec<u8>,
-}
-
-impl AsyncRead for BleTransport {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if self.unread.is_empty() {
-            match self.stream.poll_recv(cx) {
-                Poll::Pending => return Poll::Pending,
-                // Disconnected: end of stream.
-                Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Ready(Some(v)) => self.unread = v,
-            }
-        }
-        let n = self.unread.len().min(buf.remaining());
-        buf.put_slice(&self.unread[..n]);
-        self.unread.drain(..n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for BleTransport {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let n = buf.len().min(self.mtu as usize);
-        match self.requests.send(ConnRequest::Write(buf[..n].to_vec())) {
-            Ok(()) => Poll::Ready(Ok(n)),
-            Err(_) => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl Transport for BleTransport {
-    fn gatt(&mut self) -> Option<&mut dyn GattLink> {
-        Some(self)
-    }
-}
-
-impl BleTransport {
-    fn ask<'a, T: Send + 'a>(
-        &'a mut self,
-        make: impl FnOnce(oneshot::Sender<Result<T, GattError>>) -> ConnRequest,
-    ) -> GattFuture<'a, T> {
-        let (reply, answer) = oneshot::channel();
-        let sent = self.requests.send(make(reply));
-        Box::pin(async move {
-            sent.map_err(|_| GattError::Closed)?;
-            answer.await.map_err(|_| GattError::Closed)?
-        })
-    }
-}
-
-impl GattLink for BleTransport {
-    fn write<'a>(
-        &'a mut self,
-        characteristic: Uuid,
-        data: &'a [u8],
-        with_response: bool,
-    ) -> GattFuture<'a, ()> {
-        let data = data.to_vec();
-        self.ask(move |reply| ConnRequest::GattWrite {
-            uuid: characteristic,
-            data,
-            with_response,
-            reply,
-        })
-    }
-
-    fn read(&mut self, characteristic: Uuid) -> GattFuture<'_, Vec<u8>> {
-        self.ask(move |reply| ConnRequest::GattRead {
-            uuid: characteristic,
-            reply,
-        })
-    }
-
-    fn subscribe(&mut self, characteristic: Uuid, indicate: bool) -> GattFuture<'_, ()> {
-        self.ask(move |reply| ConnRequest::Subscribe {
-            uuid: characteristic,
-            indicate,
-            reply,
-        })
-    }
-
-    fn unsubscribe(&mut self, characteristic: Uuid) -> GattFuture<'_, ()> {
-        self.ask(move |reply| ConnRequest::Unsubscribe {
-            uuid: characteristic,
-            reply,
-        })
-    }
-
-    fn receive(&mut self, timeout: Duration) -> GattFuture<'_, Option<GattValue>> {
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, self.values.recv()).await {
-                Err(_) => Ok(None),
-                Ok(Some(v)) => Ok(Some(v)),
-                Ok(None) => Err(GattError::Closed),
-            }
-        })
+        };
+        Ok((channel, connected.kind))
     }
 }
 
@@ -544,8 +456,13 @@ fn stack_thread(
         ));
         let mut runner = stack.runner();
         let central = stack.central();
+        let heard = Heard::default();
         let _ = ready.send(Ok(()));
-        let served = select(runner.run(), serve(stack, central, requests)).await;
+        let served = select(
+            runner.run_with_handler(&heard),
+            serve(stack, central, &heard, requests),
+        )
+        .await;
         if let Either::First(Err(e)) = served {
             tracing::error!("the BLE host stack stopped: {e:?}");
         }
@@ -598,56 +515,325 @@ async fn open_controller(
 async fn serve(
     stack: &'static BleStack,
     mut central: Central<'static, Controller, DefaultPacketPool>,
+    heard: &Heard,
     mut requests: mpsc::UnboundedReceiver<Request>,
 ) {
-    while let Some(Request::Connect {
-        url,
-        plan,
-        timeout,
-        permit,
-        reply,
-    }) = requests.recv().await
-    {
-        let accept = url.accept_list();
-        let config = ConnectConfig {
-            connect_params: Default::default(),
-            scan_config: ScanConfig {
-                filter_accept_list: &accept,
-                ..Default::default()
-            },
+    while let Some(request) = requests.recv().await {
+        let (url, plan, timeout, permit, reply) = match request {
+            Request::Scan { duration, reply } => {
+                let _ = reply.send(scan(&mut central, heard, duration).await);
+                continue;
+            }
+            Request::Connect {
+                url,
+                plan,
+                timeout,
+                permit,
+                reply,
+            } => (url, plan, timeout, permit, reply),
         };
-        let deadline = tokio::time::Instant::now() + timeout;
-        let conn = loop {
-            match tokio::time::timeout_at(deadline, central.connect(&config)).await {
-                Err(_) => {
-                    break Err(format!(
-                        "not found: nothing with this address advertised within {} ms",
-                        timeout.as_millis()
-                    ));
-                }
-                // trouble-host 0.8 marks a cancelled attempt done when it sends
-                // LE Create Connection Cancel; the controller's LE Connection
-                // Complete for it (status Unknown Connection Identifier) comes
-                // after, and ends the next attempt as a timeout. Try again.
-                Ok(Err(trouble_host::BleHostError::BleHost(trouble_host::Error::Timeout))) => {
-                    tracing::debug!("BLE connect ended by a stale completion; trying again");
-                }
-                Ok(Err(e)) => break Err(format!("connecting failed: {e:?}")),
-                Ok(Ok(conn)) => break Ok(conn),
+        // A link that gave up waiting (its reopen's time ran out) frees the
+        // controller for the others at once.
+        let mut reply = reply;
+        let outcome = tokio::select! {
+            r = attempt(&mut central, heard, &url, timeout) => r,
+            _ = reply.closed() => {
+                tracing::debug!("BLE connect abandoned: nobody waits for it any more");
+                continue;
             }
         };
-        let conn = match conn {
-            Ok(conn) => conn,
+        let (conn, kind) = match outcome {
+            Ok(c) => c,
             Err(e) => {
                 let _ = reply.send(Err(e));
                 continue;
             }
         };
         tokio::task::spawn_local(async move {
-            connection(stack, conn, plan, reply).await;
+            connection(stack, conn, plan, kind, reply).await;
             drop(permit);
         });
     }
+}
+
+/// Connection parameters for moving an image: the shortest interval a
+/// peripheral may accept first (7.5 ms, the minimum; it may grant up to
+/// 30 ms), no peripheral latency, and a 4 s supervision timeout so a device
+/// that leaves range is noticed well within a flash's timeouts. The stack's
+/// default (80 ms) caps a controller that sends a few packets per
+/// connection event at a fraction of the radio's rate.
+fn bulk_transfer_params() -> trouble_host::prelude::RequestedConnParams {
+    trouble_host::prelude::RequestedConnParams {
+        min_connection_interval: embassy_time::Duration::from_micros(7_500),
+        max_connection_interval: embassy_time::Duration::from_millis(30),
+        max_latency: 0,
+        supervision_timeout: embassy_time::Duration::from_secs(4),
+        ..Default::default()
+    }
+}
+
+/// Find the peripheral and connect to it within `timeout`.
+async fn attempt(
+    central: &mut Central<'static, Controller, DefaultPacketPool>,
+    heard: &Heard,
+    url: &BleUrl,
+    timeout: Duration,
+) -> Result<(Connection<'static, DefaultPacketPool>, AddrKind), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let not_found = || {
+        format!(
+            "not found: nothing with this address advertised within {} ms",
+            timeout.as_millis()
+        )
+    };
+    // No address type in the URL: the advertisement says which.
+    let kind = match url.kind {
+        Some(kind) => kind,
+        None => listen_for(central, heard, url.address, deadline)
+            .await?
+            .ok_or_else(not_found)?,
+    };
+    let accept = BleUrl {
+        address: url.address,
+        kind: Some(kind),
+    }
+    .accept_list();
+    let config = ConnectConfig {
+        connect_params: bulk_transfer_params(),
+        scan_config: ScanConfig {
+            filter_accept_list: &accept,
+            ..Default::default()
+        },
+    };
+    loop {
+        match tokio::time::timeout_at(deadline, central.connect(&config)).await {
+            Err(_) => return Err(not_found()),
+            // trouble-host 0.8 marks a cancelled attempt done when it sends
+            // LE Create Connection Cancel; the controller's LE Connection
+            // Complete for it (status Unknown Connection Identifier) comes
+            // after, and ends the next attempt as a timeout. Try again.
+            Ok(Err(trouble_host::BleHostError::BleHost(trouble_host::Error::Timeout))) => {
+                tracing::debug!("BLE connect ended by a stale completion; trying again");
+            }
+            Ok(Err(e)) => return Err(format!("connecting failed: {e:?}")),
+            Ok(Ok(conn)) => return Ok((conn, kind)),
+        }
+    }
+}
+
+/// Who advertised, by address (most significant byte first) and type.
+type Heards = HashMap<([u8; 6], AddrKind), Advertiser>;
+
+/// Advertising reports, gathered while the adapter scans.
+#[derive(Default)]
+struct Heard {
+    /// Present while a scan is on: what was heard, by address and type.
+    seen: std::cell::RefCell<Option<Heards>>,
+    /// Told of every batch of reports.
+    changed: tokio::sync::Notify,
+}
+
+impl Heard {
+    fn start(&self) {
+        *self.seen.borrow_mut() = Some(HashMap::new());
+    }
+
+    fn stop(&self) -> Vec<Advertiser> {
+        let mut all: Vec<Advertiser> = self
+            .seen
+            .borrow_mut()
+            .take()
+            .map(|m| m.into_values().collect())
+            .unwrap_or_default();
+        all.sort_by(|a, b| b.rssi.cmp(&a.rssi).then(a.address.cmp(&b.address)));
+        all
+    }
+
+    /// The type `address` (most significant byte first) advertised with.
+    fn kind_of(&self, address: [u8; 6]) -> Option<AddrKind> {
+        let seen = self.seen.borrow();
+        let seen = seen.as_ref()?;
+        [AddrKind::Random, AddrKind::Public]
+            .into_iter()
+            .find(|k| seen.get(&(address, *k)).is_some_and(|a| a.connectable))
+    }
+}
+
+impl trouble_host::prelude::EventHandler for Heard {
+    fn on_adv_reports(&self, reports: bt_hci::param::LeAdvReportsIter) {
+        use bt_hci::param::LeAdvEventKind;
+        for r in reports.flatten() {
+            let connectable = matches!(
+                r.event_kind,
+                LeAdvEventKind::AdvInd | LeAdvEventKind::AdvDirectInd
+            );
+            self.record(r.addr_kind, &r.addr, r.rssi, connectable, r.data);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Some controllers (Bumble's among them) answer even legacy scanning
+    /// with extended reports.
+    fn on_ext_adv_reports(&self, reports: bt_hci::param::LeExtAdvReportsIter) {
+        for r in reports.flatten() {
+            let connectable = r.event_kind.connectable();
+            self.record(r.addr_kind, &r.addr, r.rssi, connectable, r.data);
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+impl Heard {
+    /// One advertising report, while a scan is on.
+    fn record(
+        &self,
+        addr_kind: bt_hci::param::AddrKind,
+        addr: &bt_hci::param::BdAddr,
+        rssi: i8,
+        connectable: bool,
+        data: &[u8],
+    ) {
+        use trouble_host::advertise::AdStructure;
+        let mut seen = self.seen.borrow_mut();
+        let Some(seen) = seen.as_mut() else {
+            return;
+        };
+        let kind = if addr_kind == bt_hci::param::AddrKind::PUBLIC
+            || addr_kind == bt_hci::param::AddrKind::RESOLVABLE_PRIVATE_OR_PUBLIC
+        {
+            AddrKind::Public
+        } else {
+            AddrKind::Random
+        };
+        let mut address = [0u8; 6];
+        address.copy_from_slice(addr.raw());
+        address.reverse();
+        let heard = seen.entry((address, kind)).or_insert_with(|| Advertiser {
+            address: format_address(address),
+            addr_type: kind.as_str(),
+            name: None,
+            name_shortened: false,
+            rssi,
+            services: Vec::new(),
+            connectable: false,
+        });
+        // 127: the controller could not tell.
+        if rssi != 127 && (heard.rssi == 127 || rssi > heard.rssi) {
+            heard.rssi = rssi;
+        }
+        heard.connectable |= connectable;
+        let mut add = |u: Uuid| {
+            if !heard.services.contains(&u) {
+                heard.services.push(u);
+            }
+        };
+        for ad in AdStructure::decode(data).flatten() {
+            match ad {
+                AdStructure::CompleteLocalName(n) => {
+                    heard.name = Some(String::from_utf8_lossy(n).into_owned());
+                    heard.name_shortened = false;
+                }
+                AdStructure::ShortenedLocalName(n) if heard.name.is_none() => {
+                    heard.name = Some(String::from_utf8_lossy(n).into_owned());
+                    heard.name_shortened = true;
+                }
+                AdStructure::IncompleteServiceUuids16(l)
+                | AdStructure::CompleteServiceUuids16(l) => {
+                    for u in l {
+                        add(assigned(u32::from(u16::from_le_bytes(*u))));
+                    }
+                }
+                AdStructure::IncompleteServiceUuids32(l)
+                | AdStructure::CompleteServiceUuids32(l) => {
+                    for u in l {
+                        add(assigned(u32::from_le_bytes(*u)));
+                    }
+                }
+                AdStructure::IncompleteServiceUuids128(l)
+                | AdStructure::CompleteServiceUuids128(l) => {
+                    for u in l {
+                        add(Uuid::from_u128(u128::from_le_bytes(*u)));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `AA:BB:CC:DD:EE:FF` of an address, most significant byte first.
+fn format_address(a: [u8; 6]) -> String {
+    a.iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A 16- or 32-bit assigned number in the Bluetooth base UUID.
+fn assigned(n: u32) -> Uuid {
+    Uuid::from_u128(BASE | (u128::from(n) << 96))
+}
+
+/// Scan (active: names come in scan responses) for `duration`.
+async fn scan(
+    central: &mut Central<'static, Controller, DefaultPacketPool>,
+    heard: &Heard,
+    duration: Duration,
+) -> Result<Vec<Advertiser>, String> {
+    listening(central, heard, true, tokio::time::sleep(duration)).await?;
+    Ok(heard.stop())
+}
+
+/// Scan until `address` advertises connectably or `deadline` passes; the
+/// type it advertised with, if it did.
+async fn listen_for(
+    central: &mut Central<'static, Controller, DefaultPacketPool>,
+    heard: &Heard,
+    address: [u8; 6],
+    deadline: tokio::time::Instant,
+) -> Result<Option<AddrKind>, String> {
+    let found = listening(
+        central,
+        heard,
+        false,
+        tokio::time::timeout_at(deadline, async {
+            loop {
+                let changed = heard.changed.notified();
+                if let Some(kind) = heard.kind_of(address) {
+                    return kind;
+                }
+                changed.await;
+            }
+        }),
+    )
+    .await;
+    heard.stop();
+    Ok(found?.ok())
+}
+
+/// Scan while `until` runs, gathering reports into `heard`; what `until`
+/// returned.
+async fn listening<T>(
+    central: &mut Central<'static, Controller, DefaultPacketPool>,
+    heard: &Heard,
+    active: bool,
+    until: impl std::future::Future<Output = T>,
+) -> Result<T, String> {
+    let mut scanner = trouble_host::prelude::Scanner::new(central);
+    heard.start();
+    let session = scanner
+        .scan(&ScanConfig {
+            active,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| {
+            heard.stop();
+            format!("the controller refused to scan: {e:?}")
+        })?;
+    let out = until.await;
+    session.stop().await;
+    Ok(out)
 }
 
 /// The Bluetooth base UUID's bits outside the 32-bit assigned-number field.
@@ -674,6 +860,7 @@ async fn connection(
     stack: &'static BleStack,
     conn: Connection<'static, DefaultPacketPool>,
     plan: GattPlan,
+    kind: AddrKind,
     reply: oneshot::Sender<Result<Connected, String>>,
 ) {
     let client: Client = match GattClient::new(stack, &conn).await {
@@ -684,6 +871,22 @@ async fn connection(
         }
     };
     let client = &client;
+    // Notifications are taken from one catch-all listener, by handle. It is
+    // made before anything is subscribed and outlives the connection: what
+    // the device sent right before it hung up (the answer to "reset") is
+    // still delivered.
+    let Ok(mut listener) = client.listen_all() else {
+        let _ = reply.send(Err("no notification listener left".into()));
+        return;
+    };
+    let (stream_tx, stream_rx) = mpsc::unbounded_channel();
+    let (values_tx, values_rx) = mpsc::unbounded_channel();
+    let deliver = Deliver {
+        stream: stream_tx,
+        values: values_tx,
+        notify: std::cell::Cell::new(None),
+        subscribed: Default::default(),
+    };
     let setup = async {
         let services = client
             .services_by_uuid(&bt_uuid(&plan.service))
@@ -701,35 +904,31 @@ async fn connection(
             .characteristic_by_uuid(&service, &bt_uuid(&plan.notify))
             .await
             .map_err(|e| format!("not found: characteristic {}: {e:?}", plan.notify))?;
-        // Subscribe (writes the CCCD); notifications are taken from the
-        // catch-all listener below, by handle.
+        deliver.notify.set(Some(notify.handle));
+        // Subscribe (writes the CCCD); the listener above takes the values.
         drop(
             client
                 .subscribe(&notify, false)
                 .await
                 .map_err(|e| format!("subscribing to {}: {e:?}", plan.notify))?,
         );
-        Ok::<_, String>((service, write, notify))
+        Ok::<_, String>((service, write))
     };
+    let listener = &mut listener;
     let run = async {
-        let (service, write, notify) = match setup.await {
+        let (service, write) = match setup.await {
             Ok(s) => s,
             Err(e) => {
                 let _ = reply.send(Err(e));
                 return;
             }
         };
-        let Ok(mut listener) = client.listen_all() else {
-            let _ = reply.send(Err("no notification listener left".into()));
-            return;
-        };
         let (req_tx, mut req_rx) = mpsc::unbounded_channel();
-        let (stream_tx, stream_rx) = mpsc::unbounded_channel();
-        let (values_tx, values_rx) = mpsc::unbounded_channel();
         let mtu = u32::from(conn.att_mtu().saturating_sub(ATT_HEADER));
         if reply
             .send(Ok(Connected {
                 mtu,
+                kind,
                 requests: req_tx,
                 stream: stream_rx,
                 values: values_rx,
@@ -740,21 +939,10 @@ async fn connection(
             return;
         }
         let mut known: HashMap<Uuid, Characteristic<u8>> = HashMap::new();
-        let mut subscribed: HashMap<u16, Uuid> = HashMap::new();
         loop {
             // A disconnection ends `client.task()`, and with it this loop.
             match select(listener.next(), req_rx.recv()).await {
-                Either::First(n) => {
-                    let data = n.as_ref().to_vec();
-                    if n.handle() == notify.handle {
-                        let _ = stream_tx.send(data);
-                    } else if let Some(uuid) = subscribed.get(&n.handle()) {
-                        let _ = values_tx.send(GattValue {
-                            characteristic: *uuid,
-                            data,
-                        });
-                    }
-                }
+                Either::First(n) => deliver.send(&n),
                 Either::Second(None) => {
                     // The link was dropped. What was written last may still
                     // be on its way (the command that resets the device,
@@ -766,21 +954,42 @@ async fn connection(
                     return;
                 }
                 Either::Second(Some(r)) => {
-                    handle(
-                        client,
-                        &service,
-                        &write,
-                        &plan,
-                        &mut known,
-                        &mut subscribed,
-                        r,
-                    )
-                    .await;
+                    handle(client, &service, &write, &plan, &mut known, &deliver, r).await;
                 }
             }
         }
     };
-    let _ = select(client.task(), run).await;
+    if let Either::First(_) = select(client.task(), run).await {
+        // Disconnected: hand on what arrived before (the task queued it in
+        // the same turn as it saw the link go).
+        while let Poll::Ready(n) = embassy_futures::poll_once(listener.next()) {
+            deliver.send(&n);
+        }
+    }
+}
+
+/// Where a connection's notifications go: the default characteristic's to
+/// the link's byte stream, other subscribed ones to `receive`.
+struct Deliver {
+    stream: mpsc::UnboundedSender<Vec<u8>>,
+    values: mpsc::UnboundedSender<GattValue>,
+    /// The default notify characteristic's handle, once discovered.
+    notify: std::cell::Cell<Option<u16>>,
+    subscribed: std::cell::RefCell<HashMap<u16, Uuid>>,
+}
+
+impl Deliver {
+    fn send<const MTU: usize>(&self, n: &trouble_host::prelude::Notification<MTU>) {
+        let data = n.as_ref().to_vec();
+        if Some(n.handle()) == self.notify.get() {
+            let _ = self.stream.send(data);
+        } else if let Some(uuid) = self.subscribed.borrow().get(&n.handle()) {
+            let _ = self.values.send(GattValue {
+                characteristic: *uuid,
+                data,
+            });
+        }
+    }
 }
 
 async fn find(
@@ -817,12 +1026,12 @@ async fn handle(
     write: &Characteristic<u8>,
     plan: &GattPlan,
     known: &mut HashMap<Uuid, Characteristic<u8>>,
-    subscribed: &mut HashMap<u16, Uuid>,
-    r: ConnRequest,
+    deliver: &Deliver,
+    r: GattRequest,
 ) {
     let io = |e: &dyn std::fmt::Debug| GattError::Io(format!("{e:?}"));
     match r {
-        ConnRequest::Write(data) => {
+        GattRequest::Write(data) => {
             let r = if plan.write_with_response {
                 client.write_characteristic(write, &data).await
             } else {
@@ -834,7 +1043,7 @@ async fn handle(
                 tracing::warn!("BLE write failed: {e:?}");
             }
         }
-        ConnRequest::GattWrite {
+        GattRequest::GattWrite {
             uuid,
             data,
             with_response,
@@ -854,7 +1063,7 @@ async fn handle(
             .await;
             let _ = reply.send(r);
         }
-        ConnRequest::GattRead { uuid, reply } => {
+        GattRequest::GattRead { uuid, reply } => {
             let r = async {
                 let c = find(client, service, known, uuid).await?;
                 let mut buf = vec![0u8; 512];
@@ -868,7 +1077,7 @@ async fn handle(
             .await;
             let _ = reply.send(r);
         }
-        ConnRequest::Subscribe {
+        GattRequest::Subscribe {
             uuid,
             indicate,
             reply,
@@ -876,17 +1085,17 @@ async fn handle(
             let r = async {
                 let c = find(client, service, known, uuid).await?;
                 drop(client.subscribe(&c, indicate).await.map_err(|e| io(&e))?);
-                subscribed.insert(c.handle, uuid);
+                deliver.subscribed.borrow_mut().insert(c.handle, uuid);
                 Ok(())
             }
             .await;
             let _ = reply.send(r);
         }
-        ConnRequest::Unsubscribe { uuid, reply } => {
+        GattRequest::Unsubscribe { uuid, reply } => {
             let r = async {
                 let c = find(client, service, known, uuid).await?;
                 client.unsubscribe(&c).await.map_err(|e| io(&e))?;
-                subscribed.remove(&c.handle);
+                deliver.subscribed.borrow_mut().remove(&c.handle);
                 Ok(())
             }
             .await;

@@ -11,7 +11,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot};
+
+use super::Transport;
 
 pub use uuid::Uuid;
 
@@ -92,6 +98,155 @@ pub fn parse_uuid(text: &str) -> Result<Uuid, String> {
          or 16/32-bit like fe59)",
         t.chars().take(64).collect::<String>()
     ))
+}
+
+/// A request to one connection's task, from its [`Channel`].
+pub(crate) enum Request {
+    /// A piece of the default characteristic's byte stream.
+    Write(Vec<u8>),
+    GattWrite {
+        uuid: Uuid,
+        data: Vec<u8>,
+        with_response: bool,
+        reply: oneshot::Sender<Result<(), GattError>>,
+    },
+    GattRead {
+        uuid: Uuid,
+        reply: oneshot::Sender<Result<Vec<u8>, GattError>>,
+    },
+    Subscribe {
+        uuid: Uuid,
+        indicate: bool,
+        reply: oneshot::Sender<Result<(), GattError>>,
+    },
+    Unsubscribe {
+        uuid: Uuid,
+        reply: oneshot::Sender<Result<(), GattError>>,
+    },
+}
+
+/// The gateway's side of one BLE connection whose GATT client runs in a
+/// task of its own (one per backend): the default characteristic's byte
+/// stream and the other characteristics, through channels.
+pub(crate) struct Channel {
+    pub(crate) mtu: u32,
+    pub(crate) requests: mpsc::UnboundedSender<Request>,
+    pub(crate) stream: mpsc::UnboundedReceiver<Vec<u8>>,
+    pub(crate) values: mpsc::UnboundedReceiver<GattValue>,
+    /// The rest of a notification a read did not take.
+    pub(crate) unread: Vec<u8>,
+}
+
+impl AsyncRead for Channel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.unread.is_empty() {
+            match self.stream.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                // Disconnected: end of stream.
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(v)) => self.unread = v,
+            }
+        }
+        let n = self.unread.len().min(buf.remaining());
+        buf.put_slice(&self.unread[..n]);
+        self.unread.drain(..n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Channel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let n = buf.len().min(self.mtu as usize);
+        match self.requests.send(Request::Write(buf[..n].to_vec())) {
+            Ok(()) => Poll::Ready(Ok(n)),
+            Err(_) => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Transport for Channel {
+    fn gatt(&mut self) -> Option<&mut dyn GattLink> {
+        Some(self)
+    }
+}
+
+impl Channel {
+    fn ask<'a, T: Send + 'a>(
+        &'a mut self,
+        make: impl FnOnce(oneshot::Sender<Result<T, GattError>>) -> Request,
+    ) -> GattFuture<'a, T> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.requests.send(make(reply));
+        Box::pin(async move {
+            sent.map_err(|_| GattError::Closed)?;
+            answer.await.map_err(|_| GattError::Closed)?
+        })
+    }
+}
+
+impl GattLink for Channel {
+    fn write<'a>(
+        &'a mut self,
+        characteristic: Uuid,
+        data: &'a [u8],
+        with_response: bool,
+    ) -> GattFuture<'a, ()> {
+        let data = data.to_vec();
+        self.ask(move |reply| Request::GattWrite {
+            uuid: characteristic,
+            data,
+            with_response,
+            reply,
+        })
+    }
+
+    fn read(&mut self, characteristic: Uuid) -> GattFuture<'_, Vec<u8>> {
+        self.ask(move |reply| Request::GattRead {
+            uuid: characteristic,
+            reply,
+        })
+    }
+
+    fn subscribe(&mut self, characteristic: Uuid, indicate: bool) -> GattFuture<'_, ()> {
+        self.ask(move |reply| Request::Subscribe {
+            uuid: characteristic,
+            indicate,
+            reply,
+        })
+    }
+
+    fn unsubscribe(&mut self, characteristic: Uuid) -> GattFuture<'_, ()> {
+        self.ask(move |reply| Request::Unsubscribe {
+            uuid: characteristic,
+            reply,
+        })
+    }
+
+    fn receive(&mut self, timeout: Duration) -> GattFuture<'_, Option<GattValue>> {
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, self.values.recv()).await {
+                Err(_) => Ok(None),
+                Ok(Some(v)) => Ok(Some(v)),
+                Ok(None) => Err(GattError::Closed),
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@
 //! into a new image); a link built from a transport can be given a way to.
 
 pub mod ble;
+#[cfg(feature = "bluez")]
+pub mod bluez;
 pub mod gatt;
 mod serial;
 mod tcp;
@@ -229,7 +231,78 @@ pub struct Opener {
 struct BleSource {
     spec: String,
     max_connections: usize,
-    adapter: std::sync::Arc<tokio::sync::Mutex<Option<ble::BleAdapter>>>,
+    adapter: std::sync::Arc<tokio::sync::Mutex<Option<Adapter>>>,
+}
+
+/// A BLE adapter, whichever host stack drives it: an HCI controller of the
+/// gateway's own (`hci+tcp://`, `hci+serial://`), or the host's BlueZ
+/// (`bluez://hci0`, with the cargo feature `bluez`).
+#[derive(Debug, Clone)]
+enum Adapter {
+    Hci(ble::BleAdapter),
+    #[cfg(feature = "bluez")]
+    Bluez(bluez::BluezAdapter),
+}
+
+/// Whether `spec` names a BLE adapter this build can use, without opening it.
+pub fn check_ble_adapter(spec: &str) -> Result<(), LinkError> {
+    if spec.starts_with("bluez:") {
+        #[cfg(feature = "bluez")]
+        return bluez::parse_spec(spec).map(|_| ());
+        #[cfg(not(feature = "bluez"))]
+        return Err(LinkError::BadUrl {
+            url: spec.to_string(),
+            reason: "this otagw was built without BlueZ support (cargo feature `bluez`); \
+                     use an HCI controller (hci+tcp://HOST:PORT or \
+                     hci+serial:///dev/ttyACM0) or a build with --features bluez"
+                .into(),
+        });
+    }
+    ble::AdapterUrl::parse(spec).map(|_| ())
+}
+
+impl Adapter {
+    async fn start(spec: &str, max_connections: usize) -> Result<Adapter, LinkError> {
+        check_ble_adapter(spec)?;
+        #[cfg(feature = "bluez")]
+        if spec.starts_with("bluez:") {
+            return Ok(Adapter::Bluez(
+                bluez::BluezAdapter::start(spec, max_connections).await?,
+            ));
+        }
+        Ok(Adapter::Hci(
+            ble::BleAdapter::start(spec, max_connections).await?,
+        ))
+    }
+
+    fn is_running(&self) -> bool {
+        match self {
+            Adapter::Hci(a) => a.is_running(),
+            #[cfg(feature = "bluez")]
+            Adapter::Bluez(a) => a.is_running(),
+        }
+    }
+
+    async fn open(
+        &self,
+        url: &str,
+        plan: ble::GattPlan,
+        timeout: Duration,
+    ) -> Result<Link, LinkError> {
+        match self {
+            Adapter::Hci(a) => a.open(url, plan, timeout).await,
+            #[cfg(feature = "bluez")]
+            Adapter::Bluez(a) => a.open(url, plan, timeout).await,
+        }
+    }
+
+    async fn scan(&self, duration: Duration) -> Result<Vec<ble::Advertiser>, LinkError> {
+        match self {
+            Adapter::Hci(a) => a.scan(duration).await,
+            #[cfg(feature = "bluez")]
+            Adapter::Bluez(a) => a.scan(duration).await,
+        }
+    }
 }
 
 impl Default for Opener {
@@ -279,18 +352,40 @@ impl Opener {
                     .into(),
             });
         };
-        let adapter = {
-            let mut slot = source.adapter.lock().await;
-            match slot.as_ref().filter(|a| a.is_running()) {
-                Some(a) => a.clone(),
-                None => {
-                    let a = ble::BleAdapter::start(&source.spec, source.max_connections).await?;
-                    *slot = Some(a.clone());
-                    a
-                }
-            }
+        source
+            .adapter()
+            .await?
+            .open(url, plan.clone(), self.ble_timeout)
+            .await
+    }
+
+    /// Listen on the BLE adapter for `duration` and list who advertised
+    /// (`otagw ble scan`).
+    pub async fn scan(&self, duration: Duration) -> Result<Vec<ble::Advertiser>, LinkError> {
+        let Some(source) = &self.ble else {
+            return Err(LinkError::BadUrl {
+                url: "ble scan".into(),
+                reason: "scanning needs a BLE adapter: --ble-adapter / OTAGW_BLE_ADAPTER \
+                         (hci+tcp://HOST:PORT or hci+serial:///dev/ttyACM0)"
+                    .into(),
+            });
         };
-        adapter.open(url, plan.clone(), self.ble_timeout).await
+        source.adapter().await?.scan(duration).await
+    }
+}
+
+impl BleSource {
+    /// The running adapter, started now if it never was or it stopped.
+    async fn adapter(&self) -> Result<Adapter, LinkError> {
+        let mut slot = self.adapter.lock().await;
+        match slot.as_ref().filter(|a| a.is_running()) {
+            Some(a) => Ok(a.clone()),
+            None => {
+                let a = Adapter::start(&self.spec, self.max_connections).await?;
+                *slot = Some(a.clone());
+                Ok(a)
+            }
+        }
     }
 }
 
@@ -475,7 +570,7 @@ impl Link {
         self.pending.clear();
         self.subscribed.clear();
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut last = String::from("not tried");
+        let mut last;
         loop {
             match tokio::time::timeout_at(deadline, reopener()).await {
                 Ok(Ok(io)) => {
@@ -486,7 +581,7 @@ impl Link {
                     return Ok(());
                 }
                 Ok(Err(e)) => last = e,
-                Err(_) => {}
+                Err(_) => last = "still not there when the time ran out".into(),
             }
             if tokio::time::Instant::now() + REOPEN_POLL >= deadline {
                 return Err(LinkError::Timeout {

@@ -53,6 +53,13 @@ impl Error {
         let messages: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
         Error::Options(messages.join("; "))
     }
+
+    /// Whether this is a link that closed ([`LinkFault::Closed`] passed on
+    /// with `?`): the device went away (it reset, or left radio range), and
+    /// after [`Port::reopen`](crate::Port::reopen) the link may work again.
+    pub fn is_link_closed(&self) -> bool {
+        matches!(self, Error::Transfer(m) if m.starts_with("link closed: "))
+    }
 }
 
 /// A link call that failed where the protocol has nothing better to say: a
@@ -77,6 +84,9 @@ mod tests {
             Error::from(LinkFault::Closed("peer hung up".into())),
             Error::Transfer("link closed: peer hung up".into())
         );
+        assert!(Error::from(LinkFault::Closed("peer hung up".into())).is_link_closed());
+        assert!(!Error::from(LinkFault::Timeout("no answer".into())).is_link_closed());
+        assert!(!Error::Device("link closed: said the device".into()).is_link_closed());
         let problems = [
             Problem::new(Some("a"), "option `a` = \"x\": no"),
             Problem::new(None, "`a` and `b` together: no"),

@@ -5,7 +5,7 @@
 //! What it is not: the upload loop or the test/confirm flow (`flash`). It is
 //! transport-agnostic: [`Transport`] frames the packets.
 
-use otagw_plugin_sdk::{Error, Level, LinkFault, Port};
+use otagw_plugin_sdk::{Error, Level, LinkFault, LinkFeature, Port};
 
 use crate::Settings;
 use crate::smp::{self, MapBuilder, Packet, Value, group, id, op};
@@ -337,7 +337,9 @@ impl<'p, P: Port + ?Sized> Client<'p, P> {
 
     /// OS reset, sent once: a lost answer is not retried, because a second
     /// reset before the new image is confirmed would make MCUboot revert it.
-    /// Returns whether the device answered.
+    /// Returns whether the device answered. A link that can be reopened and
+    /// closes instead of answering went with the device (a BLE peripheral
+    /// that hangs up as it reboots): that is no answer, not a failure.
     pub fn reset(&mut self) -> Result<bool, Error> {
         let timeout = self.timeout_ms;
         match self.request(
@@ -349,6 +351,13 @@ impl<'p, P: Port + ?Sized> Client<'p, P> {
         ) {
             Ok(_) => Ok(true),
             Err(Error::Timeout(_)) => Ok(false),
+            Err(e) if e.is_link_closed() && self.port.supports(LinkFeature::Reopen) => {
+                self.log(
+                    Level::Info,
+                    &format!("reset: {e} before an answer: the device is rebooting"),
+                );
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }

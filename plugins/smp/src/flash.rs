@@ -286,6 +286,7 @@ fn upload<P: Port + ?Sized, S: Source + ?Sized>(
     let mut off = 0u64;
     let mut stalls = 0u32;
     let mut restarts = 0u32;
+    let mut reconnects = 0u32;
     let mut matched = None;
     let mut logged_size = false;
     c.port().progress(0, total, Phase::Transfer);
@@ -313,7 +314,35 @@ fn upload<P: Port + ?Sized, S: Source + ?Sized>(
             s.timeout_ms
         };
         up.wire += n as u64;
-        let ans = c.upload(off, body, timeout)?;
+        let ans = match c.upload(off, body, timeout) {
+            Ok(ans) => ans,
+            // The link closed mid-upload (a BLE peripheral left radio range):
+            // connect again and start at offset 0 with the image's sha; a
+            // device that kept the upload answers the offset it holds.
+            Err(e)
+                if e.is_link_closed()
+                    && reconnects < s.retries.max(1)
+                    && c.port().supports(LinkFeature::Reopen) =>
+            {
+                reconnects += 1;
+                c.port().log(
+                    Level::Warn,
+                    &format!(
+                        "image upload at offset {off}: {e}; connecting again ({reconnects} of {}) \
+                         to resume where the device is",
+                        s.retries.max(1)
+                    ),
+                );
+                c.reopen(s.reset_wait_ms).map_err(|r| {
+                    Error::Transfer(format!(
+                        "image upload at offset {off}: {e}; the device did not come back: {r}"
+                    ))
+                })?;
+                off = 0;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let next = ans.off;
         matched = ans.matched.or(matched);
         if next > total {

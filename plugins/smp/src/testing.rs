@@ -212,6 +212,15 @@ pub struct Faults {
     pub silent_from_off: Option<u64>,
     /// The link goes down with a reset (USB-CDC, BLE) until it is reopened.
     pub link_drops_on_reset: bool,
+    /// The device resets as soon as it has the command, before its answer
+    /// is out (with `drop_answers` of the reset: the answer is lost).
+    pub reset_at_once: bool,
+    /// Once the device holds this many upload bytes, the link closes
+    /// instead of the answer (a BLE peripheral out of range) for this
+    /// long (ms); the device keeps its upload session. Fires once.
+    pub leaves_at_upload_off: Option<(u64, u64)>,
+    /// The link cannot be reopened (a plain serial port).
+    pub no_reopen: bool,
 }
 
 /// The simulated SMP device and the port to it.
@@ -410,7 +419,10 @@ impl Sim {
             },
             (group::OS, id::RESET, op::WRITE) => {
                 e.map(0).unwrap();
-                self.pending_reset = Some(self.now + 250);
+                // Zephyr answers, then resets 250 ms later; a device that
+                // resets at once never gets its answer out.
+                self.pending_reset =
+                    Some(self.now + if self.faults.reset_at_once { 0 } else { 250 });
             }
             (group::IMAGE, id::STATE, op::READ) => self.state_list(&mut e),
             (group::IMAGE, id::STATE, op::WRITE) => {
@@ -550,6 +562,14 @@ impl Sim {
             self.do_reset();
             return false;
         }
+        if let Some((at, away_ms)) = self.faults.leaves_at_upload_off
+            && next >= at
+        {
+            self.faults.leaves_at_upload_off = None;
+            self.link_down = true;
+            self.down_until = self.now + away_ms;
+            return false;
+        }
         true
     }
 
@@ -629,7 +649,7 @@ impl Port for Sim {
     }
 
     fn supports(&mut self, feature: LinkFeature) -> bool {
-        feature == LinkFeature::Reopen
+        feature == LinkFeature::Reopen && !self.faults.no_reopen
     }
 
     /// Back once the device has rebooted, if that is within `timeout_ms`.

@@ -471,6 +471,60 @@ fn a_link_that_goes_down_with_the_reset_is_reopened() {
 }
 
 #[test]
+fn a_link_that_closes_instead_of_answering_the_reset_is_reopened() {
+    // A BLE peripheral that hangs up as it reboots, its answer to the reset
+    // never sent: the link closes while the answer is awaited. That is the
+    // reset happening, not a failed flash; the reset is still sent once.
+    let bytes = image(500);
+    let mut sim = Sim::new().ble(128);
+    sim.faults.link_drops_on_reset = true;
+    sim.faults.reset_at_once = true;
+    // 0 state, 1 params, 2 upload, 3 test, 4 reset.
+    sim.faults.drop_answers.insert(4);
+    run(&mut sim, &bytes, &settings()).unwrap();
+    assert_eq!((sim.resets, sim.reopens), (1, 1));
+    assert_eq!(count(&sim, group::OS, id::RESET, op::WRITE), 1);
+    assert_new_image_confirmed(&sim, &bytes);
+}
+
+#[test]
+fn a_link_lost_mid_upload_is_reopened_and_the_upload_resumes_where_the_device_is() {
+    let bytes = image(20_000);
+    let mut sim = Sim::new().ble(128);
+    sim.faults.leaves_at_upload_off = Some((8_000, 2_000));
+    let r = run(&mut sim, &bytes, &settings()).unwrap();
+    assert_eq!(sim.reopens, 1);
+    let resumed = r.resumed_from.expect("resumed");
+    assert!((8_000..20_000).contains(&resumed), "{resumed}");
+    // Nothing before the device's offset went again: one first chunk after
+    // reconnecting, the rest from where the device was.
+    assert!(
+        sim.data_received < bytes.len() as u64 + 2_000,
+        "{} bytes sent for {}",
+        sim.data_received,
+        bytes.len()
+    );
+    assert_new_image_confirmed(&sim, &bytes);
+
+    // Away longer than reset_wait_ms: a transfer error naming both.
+    let mut sim = Sim::new().ble(128);
+    sim.faults.leaves_at_upload_off = Some((8_000, 60_000));
+    let err = run(&mut sim, &bytes, &settings()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Transfer(m) if m.contains("link closed") && m.contains("did not come back")),
+        "{err:?}"
+    );
+    assert_eq!(sim.resets, 0);
+
+    // A link that cannot be reopened (serial): the closed link fails the job.
+    let mut sim = Sim::new();
+    sim.faults.no_reopen = true;
+    sim.faults.leaves_at_upload_off = Some((8_000, 10));
+    let err = run(&mut sim, &bytes, &settings()).unwrap_err();
+    assert!(err.is_link_closed(), "{err:?}");
+}
+
+#[test]
 fn identify_reads_version_model_and_slots() {
     let mut sim = Sim::new();
     let d = identify(&mut sim, &Settings::default()).unwrap();
