@@ -240,6 +240,26 @@ pub struct PluginLimitsConfig {
     pub cpu: Duration,
     #[serde(default = "default_job_deadline", with = "humantime_serde")]
     pub job_deadline: Duration,
+    /// Hot reload: load new and changed plugin files while running.
+    #[serde(default = "default_true")]
+    pub watch: bool,
+    /// How long a plugin file must stay unchanged before it is loaded (a
+    /// copy in progress is never read).
+    #[serde(default = "default_settle", with = "humantime_serde")]
+    pub settle: Duration,
+    /// How often the directory is listed besides file system events.
+    #[serde(default = "default_rescan", with = "humantime_serde")]
+    pub rescan: Duration,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_settle() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_rescan() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_plugin_memory() -> usize {
@@ -258,6 +278,9 @@ impl Default for PluginLimitsConfig {
             memory_mib: default_plugin_memory(),
             cpu: default_plugin_cpu(),
             job_deadline: default_job_deadline(),
+            watch: true,
+            settle: default_settle(),
+            rescan: default_rescan(),
         }
     }
 }
@@ -460,6 +483,9 @@ impl Config {
         )?;
         if self.plugins.cpu.is_zero() || self.plugins.job_deadline.is_zero() {
             return Err("[plugins] cpu and job_deadline must be longer than 0s".into());
+        }
+        if self.plugins.rescan.is_zero() {
+            return Err("[plugins] rescan must be longer than 0s".into());
         }
         if let Some(a) = &self.ble.adapter {
             crate::link::check_ble_adapter(a).map_err(|e| format!("[ble] adapter: {e}"))?;

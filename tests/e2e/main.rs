@@ -7,6 +7,7 @@ mod contract;
 mod daemon;
 mod links;
 mod plugin_host;
+mod reload;
 mod resilience;
 mod smp;
 mod stm32;

@@ -1,4 +1,5 @@
-//! The local HTTP status API: `GET /api/devices` and `GET /api/jobs`, JSON.
+//! The local HTTP status API: `GET /api/devices`, `GET /api/jobs` and
+//! `GET /api/plugins`, JSON.
 //! The platform console's upgrading / succeeded / failed views, at the edge.
 //!
 //! It reads a [`StatusSource`] and changes nothing; it binds nothing itself
@@ -66,10 +67,37 @@ pub struct JobStatus {
     pub updated_ms: u64,
 }
 
+/// A plugin in service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginStatus {
+    pub family: String,
+    pub version: String,
+    pub contract: String,
+    pub path: String,
+    pub sha256: String,
+}
+
+/// A plugin file that did not load, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokenPlugin {
+    pub path: String,
+    pub error: String,
+}
+
+/// The plugins directory as the gateway sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PluginsStatus {
+    pub loaded: Vec<PluginStatus>,
+    pub broken: Vec<BrokenPlugin>,
+}
+
 /// Where the API gets its answers.
 pub trait StatusSource: Send + Sync + 'static {
     fn devices(&self) -> Vec<DeviceStatus>;
     fn jobs(&self) -> Vec<JobStatus>;
+    fn plugins(&self) -> PluginsStatus {
+        PluginsStatus::default()
+    }
 }
 
 /// The API's routes over a source.
@@ -77,6 +105,7 @@ pub fn router(source: Arc<dyn StatusSource>) -> Router {
     Router::new()
         .route("/api/devices", get(devices))
         .route("/api/jobs", get(jobs))
+        .route("/api/plugins", get(plugins))
         .with_state(source)
 }
 
@@ -86,6 +115,10 @@ async fn devices(State(s): State<Arc<dyn StatusSource>>) -> Json<Vec<DeviceStatu
 
 async fn jobs(State(s): State<Arc<dyn StatusSource>>) -> Json<Vec<JobStatus>> {
     Json(s.jobs())
+}
+
+async fn plugins(State(s): State<Arc<dyn StatusSource>>) -> Json<PluginsStatus> {
+    Json(s.plugins())
 }
 
 /// Serve the API on `listener` until `shutdown` is cancelled.

@@ -89,6 +89,9 @@ pub(crate) struct Core {
     pub cache: Cache,
     /// Device-family plugins.
     pub plugins: PluginHost,
+    /// Their directory, and how it is watched for hot reload (`None`: not).
+    pub plugins_dir: std::path::PathBuf,
+    pub plugin_watch: Option<crate::plugin::watch::WatchOptions>,
     /// Opens the leaves' links (BLE ones through the `[ble]` adapter).
     pub opener: crate::link::Opener,
     /// Where reports, informs and requests go upstream.
@@ -293,6 +296,24 @@ impl Core {
         .await;
     }
 
+    /// Tell the platform every plugin's version, as a module of the
+    /// gateway's own (`plugin.<family>`): at connect and after a reload.
+    pub async fn inform_plugins(&self) {
+        for p in self.plugins.families() {
+            let inform = Inform::new(
+                self.next_id(),
+                p.info.version.clone(),
+                format!("plugin.{}", p.info.name),
+            );
+            self.publish(
+                &topics::inform(&self.gw.product_key, &self.gw.device_name),
+                inform.payload(),
+                Delivery::BestEffort,
+            )
+            .await;
+        }
+    }
+
     async fn on_connected(self: &Arc<Self>) {
         for leaf in self.devices.all() {
             let key = (leaf.id.clone(), leaf.module.clone());
@@ -310,19 +331,7 @@ impl Core {
                 }
             }
         }
-        for p in self.plugins.families() {
-            let inform = Inform::new(
-                self.next_id(),
-                p.info.version.clone(),
-                format!("plugin.{}", p.info.name),
-            );
-            self.publish(
-                &topics::inform(&self.gw.product_key, &self.gw.device_name),
-                inform.payload(),
-                Delivery::BestEffort,
-            )
-            .await;
-        }
+        self.inform_plugins().await;
         // Ask for pending packages for every leaf with no job under way.
         for leaf in self.devices.all() {
             if !self.table.busy(&(leaf.id.clone(), leaf.module.clone())) {
@@ -569,6 +578,14 @@ impl Gateway {
             table,
             cache,
             plugins,
+            plugins_dir: cfg.gateway.plugins_dir.clone(),
+            plugin_watch: cfg
+                .plugins
+                .watch
+                .then_some(crate::plugin::watch::WatchOptions {
+                    settle: cfg.plugins.settle,
+                    rescan: cfg.plugins.rescan,
+                }),
             opener: match &cfg.ble.adapter {
                 Some(spec) => crate::link::Opener::with_ble(
                     spec,
@@ -645,6 +662,10 @@ impl Gateway {
             let core = core.clone();
             core.tasks.clone().spawn(summary_loop(core));
         }
+        if let Some(options) = core.plugin_watch {
+            let core = core.clone();
+            core.tasks.clone().spawn(watch_plugins(core, options));
+        }
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -677,6 +698,29 @@ impl Gateway {
         }
         Ok(())
     }
+}
+
+/// Hot reload of the plugins directory for the daemon's life; the platform
+/// hears the new versions.
+async fn watch_plugins(core: Arc<Core>, options: crate::plugin::watch::WatchOptions) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watch = crate::plugin::watch::watch_dir(
+        &core.plugins,
+        &core.plugins_dir,
+        options,
+        core.shutdown.clone(),
+        move |changes| {
+            if !changes.loaded.is_empty() {
+                let _ = tx.send(());
+            }
+        },
+    );
+    let inform = async {
+        while rx.recv().await.is_some() {
+            core.inform_plugins().await;
+        }
+    };
+    tokio::join!(watch, inform);
 }
 
 /// Publish the summary at most once a second, when something changed.

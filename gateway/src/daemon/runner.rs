@@ -376,7 +376,10 @@ impl Ctx {
         let mut session = match self.session().await {
             Ok(s) => s,
             Err(e) => {
-                return Event::VerifyFailed {
+                // No plugin for the family (yet: hot reload may bring one),
+                // or it would not start: -1, the image was not judged.
+                return Event::FlashFailed {
+                    step: crate::ota::Step::UpgradeFailed,
                     desc: e.to_string(),
                 };
             }

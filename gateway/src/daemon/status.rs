@@ -17,6 +17,31 @@ fn step_desc(state: &State) -> (Option<i32>, Option<String>) {
 }
 
 impl StatusSource for Status {
+    fn plugins(&self) -> crate::api::PluginsStatus {
+        let host = &self.0.plugins;
+        crate::api::PluginsStatus {
+            loaded: host
+                .families()
+                .iter()
+                .map(|p| crate::api::PluginStatus {
+                    family: p.info.name.clone(),
+                    version: p.info.version.clone(),
+                    contract: p.info.contract.to_string(),
+                    path: p.path.display().to_string(),
+                    sha256: p.sha256.clone(),
+                })
+                .collect(),
+            broken: host
+                .broken()
+                .into_iter()
+                .map(|(path, error)| crate::api::BrokenPlugin {
+                    path: path.display().to_string(),
+                    error,
+                })
+                .collect(),
+        }
+    }
+
     fn devices(&self) -> Vec<DeviceStatus> {
         let core = &self.0;
         let jobs = core.table.snapshot();

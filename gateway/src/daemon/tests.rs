@@ -63,6 +63,8 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
         table,
         cache,
         plugins: PluginHost::new(limits, None).unwrap(),
+        plugins_dir: std::path::PathBuf::new(),
+        plugin_watch: None,
         opener: crate::link::Opener::default(),
         publisher: sent.clone(),
         limits: IntakeLimits {

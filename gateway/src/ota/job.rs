@@ -148,6 +148,7 @@ pub enum Event {
     },
     Flashed,
     /// Flashing failed; `step` is -1 (the plugin failed) or -4 (the device did).
+    /// While verifying: the plugin could not run at all (always -1).
     FlashFailed {
         step: Step,
         desc: String,
@@ -433,6 +434,11 @@ impl Job {
             }
             (S::Verifying, Event::VerifyFailed { desc }) => {
                 return self.fail(Step::VerifyFailed, desc, now);
+            }
+            // The family's plugin could not check the image at all (there is
+            // none, it would not start): not the image's fault, so not -3.
+            (S::Verifying, Event::FlashFailed { desc, .. }) => {
+                return self.fail(Step::UpgradeFailed, desc, now);
             }
             (S::Verifying, Event::Restarted(_)) => {
                 self.go(S::Verifying, "gateway restarted: verifying again", now);
@@ -841,6 +847,19 @@ mod tests {
         );
         assert_eq!(reports(&a), [(-3, "md5 mismatch".to_string())]);
         assert_eq!(a.last(), Some(&Action::Done));
+
+        // No plugin to verify with: -1, not a verification failure.
+        let mut job = Job::new(&notice(), 0);
+        job.on(Event::Start, 1);
+        job.on(Event::Downloaded, 2);
+        let a = job.on(
+            Event::FlashFailed {
+                step: Step::FlashFailed,
+                desc: "no plugin for device family \"esp32\"".into(),
+            },
+            3,
+        );
+        assert_eq!(reports(&a)[0].0, -1);
 
         for (step, expect) in [
             (Step::FlashFailed, -4),

@@ -70,14 +70,17 @@ impl PluginHost {
                         ms = p.load_time.as_secs_f64() * 1e3,
                         "plugin loaded"
                     );
+                    self.set_broken(&path, None);
                     report.loaded.push(p);
                 }
                 Err(e) => {
                     tracing::error!("{e}; skipped");
+                    self.set_broken(&path, Some(e.to_string()));
                     report.failed.push(e);
                 }
             }
         }
+        self.changed();
         Ok(report)
     }
 

@@ -17,6 +17,7 @@ pub mod bindings;
 mod convert;
 pub mod host;
 mod loader;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -264,6 +265,10 @@ pub struct PluginHost {
     limits: Limits,
     cache_dir: Option<PathBuf>,
     plugins: RwLock<BTreeMap<String, Arc<LoadedPlugin>>>,
+    /// Plugin files that did not load, with why (the last attempt of each).
+    broken: RwLock<BTreeMap<PathBuf, String>>,
+    /// Counts changes of `plugins` and `broken` (hot reload).
+    changes: tokio::sync::watch::Sender<u64>,
     ticker_stop: Arc<AtomicBool>,
     compact: bool,
 }
@@ -365,6 +370,8 @@ impl PluginHost {
             limits,
             cache_dir,
             plugins: RwLock::new(BTreeMap::new()),
+            broken: RwLock::new(BTreeMap::new()),
+            changes: tokio::sync::watch::Sender::new(0),
             ticker_stop,
             compact,
         })
@@ -388,6 +395,47 @@ impl PluginHost {
             .unwrap_or_else(|e| e.into_inner())
             .get(family)
             .cloned()
+    }
+
+    /// Plugin files that failed to load, with the reason (cleared when the
+    /// file loads or goes away).
+    pub fn broken(&self) -> BTreeMap<PathBuf, String> {
+        self.broken
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Told of every change of the loaded plugins or the broken files.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    pub(crate) fn set_broken(&self, path: &Path, why: Option<String>) {
+        let mut broken = self.broken.write().unwrap_or_else(|e| e.into_inner());
+        match why {
+            Some(why) => broken.insert(path.to_path_buf(), why),
+            None => broken.remove(path),
+        };
+    }
+
+    /// Forget the family `path` provided, if any (its file went away or now
+    /// provides another family); jobs that hold it finish on it.
+    pub(crate) fn unregister_path(&self, path: &Path, except: Option<&str>) -> Vec<String> {
+        let mut map = self.plugins.write().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<String> = map
+            .iter()
+            .filter(|(name, p)| p.path == path && Some(name.as_str()) != except)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            map.remove(name);
+        }
+        gone
     }
 
     /// Every loaded plugin, by family name.
