@@ -9,6 +9,7 @@ mod links;
 mod plugin_host;
 mod reload;
 mod resilience;
+mod signing;
 mod smp;
 mod stm32;
 mod xmodem;

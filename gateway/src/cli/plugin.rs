@@ -1,6 +1,8 @@
 //! `otagw plugin new NAME [--dir DIR]`: write a device-family crate from a
 //! template, ready to build for `wasm32-wasip2`, with a passing unit test and a
-//! README that says how to build, test and install it.
+//! README that says how to build, test and install it. `otagw plugin keygen`,
+//! `sign` and `verify`: signed plugins in wasmsign2's format
+//! (`crate::plugin::signing`).
 //!
 //! The crate is self-contained: it carries the plugin SDK this gateway was
 //! built with (`vendor/otagw-plugin-sdk`, its manifest made standalone from
@@ -14,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+
+use crate::plugin::signing;
 use clap::{Args, Subcommand};
 
 #[derive(Debug, Args)]
@@ -27,6 +31,51 @@ pub enum PluginCommand {
     /// Write a new device-family plugin crate from the template (builds for
     /// wasm32-wasip2 as written, with a passing test and a README).
     New(NewArgs),
+    /// Make an Ed25519 signing key pair: KEY (secret; keep it off the
+    /// gateway) and KEY.pub (goes into `[plugins] trusted_keys`).
+    Keygen(KeygenArgs),
+    /// Sign a plugin: embeds its manifest (family, version, contract, read
+    /// from the plugin; --security-version) and a wasmsign2 signature. Run
+    /// again with another key for k-of-n signing.
+    Sign(SignArgs),
+    /// Check a plugin's signature against public keys; print its manifest and
+    /// which keys signed it. Exit 1 when no given key did.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the secret key (the public key goes to OUT.pub).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// The secret key (from `otagw plugin keygen` or `wasmsign2 keygen`).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Raise it with each release that fixes a security problem: gateways
+    /// refuse to go back below the highest they ran.
+    #[arg(long, default_value_t = 0)]
+    pub security_version: u64,
+    /// The plugin to sign (*.wasm).
+    pub input: PathBuf,
+    /// Where to write the signed plugin.
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// A trusted public key (repeatable).
+    #[arg(long = "pub", required = true)]
+    pub keys: Vec<PathBuf>,
+    /// How many of the keys must have signed.
+    #[arg(long, default_value_t = 1)]
+    pub threshold: usize,
+    /// The signed plugin.
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -54,6 +103,85 @@ pub async fn run(a: PluginArgs) -> anyhow::Result<ExitCode> {
                 n.name.replace('-', "_"),
             );
             Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Keygen(k) => {
+            let public = signing::keygen(&k.out)?;
+            println!(
+                "secret key {} (keep it where you build releases, not on gateways)
+                 public key {} (list it in the gateways' [plugins] trusted_keys)",
+                k.out.display(),
+                public.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Sign(a) => sign(a).await,
+        PluginCommand::Verify(a) => verify(a),
+    }
+}
+
+async fn sign(a: SignArgs) -> anyhow::Result<ExitCode> {
+    let key = signing::secret_key(&a.key)?;
+    let bytes =
+        std::fs::read(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
+    // What the plugin is, from the plugin itself.
+    let host = crate::plugin::PluginHost::new(crate::plugin::Limits::default(), None)?;
+    let plugin = host
+        .load_file(&a.input)
+        .await
+        .with_context(|| format!("{} is not a plugin this gateway can run", a.input.display()))?;
+    let manifest = signing::Manifest {
+        family: plugin.info.name.clone(),
+        version: plugin.info.version.clone(),
+        security_version: a.security_version,
+        contract: plugin.info.contract_claimed.clone(),
+        min_gateway: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let signed = signing::sign(&bytes, &key, Some(&manifest))?;
+    let tmp = a.output.with_extension("wasm.part");
+    std::fs::write(&tmp, &signed).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &a.output).with_context(|| format!("writing {}", a.output.display()))?;
+    println!(
+        "signed {} {} (security version {}, contract {}) with {}: {}",
+        manifest.family,
+        manifest.version,
+        manifest.security_version,
+        manifest.contract,
+        a.key.display(),
+        a.output.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let keys = a
+        .keys
+        .iter()
+        .map(|p| Ok((p.clone(), signing::public_key(p)?)))
+        .collect::<Result<Vec<_>, signing::SignError>>()?;
+    let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    match signing::verify(&bytes, &keys, a.threshold) {
+        Ok(signers) => {
+            for s in signers {
+                println!("signed by {}", s.display());
+            }
+            match signing::manifest(&bytes)? {
+                Some(m) => println!(
+                    "family {}
+version {}
+security_version {}
+contract {}
+min_gateway {}",
+                    m.family, m.version, m.security_version, m.contract, m.min_gateway
+                ),
+                None => println!(
+                    "no otagw-plugin manifest (signed with another tool: sign it with                      `otagw plugin sign` to say what it is)"
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", a.file.display());
+            Ok(ExitCode::FAILURE)
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod bindings;
 mod convert;
 pub mod host;
 mod loader;
+pub mod signing;
 pub mod watch;
 
 use std::collections::BTreeMap;
