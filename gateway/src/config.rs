@@ -250,6 +250,20 @@ pub struct PluginLimitsConfig {
     /// How often the directory is listed besides file system events.
     #[serde(default = "default_rescan", with = "humantime_serde")]
     pub rescan: Duration,
+    /// Public keys (`otagw plugin keygen`, `wasmsign2 keygen`) whose
+    /// signatures make a plugin trusted.
+    #[serde(default)]
+    pub trusted_keys: Vec<PathBuf>,
+    /// How many of them must have signed (k of n).
+    #[serde(default = "default_threshold")]
+    pub threshold: usize,
+    /// Whether a file dropped into plugins_dir must be signed to load.
+    #[serde(default)]
+    pub require_signatures: bool,
+}
+
+fn default_threshold() -> usize {
+    1
 }
 
 fn default_true() -> bool {
@@ -281,6 +295,9 @@ impl Default for PluginLimitsConfig {
             watch: true,
             settle: default_settle(),
             rescan: default_rescan(),
+            trusted_keys: Vec::new(),
+            threshold: default_threshold(),
+            require_signatures: false,
         }
     }
 }
@@ -487,6 +504,21 @@ impl Config {
         if self.plugins.rescan.is_zero() {
             return Err("[plugins] rescan must be longer than 0s".into());
         }
+        let keys = self.plugins.trusted_keys.len();
+        if self.plugins.require_signatures && keys == 0 {
+            return Err(
+                "[plugins] require_signatures needs trusted_keys (the public keys whose \
+                        signatures are trusted; make one with `otagw plugin keygen`)"
+                    .into(),
+            );
+        }
+        if keys > 0 {
+            within("[plugins] threshold", self.plugins.threshold, 1..=keys)?;
+        }
+        for k in &self.plugins.trusted_keys {
+            crate::plugin::signing::public_key(k)
+                .map_err(|e| format!("[plugins] trusted_keys: {e}"))?;
+        }
         if let Some(a) = &self.ble.adapter {
             crate::link::check_ble_adapter(a).map_err(|e| format!("[ble] adapter: {e}"))?;
         }
@@ -627,6 +659,40 @@ plugins_dir = "/tmp/p"
         .unwrap_err()
         .to_string();
         assert!(err.contains("[ble] adapter"), "{err}");
+    }
+
+    #[test]
+    fn signature_settings_are_checked() {
+        let err = parse(&format!(
+            "{MINIMAL}\n[plugins]\nrequire_signatures = true\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("require_signatures needs trusted_keys"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}\n[plugins]\ntrusted_keys = [\"/nonexistent/k.pub\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("trusted_keys") && err.contains("k.pub"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let public = crate::plugin::signing::keygen(&dir.path().join("k")).unwrap();
+        let ok = format!(
+            "{MINIMAL}\n[plugins]\ntrusted_keys = [{:?}]\nrequire_signatures = true\n",
+            public.display().to_string()
+        );
+        let cfg = parse(&ok).unwrap();
+        assert_eq!(cfg.plugins.threshold, 1);
+        let err = parse(&format!("{ok}threshold = 2\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("threshold"), "{err}");
     }
 
     #[test]

@@ -161,3 +161,81 @@ async fn plugins_signed_by_otagw_verify_with_wasmsign2_and_the_other_way_round()
         text(&o)
     );
 }
+
+/// `[plugins] require_signatures`: a file in the plugins directory loads
+/// only when enough trusted keys signed it; the others are reported broken
+/// with the reason, at start and when dropped in later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_require_signatures_only_plugins_signed_by_trusted_keys_load() {
+    use otagw::plugin::signing;
+    use otagw::plugin::watch::DirState;
+    use otagw::plugin::{PluginHost, Trust};
+    use std::time::Duration;
+
+    let keys = tempfile::tempdir().unwrap();
+    let (a, b) = (keys.path().join("a"), keys.path().join("b"));
+    let (a_pub, b_pub) = (signing::keygen(&a).unwrap(), signing::keygen(&b).unwrap());
+    let sign = |component: &str, key: &Path| {
+        let bytes = std::fs::read(component).unwrap();
+        signing::sign(&bytes, &signing::secret_key(key).unwrap(), None).unwrap()
+    };
+    let dir = PluginsDir::with(&[]);
+    dir.add_raw("xmodem.wasm", &sign(artifacts::XMODEM, &a));
+    dir.add_raw("smp.wasm", &std::fs::read(artifacts::SMP).unwrap());
+    dir.add_raw("stm32.wasm", &sign(artifacts::STM32, &b));
+
+    let host = PluginHost::new(test_limits(), None).unwrap();
+    host.set_trust(Trust::load(std::slice::from_ref(&a_pub), 1, true).unwrap());
+    host.load_dir(dir.path()).await.unwrap();
+    let families: Vec<String> = host
+        .families()
+        .iter()
+        .map(|p| p.info.name.clone())
+        .collect();
+    assert_eq!(families, ["xmodem"]);
+    let broken = host.broken();
+    let why = |name: &str| broken[&dir.path().join(name)].clone();
+    assert!(why("smp.wasm").contains("not signed"), "{broken:?}");
+    assert!(
+        why("stm32.wasm").contains("no valid signature by a trusted key"),
+        "{broken:?}"
+    );
+
+    // Dropped in later, signed by a trusted key: loads. With two keys
+    // needed, one signature is not enough.
+    host.set_trust(Trust::load(&[a_pub, b_pub], 2, true).unwrap());
+    let mut state = DirState::loaded_now(dir.path());
+    let t0 = tokio::time::Instant::now();
+    let settle = Duration::from_millis(100);
+    dir.add_raw("stm32.wasm", &sign(artifacts::STM32, &a));
+    host.reconcile(dir.path(), &mut state, t0, settle).await;
+    let c = host
+        .reconcile(dir.path(), &mut state, t0 + settle, settle)
+        .await;
+    assert!(
+        c.failed.len() == 1
+            && c.failed[0]
+                .1
+                .contains("signed by 1 trusted key(s), 2 needed"),
+        "{c:?}"
+    );
+    let twice = signing::sign(
+        &sign(artifacts::STM32, &a),
+        &signing::secret_key(&b).unwrap(),
+        None,
+    )
+    .unwrap();
+    dir.add_raw("stm32.wasm", &twice);
+    host.reconcile(dir.path(), &mut state, t0 + settle * 2, settle)
+        .await;
+    let c = host
+        .reconcile(dir.path(), &mut state, t0 + settle * 4, settle)
+        .await;
+    assert_eq!(c.loaded.len(), 1, "{c:?}");
+    assert!(host.get("stm32").is_some());
+
+    // Without require_signatures, a technician's unsigned drop-in loads.
+    let host = PluginHost::new(test_limits(), None).unwrap();
+    host.load_dir(dir.path()).await.unwrap();
+    assert!(host.get("smp").is_some() && host.broken().is_empty());
+}

@@ -473,6 +473,16 @@ impl Gateway {
             cfg.plugins.limits(cfg.jobs.max_parallel),
             Some(data.join("compiled")),
         )?;
+        plugins.set_trust(
+            crate::plugin::Trust::load(
+                &cfg.plugins.trusted_keys,
+                cfg.plugins.threshold,
+                cfg.plugins.require_signatures,
+            )
+            .map_err(|e| {
+                crate::plugin::PluginError::Engine(format!("[plugins] trusted_keys: {e}"))
+            })?,
+        );
         let report = plugins.load_dir(&cfg.gateway.plugins_dir).await?;
         for e in &report.failed {
             tracing::error!("{e}");

@@ -60,7 +60,7 @@ impl PluginHost {
         paths.sort();
         let mut report = LoadReport::default();
         for path in paths {
-            match self.load_file(&path).await {
+            match self.load_local(&path).await {
                 Ok(p) => {
                     tracing::info!(
                         family = %p.info.name,

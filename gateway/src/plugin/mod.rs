@@ -98,6 +98,11 @@ pub enum PluginError {
     Instantiate { path: PathBuf, reason: String },
     #[error("plugin {path} describes itself badly: {reason}")]
     Describe { path: PathBuf, reason: String },
+    #[error(
+        "plugin {path} is refused: {reason} ([plugins] require_signatures; sign it with \
+         `otagw plugin sign --key KEY` for a key in trusted_keys)"
+    )]
+    Signature { path: PathBuf, reason: String },
     #[error("plugins {first} and {second} both claim family {family:?}")]
     Duplicate {
         family: String,
@@ -240,6 +245,35 @@ impl FamilyInfo {
 }
 
 /// A loaded plugin: its description and a pre-linked, ready-to-instantiate component.
+/// Who may sign plugins (`[plugins] trusted_keys`, `threshold`), and
+/// whether a file in the plugins directory must be signed to load
+/// (`require_signatures`; remote updates always are checked).
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    pub keys: Vec<(PathBuf, wasmsign2::PublicKey)>,
+    pub threshold: usize,
+    pub require_local: bool,
+}
+
+impl Trust {
+    /// Read the public keys of `[plugins] trusted_keys`.
+    pub fn load(
+        keys: &[PathBuf],
+        threshold: usize,
+        require_local: bool,
+    ) -> Result<Trust, signing::SignError> {
+        let keys = keys
+            .iter()
+            .map(|p| Ok((p.clone(), signing::public_key(p)?)))
+            .collect::<Result<Vec<_>, signing::SignError>>()?;
+        Ok(Trust {
+            keys,
+            threshold,
+            require_local,
+        })
+    }
+}
+
 pub struct LoadedPlugin {
     pub info: FamilyInfo,
     pub path: PathBuf,
@@ -268,6 +302,8 @@ pub struct PluginHost {
     plugins: RwLock<BTreeMap<String, Arc<LoadedPlugin>>>,
     /// Plugin files that did not load, with why (the last attempt of each).
     broken: RwLock<BTreeMap<PathBuf, String>>,
+    /// Who may sign plugins, and whether the plugins directory needs it.
+    trust: RwLock<Trust>,
     /// Counts changes of `plugins` and `broken` (hot reload).
     changes: tokio::sync::watch::Sender<u64>,
     ticker_stop: Arc<AtomicBool>,
@@ -372,6 +408,7 @@ impl PluginHost {
             cache_dir,
             plugins: RwLock::new(BTreeMap::new()),
             broken: RwLock::new(BTreeMap::new()),
+            trust: RwLock::new(Trust::default()),
             changes: tokio::sync::watch::Sender::new(0),
             ticker_stop,
             compact,
@@ -396,6 +433,30 @@ impl PluginHost {
             .unwrap_or_else(|e| e.into_inner())
             .get(family)
             .cloned()
+    }
+
+    /// Set who may sign plugins (before loading the directory).
+    pub fn set_trust(&self, trust: Trust) {
+        *self.trust.write().unwrap_or_else(|e| e.into_inner()) = trust;
+    }
+
+    /// Load a file of the plugins directory: with `require_signatures`, only
+    /// when enough trusted keys signed it.
+    pub async fn load_local(&self, path: &Path) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let trust = self.trust.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if trust.require_local {
+            let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            signing::verify(&bytes, &trust.keys, trust.threshold).map_err(|e| {
+                PluginError::Signature {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                }
+            })?;
+        }
+        self.load_file(path).await
     }
 
     /// Plugin files that failed to load, with the reason (cleared when the

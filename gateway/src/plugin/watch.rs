@@ -173,7 +173,7 @@ impl PluginHost {
                 .into_iter()
                 .find(|p| &p.path == path)
                 .map(|p| p.info.version.clone());
-            match self.load_file(path).await {
+            match self.load_local(path).await {
                 Ok(p) => {
                     self.set_broken(path, None);
                     for family in self.unregister_path(path, Some(&p.info.name)) {
