@@ -239,3 +239,130 @@ async fn with_require_signatures_only_plugins_signed_by_trusted_keys_load() {
     host.load_dir(dir.path()).await.unwrap();
     assert!(host.get("smp").is_some() && host.broken().is_empty());
 }
+
+/// `otagw plugin install`: a plugin signed by a trusted key replaces the
+/// file that provides its family, atomically, keeping the old one as
+/// `.prev`; unsigned, untrusted and lying files are refused and nothing in
+/// the directory changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_install_checks_then_replaces_the_familys_file_keeping_the_previous() {
+    use otagw::plugin::signing;
+
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let current = plugins
+        .path()
+        .join(Path::new(artifacts::XMODEM).file_name().unwrap());
+    let original = std::fs::read(&current).unwrap();
+    let (key, other) = (w.join("release.key"), w.join("other.key"));
+    let public = signing::keygen(&key).unwrap();
+    signing::keygen(&other).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let config = w.join("otagw.toml");
+    std::fs::write(
+        &config,
+        gateway_config(data.path(), plugins.path(), None, &[]).replace(
+            "[plugins]\n",
+            &format!(
+                "[plugins]\ntrusted_keys = [{:?}]\n",
+                public.display().to_string()
+            ),
+        ),
+    )
+    .unwrap();
+    let install = |file: &Path| {
+        let (config, file) = (config.clone(), file.to_path_buf());
+        async move { otagw(&["plugin", "install", "--config", s(&config), s(&file)]).await }
+    };
+    let unchanged = || {
+        assert_eq!(
+            std::fs::read(&current).unwrap(),
+            original,
+            "nothing changed"
+        );
+    };
+
+    // Refused: unsigned, signed by a key that is not trusted, and a manifest
+    // that claims another family.
+    let o = install(Path::new(artifacts::XMODEM)).await;
+    assert!(
+        !o.status.success() && text(&o).contains("not signed"),
+        "{}",
+        text(&o)
+    );
+    unchanged();
+    let untrusted = w.join("untrusted.wasm");
+    let o = otagw(&[
+        "plugin",
+        "sign",
+        "--key",
+        s(&other),
+        artifacts::XMODEM,
+        "-o",
+        s(&untrusted),
+    ])
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let o = install(&untrusted).await;
+    assert!(
+        !o.status.success() && text(&o).contains("no valid signature by a trusted key"),
+        "{}",
+        text(&o)
+    );
+    unchanged();
+    let lying = w.join("lying.wasm");
+    let manifest = signing::Manifest {
+        family: "smp".into(),
+        version: "9.9.9".into(),
+        security_version: 0,
+        contract: "0.2.0".into(),
+        min_gateway: "0.1.0".into(),
+    };
+    std::fs::write(
+        &lying,
+        signing::sign(
+            &original,
+            &signing::secret_key(&key).unwrap(),
+            Some(&manifest),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let o = install(&lying).await;
+    assert!(
+        !o.status.success() && text(&o).contains("its manifest says smp 9.9.9"),
+        "{}",
+        text(&o)
+    );
+    unchanged();
+
+    // Signed by the trusted key: it replaces the file that had the family.
+    let signed = w.join("xmodem.signed.wasm");
+    let o = otagw(&[
+        "plugin",
+        "sign",
+        "--key",
+        s(&key),
+        artifacts::XMODEM,
+        "-o",
+        s(&signed),
+    ])
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let o = install(&signed).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("installed xmodem"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(&current).unwrap(),
+        std::fs::read(&signed).unwrap()
+    );
+    let prev = otagw::plugin::install::previous_of(&current);
+    assert_eq!(std::fs::read(&prev).unwrap(), original);
+    let wasm = std::fs::read_dir(plugins.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "wasm"))
+        .count();
+    assert_eq!(wasm, 1, "one file for the family");
+}

@@ -41,6 +41,21 @@ pub enum PluginCommand {
     /// Check a plugin's signature against public keys; print its manifest and
     /// which keys signed it. Exit 1 when no given key did.
     Verify(VerifyArgs),
+    /// Install a signed plugin into the configured plugins_dir: checks the
+    /// signature against [plugins] trusted_keys (always, whatever
+    /// require_signatures says), its manifest against the plugin, that this
+    /// gateway runs it; then replaces the family's file atomically, keeping
+    /// the old one as FILE.prev. A running gateway loads it by itself.
+    Install(InstallArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// The gateway's configuration (plugins_dir, trusted_keys, threshold).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// The signed plugin (from `otagw plugin sign`).
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -116,7 +131,79 @@ pub async fn run(a: PluginArgs) -> anyhow::Result<ExitCode> {
         }
         PluginCommand::Sign(a) => sign(a).await,
         PluginCommand::Verify(a) => verify(a),
+        PluginCommand::Install(a) => install(a).await,
     }
+}
+
+async fn install(a: InstallArgs) -> anyhow::Result<ExitCode> {
+    let cfg = crate::config::Config::load(&a.config)?;
+    let refuse = |why: String| {
+        eprintln!("error: {} not installed: {why}", a.file.display());
+        Ok(ExitCode::FAILURE)
+    };
+    if cfg.plugins.trusted_keys.is_empty() {
+        return refuse(format!(
+            "{} lists no [plugins] trusted_keys to check its signature with (make a key \
+             with `otagw plugin keygen` and list its .pub there)",
+            a.config.display()
+        ));
+    }
+    let trust = crate::plugin::Trust::load(&cfg.plugins.trusted_keys, cfg.plugins.threshold, true)?;
+    let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let signers = match signing::verify(&bytes, &trust.keys, trust.threshold) {
+        Ok(s) => s,
+        Err(e) => return refuse(e.to_string()),
+    };
+    let Some(manifest) = signing::manifest(&bytes)? else {
+        return refuse(
+            "it carries no otagw-plugin manifest (sign it with `otagw plugin sign`)".into(),
+        );
+    };
+    let limits = cfg.plugins.limits(1);
+    let checker = crate::plugin::PluginHost::new(limits.clone(), None)?;
+    let plugin = match checker.load_file(&a.file).await {
+        Ok(p) => p,
+        Err(e) => return refuse(e.to_string()),
+    };
+    let info = &plugin.info;
+    if manifest.family != info.name
+        || manifest.version != info.version
+        || manifest.contract != info.contract_claimed
+    {
+        return refuse(format!(
+            "its manifest says {} {} (contract {}), the plugin says {} {} (contract {})",
+            manifest.family,
+            manifest.version,
+            manifest.contract,
+            info.name,
+            info.version,
+            info.contract_claimed
+        ));
+    }
+    // The file that provides the family now, if any, is the one replaced.
+    let dir = &cfg.gateway.plugins_dir;
+    let current =
+        crate::plugin::PluginHost::new(limits, Some(cfg.gateway.data_dir.join("compiled")))?;
+    current.load_dir(dir).await?;
+    let target = current
+        .get(&info.name)
+        .map(|p| p.path.clone())
+        .unwrap_or_else(|| dir.join(format!("{}.wasm", info.name)));
+    let done = crate::plugin::install::install(&target, &bytes)
+        .with_context(|| format!("writing {}", target.display()))?;
+    let by: Vec<String> = signers.iter().map(|p| p.display().to_string()).collect();
+    println!(
+        "installed {} {} (signed by {}) at {}{}; a running gateway loads it within \
+         [plugins] settle",
+        info.name,
+        info.version,
+        by.join(", "),
+        done.path.display(),
+        done.previous
+            .map(|p| format!(", the previous version kept as {}", p.display()))
+            .unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn sign(a: SignArgs) -> anyhow::Result<ExitCode> {

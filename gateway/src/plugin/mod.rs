@@ -16,6 +16,7 @@
 pub mod bindings;
 mod convert;
 pub mod host;
+pub mod install;
 mod loader;
 pub mod signing;
 pub mod watch;
