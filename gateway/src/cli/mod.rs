@@ -126,6 +126,35 @@ impl LinkArgs {
     }
 }
 
+/// Rows under a header as an aligned text table: columns two spaces apart,
+/// the last one unpadded.
+pub fn aligned<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut width = header.map(str::len);
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: [&str; N]| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == N {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(*header);
+    for r in rows {
+        line(r.each_ref().map(String::as_str));
+    }
+    out
+}
+
 /// Parse `key=value` (values may contain '=').
 pub fn parse_option(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {

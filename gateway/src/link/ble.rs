@@ -31,7 +31,7 @@ use trouble_host::prelude::{
 };
 
 use super::gatt::{Channel, GattError, GattValue, Request as GattRequest, Uuid};
-use super::{Link, LinkError, LinkKind, Transport};
+use super::{Link, LinkError};
 
 /// The ATT MTU the gateway asks for is the packet pool's; what was granted is
 /// `link.mtu()` (ATT MTU - 3).
@@ -336,29 +336,20 @@ impl BleAdapter {
         let (transport, kind) = self
             .connect(url, &parsed, &plan, timeout, permit.clone())
             .await?;
-        let mtu = transport.mtu;
         // Reconnect with the address type it advertised the first time.
         parsed.kind = Some(kind);
         let adapter = self.clone();
         let name = url.to_string();
-        let reopener: super::Reopener = Box::new(move || {
-            let adapter = adapter.clone();
-            let name = name.clone();
-            let parsed = parsed.clone();
-            let plan = plan.clone();
-            let permit = permit.clone();
-            Box::pin(async move {
+        Ok(super::gatt::ble_link(url, transport, move || {
+            let (adapter, name, parsed) = (adapter.clone(), name.clone(), parsed.clone());
+            let (plan, permit) = (plan.clone(), permit.clone());
+            async move {
                 adapter
                     .connect(&name, &parsed, &plan, timeout, permit)
                     .await
-                    .map(|(t, _)| Box::new(t) as Box<dyn Transport>)
-                    .map_err(|e| e.to_string())
-            })
-        });
-        Ok(
-            Link::new(url.to_string(), LinkKind::Ble, mtu, Box::new(transport))
-                .with_reopener(reopener),
-        )
+                    .map(|(t, _)| t)
+            }
+        }))
     }
 
     async fn connect(

@@ -56,7 +56,7 @@ use tokio::time::Instant;
 
 use super::ble::{AddrKind, Advertiser, BleUrl, GattPlan};
 use super::gatt::{Channel, GattError, GattValue, Request as GattRequest, Uuid};
-use super::{Link, LinkError, LinkKind, Transport};
+use super::{Link, LinkError};
 
 /// Connections one adapter holds at once, at most (as `ble.rs`).
 const MAX_CONNECTIONS: usize = 4;
@@ -230,27 +230,17 @@ impl BluezAdapter {
         let transport = self
             .connect(url, &parsed, &plan, timeout, permit.clone(), false)
             .await?;
-        let mtu = transport.mtu;
         let adapter = self.clone();
         let name = url.to_string();
-        let reopener: super::Reopener = Box::new(move || {
-            let adapter = adapter.clone();
-            let name = name.clone();
-            let parsed = parsed.clone();
-            let plan = plan.clone();
-            let permit = permit.clone();
-            Box::pin(async move {
+        Ok(super::gatt::ble_link(url, transport, move || {
+            let (adapter, name, parsed) = (adapter.clone(), name.clone(), parsed.clone());
+            let (plan, permit) = (plan.clone(), permit.clone());
+            async move {
                 adapter
                     .connect(&name, &parsed, &plan, timeout, permit, true)
                     .await
-                    .map(|t| Box::new(t) as Box<dyn Transport>)
-                    .map_err(|e| e.to_string())
-            })
-        });
-        Ok(
-            Link::new(url.to_string(), LinkKind::Ble, mtu, Box::new(transport))
-                .with_reopener(reopener),
-        )
+            }
+        }))
     }
 
     /// Listen for `duration` and list the LE devices heard, strongest first.

@@ -100,6 +100,28 @@ pub fn parse_uuid(text: &str) -> Result<Uuid, String> {
     ))
 }
 
+/// A BLE link over `first`, connected again by `reconnect` when the device
+/// went away (after its reset); what `reconnect` holds (the adapter's
+/// connection permit) stays with the link. Both backends make theirs so.
+pub(crate) fn ble_link<F, Fut>(url: &str, first: Channel, reconnect: F) -> super::Link
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Channel, super::LinkError>> + Send + 'static,
+{
+    let mtu = first.mtu;
+    let reopener: super::Reopener = Box::new(move || {
+        let again = reconnect();
+        Box::pin(async move {
+            again
+                .await
+                .map(|c| Box::new(c) as Box<dyn Transport>)
+                .map_err(|e| e.to_string())
+        })
+    });
+    super::Link::new(url.to_string(), super::LinkKind::Ble, mtu, Box::new(first))
+        .with_reopener(reopener)
+}
+
 /// A request to one connection's task, from its [`Channel`].
 pub(crate) enum Request {
     /// A piece of the default characteristic's byte stream.

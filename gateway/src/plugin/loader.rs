@@ -80,7 +80,6 @@ impl PluginHost {
                 }
             }
         }
-        self.changed();
         Ok(report)
     }
 

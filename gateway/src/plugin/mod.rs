@@ -305,8 +305,6 @@ pub struct PluginHost {
     broken: RwLock<BTreeMap<PathBuf, String>>,
     /// Who may sign plugins, and whether the plugins directory needs it.
     trust: RwLock<Trust>,
-    /// Counts changes of `plugins` and `broken` (hot reload).
-    changes: tokio::sync::watch::Sender<u64>,
     ticker_stop: Arc<AtomicBool>,
     compact: bool,
 }
@@ -410,7 +408,6 @@ impl PluginHost {
             plugins: RwLock::new(BTreeMap::new()),
             broken: RwLock::new(BTreeMap::new()),
             trust: RwLock::new(Trust::default()),
-            changes: tokio::sync::watch::Sender::new(0),
             ticker_stop,
             compact,
         })
@@ -467,15 +464,6 @@ impl PluginHost {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    /// Told of every change of the loaded plugins or the broken files.
-    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-
-    fn changed(&self) {
-        self.changes.send_modify(|n| *n += 1);
     }
 
     pub(crate) fn set_broken(&self, path: &Path, why: Option<String>) {

@@ -204,9 +204,6 @@ impl PluginHost {
                 }
             }
         }
-        if !changes.is_empty() {
-            self.changed();
-        }
         changes
     }
 }
