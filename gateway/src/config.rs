@@ -260,6 +260,30 @@ pub struct PluginLimitsConfig {
     /// Whether a file dropped into plugins_dir must be signed to load.
     #[serde(default)]
     pub require_signatures: bool,
+    /// Whether a plugin may go below the highest security version that
+    /// passed probation here.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// A remotely updated plugin is on probation for its next
+    /// `probation_jobs` jobs or `probation_time`, whichever ends first;
+    /// `probation_faults` plugin faults (traps, limits) in that time roll
+    /// it back.
+    #[serde(default = "default_probation_jobs")]
+    pub probation_jobs: u32,
+    #[serde(default = "default_probation_time", with = "humantime_serde")]
+    pub probation_time: Duration,
+    #[serde(default = "default_probation_faults")]
+    pub probation_faults: u32,
+}
+
+fn default_probation_jobs() -> u32 {
+    crate::plugin::ledger::ProbationPolicy::default().jobs
+}
+fn default_probation_time() -> Duration {
+    crate::plugin::ledger::ProbationPolicy::default().time
+}
+fn default_probation_faults() -> u32 {
+    crate::plugin::ledger::ProbationPolicy::default().faults
 }
 
 fn default_threshold() -> usize {
@@ -298,11 +322,24 @@ impl Default for PluginLimitsConfig {
             trusted_keys: Vec::new(),
             threshold: default_threshold(),
             require_signatures: false,
+            allow_downgrade: false,
+            probation_jobs: default_probation_jobs(),
+            probation_time: default_probation_time(),
+            probation_faults: default_probation_faults(),
         }
     }
 }
 
 impl PluginLimitsConfig {
+    /// How remote plugin updates are watched.
+    pub fn probation(&self) -> crate::plugin::ledger::ProbationPolicy {
+        crate::plugin::ledger::ProbationPolicy {
+            jobs: self.probation_jobs,
+            time: self.probation_time,
+            faults: self.probation_faults,
+        }
+    }
+
     pub fn limits(&self, max_parallel: usize) -> crate::plugin::Limits {
         crate::plugin::Limits {
             // Validated: within PLUGIN_MEMORY_MIB, so this fits any usize.
@@ -514,6 +551,13 @@ impl Config {
         }
         if keys > 0 {
             within("[plugins] threshold", self.plugins.threshold, 1..=keys)?;
+        }
+        if self.plugins.probation().watches() && self.plugins.probation_faults == 0 {
+            return Err(
+                "[plugins] probation_faults must be at least 1 (or set probation_jobs = 0 \
+                        and probation_time = \"0s\" to install updates without probation)"
+                    .into(),
+            );
         }
         for k in &self.plugins.trusted_keys {
             crate::plugin::signing::public_key(k)

@@ -16,6 +16,8 @@ const PLUGINS: &[(&str, &str)] = &[
     ("FUTURE_CONTRACT", "otagw-test-plugin-future-contract"),
     ("GATT_PROBE", "otagw-test-plugin-gatt-probe"),
     ("LEGACY_V01", "otagw-test-plugin-legacy-v01"),
+    ("XMODEM_NEXT", "otagw-test-plugin-xmodem-next"),
+    ("XMODEM_TRAP", "otagw-test-plugin-xmodem-trap"),
 ];
 
 /// Packages built by a cargo run of their own, into a target directory of
@@ -24,7 +26,19 @@ const PLUGINS: &[(&str, &str)] = &[
 /// would build the crate once, with the union of the features (its export
 /// included); in a run of their own in the same directory, the family's
 /// component built as their dependency would replace the family's plugin.
-const ON_THEIR_OWN: &[&str] = &["otagw-test-plugin-legacy-v01"];
+/// Each group is one cargo run in a directory of its own.
+const ON_THEIR_OWN: &[&[&str]] = &[
+    &["otagw-test-plugin-legacy-v01"],
+    &[
+        "otagw-test-plugin-xmodem-next",
+        "otagw-test-plugin-xmodem-trap",
+    ],
+];
+
+/// The group of `pkg` among [`ON_THEIR_OWN`], if any.
+fn group_of(pkg: &str) -> Option<&'static [&'static str]> {
+    ON_THEIR_OWN.iter().copied().find(|g| g.contains(&pkg))
+}
 
 fn main() {
     let manifest = PathBuf::from(
@@ -47,11 +61,11 @@ fn main() {
     let together: Vec<&str> = PLUGINS
         .iter()
         .map(|(_, pkg)| *pkg)
-        .filter(|pkg| !ON_THEIR_OWN.contains(pkg))
+        .filter(|pkg| group_of(pkg).is_none())
         .collect();
     build(&root, &target_dir, &together);
-    for pkg in ON_THEIR_OWN {
-        build(&root, &dir_of(&target_dir, pkg), &[pkg]);
+    for group in ON_THEIR_OWN {
+        build(&root, &dir_of(&target_dir, group[0]), group);
     }
 
     let mut consts = String::new();
@@ -70,8 +84,8 @@ fn main() {
 
 /// The target directory `pkg` is built in.
 fn dir_of(target_dir: &Path, pkg: &str) -> PathBuf {
-    if ON_THEIR_OWN.contains(&pkg) {
-        target_dir.join(pkg)
+    if let Some(group) = group_of(pkg) {
+        target_dir.join(group[0])
     } else {
         target_dir.to_path_buf()
     }

@@ -7,6 +7,7 @@ mod contract;
 mod daemon;
 mod links;
 mod plugin_host;
+mod plugin_update;
 mod reload;
 mod resilience;
 mod signing;

@@ -89,6 +89,10 @@ pub struct BrokenPlugin {
 pub struct PluginsStatus {
     pub loaded: Vec<PluginStatus>,
     pub broken: Vec<BrokenPlugin>,
+    /// Remote updates per family: the security floor, the update under way
+    /// or on probation, the versions rolled back.
+    #[serde(default)]
+    pub updates: std::collections::BTreeMap<String, crate::plugin::ledger::FamilyRecord>,
 }
 
 /// Where the API gets its answers.

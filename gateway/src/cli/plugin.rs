@@ -136,62 +136,41 @@ pub async fn run(a: PluginArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn install(a: InstallArgs) -> anyhow::Result<ExitCode> {
+    use crate::plugin::{ledger::Ledger, update};
     let cfg = crate::config::Config::load(&a.config)?;
-    let refuse = |why: String| {
-        eprintln!("error: {} not installed: {why}", a.file.display());
-        Ok(ExitCode::FAILURE)
-    };
-    if cfg.plugins.trusted_keys.is_empty() {
-        return refuse(format!(
-            "{} lists no [plugins] trusted_keys to check its signature with (make a key \
-             with `otagw plugin keygen` and list its .pub there)",
-            a.config.display()
-        ));
-    }
     let trust = crate::plugin::Trust::load(&cfg.plugins.trusted_keys, cfg.plugins.threshold, true)?;
     let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
-    let signers = match signing::verify(&bytes, &trust.keys, trust.threshold) {
-        Ok(s) => s,
-        Err(e) => return refuse(e.to_string()),
-    };
-    let Some(manifest) = signing::manifest(&bytes)? else {
-        return refuse(
-            "it carries no otagw-plugin manifest (sign it with `otagw plugin sign`)".into(),
-        );
-    };
-    let limits = cfg.plugins.limits(1);
-    let checker = crate::plugin::PluginHost::new(limits.clone(), None)?;
-    let plugin = match checker.load_file(&a.file).await {
-        Ok(p) => p,
-        Err(e) => return refuse(e.to_string()),
-    };
-    let info = &plugin.info;
-    if manifest.family != info.name
-        || manifest.version != info.version
-        || manifest.contract != info.contract_claimed
-    {
-        return refuse(format!(
-            "its manifest says {} {} (contract {}), the plugin says {} {} (contract {})",
-            manifest.family,
-            manifest.version,
-            manifest.contract,
-            info.name,
-            info.version,
-            info.contract_claimed
-        ));
-    }
-    // The file that provides the family now, if any, is the one replaced.
+    // The family currently in service, if any, is the one replaced; the
+    // floors are those a running gateway keeps.
     let dir = &cfg.gateway.plugins_dir;
-    let current =
-        crate::plugin::PluginHost::new(limits, Some(cfg.gateway.data_dir.join("compiled")))?;
-    current.load_dir(dir).await?;
-    let target = current
-        .get(&info.name)
-        .map(|p| p.path.clone())
-        .unwrap_or_else(|| dir.join(format!("{}.wasm", info.name)));
-    let done = crate::plugin::install::install(&target, &bytes)
-        .with_context(|| format!("writing {}", target.display()))?;
-    let by: Vec<String> = signers.iter().map(|p| p.display().to_string()).collect();
+    let host = crate::plugin::PluginHost::new(
+        cfg.plugins.limits(1),
+        Some(cfg.gateway.data_dir.join("compiled")),
+    )?;
+    host.load_dir(dir).await?;
+    let ledger = Ledger::peek(&cfg.gateway.data_dir.join(crate::plugin::ledger::FILE));
+    let family = signing::manifest(&bytes).ok().flatten().map(|m| m.family);
+    let expect = update::Expect {
+        family: None,
+        version: None,
+        floor: family.as_deref().map_or(0, |f| ledger.floor(f)),
+        allow_downgrade: cfg.plugins.allow_downgrade,
+    };
+    let checked = match update::check(&host, &trust, &bytes, dir, &expect).await {
+        Ok(c) => c,
+        Err(refused) => {
+            eprintln!("error: {} not installed: {refused}", a.file.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let info = &checked.plugin.info;
+    let done = crate::plugin::install::install(&checked.target, &bytes)
+        .with_context(|| format!("writing {}", checked.target.display()))?;
+    let by: Vec<String> = checked
+        .signers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     println!(
         "installed {} {} (signed by {}) at {}{}; a running gateway loads it within \
          [plugins] settle",

@@ -9,6 +9,7 @@
 //! `ota::job`; [`runner`] performs its actions. Every job is persisted before
 //! its actions run, so a restart resumes it or fails it with a reason.
 
+mod plugin_update;
 mod ports;
 mod runner;
 mod status;
@@ -78,8 +79,8 @@ pub(crate) struct IntakeLimits {
 
 /// Everything the daemon's tasks share. Each field says why it is here.
 pub(crate) struct Core {
-    /// The gateway's own identity upstream: its modules are its plugins, and
-    /// notices for them are refused until remote plugin updates exist.
+    /// The gateway's own identity upstream: its modules are its plugins
+    /// (`plugin.<family>`), updated by notices on its own topic.
     pub gw: DeviceId,
     /// The configured leaves (identity, family, link, options).
     pub devices: Devices,
@@ -89,6 +90,8 @@ pub(crate) struct Core {
     pub cache: Cache,
     /// Device-family plugins.
     pub plugins: PluginHost,
+    /// Remote updates of them, and their probation.
+    pub(crate) updates: plugin_update::PluginUpdates,
     /// Their directory, and how it is watched for hot reload (`None`: not).
     pub plugins_dir: std::path::PathBuf,
     pub plugin_watch: Option<crate::plugin::watch::WatchOptions>,
@@ -204,11 +207,6 @@ impl Core {
     /// Why a notice for `id` cannot become a job, if it cannot.
     fn refuse(&self, id: &DeviceId, notice: &Notice) -> Option<(Step, String)> {
         let module = &notice.module;
-        if *id == self.gw {
-            let desc =
-                format!("the gateway's own module {module:?} cannot be upgraded over the air");
-            return Some((Step::UpgradeFailed, desc));
-        }
         if self.devices.find(id, module).is_none() {
             let desc = if self.devices.knows(id) {
                 format!("module {module:?} of {id} is not managed by this gateway")
@@ -235,6 +233,9 @@ impl Core {
 
     /// Take a notice for a leaf: validate, dedupe, persist, start.
     async fn offer(self: &Arc<Self>, id: DeviceId, notice: Notice) {
+        if id == self.gw {
+            return plugin_update::offer(self, notice).await;
+        }
         let module = notice.module.clone();
         if let Some((step, desc)) = self.refuse(&id, &notice) {
             return self.reject(&id, &module, step, desc).await;
@@ -332,6 +333,20 @@ impl Core {
             }
         }
         self.inform_plugins().await;
+        // Ask for a pending update of every plugin (the gateway may have
+        // been offline when it was pushed).
+        for p in self.plugins.families() {
+            let req = protocol::firmware_get_request(
+                self.next_id(),
+                &format!("{}{}", plugin_update::MODULE_PREFIX, p.info.name),
+            );
+            self.publish(
+                &topics::firmware_get(&self.gw.product_key, &self.gw.device_name),
+                req,
+                Delivery::BestEffort,
+            )
+            .await;
+        }
         // Ask for pending packages for every leaf with no job under way.
         for leaf in self.devices.all() {
             if !self.table.busy(&(leaf.id.clone(), leaf.module.clone())) {
@@ -588,6 +603,11 @@ impl Gateway {
             table,
             cache,
             plugins,
+            updates: plugin_update::PluginUpdates::open(
+                &data,
+                cfg.plugins.probation(),
+                cfg.plugins.allow_downgrade,
+            ),
             plugins_dir: cfg.gateway.plugins_dir.clone(),
             plugin_watch: cfg
                 .plugins
@@ -661,7 +681,9 @@ impl Gateway {
             &mut self.upstream_stopped,
             Box::pin(std::future::ready(())),
         ));
-        // Resume what the journal holds.
+        // Finish plugin updates a restart interrupted, then resume what the
+        // journal holds.
+        plugin_update::resume(&core).await;
         for r in std::mem::take(&mut self.resume) {
             match r {
                 Resume::Report(key) => core.ensure_reported(&key).await,

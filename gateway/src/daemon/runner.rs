@@ -140,6 +140,10 @@ struct Ctx {
     /// Events of the plugin session (progress while flashing).
     events_tx: mpsc::UnboundedSender<JobEvent>,
     events_rx: Option<mpsc::UnboundedReceiver<JobEvent>>,
+    /// The plugin the job ran on (its digest), and its own fault if it
+    /// had one: what a plugin's probation after an update counts.
+    plugin_sha: Option<String>,
+    fault: Option<String>,
 }
 
 /// Run the job of `ticket` to its end (or to shutdown).
@@ -180,6 +184,8 @@ async fn run(core: Arc<Core>, ticket: Ticket, first: Option<Event>) -> Result<Ou
         link: None,
         events_tx,
         events_rx: Some(events_rx),
+        plugin_sha: None,
+        fault: None,
     };
     let mut pending = VecDeque::from([first.unwrap_or(Event::Start)]);
     while let Some(ev) = pending.pop_front() {
@@ -210,11 +216,13 @@ async fn run(core: Arc<Core>, ticket: Ticket, first: Option<Event>) -> Result<Ou
                     if let Some(r) = core.table.record(&ticket) {
                         log_end(&r);
                     }
+                    ctx.judged().await;
                     return Ok(Outcome::Ended);
                 }
             }
         }
     }
+    ctx.judged().await;
     Ok(Outcome::Ended)
 }
 
@@ -359,11 +367,45 @@ impl Ctx {
         match self.session.take() {
             Some(s) => Ok(s),
             None => {
-                self.core
+                let s = self
+                    .core
                     .plugins
                     .session(&self.leaf.family, Some(self.events_tx.clone()))
-                    .await
+                    .await;
+                match &s {
+                    Ok(s) => self.plugin_sha = Some(s.plugin().sha256.clone()),
+                    Err(e) => self.observe(e),
+                }
+                s
             }
+        }
+    }
+
+    /// Note a failure of the plugin itself (not of the device or link).
+    fn observe(&mut self, e: &PluginError) {
+        if e.is_plugin_fault() {
+            self.fault = Some(e.to_string());
+            if self.plugin_sha.is_none() {
+                self.plugin_sha = self
+                    .core
+                    .plugins
+                    .get(&self.leaf.family)
+                    .map(|p| p.sha256.clone());
+            }
+        }
+    }
+
+    /// Tell the family's probation (if its plugin is on one) how the job
+    /// went for the plugin.
+    async fn judged(&mut self) {
+        if let Some(sha) = self.plugin_sha.take() {
+            super::plugin_update::job_ended(
+                &self.core,
+                &self.leaf.family,
+                &sha,
+                self.fault.as_deref(),
+            )
+            .await;
         }
     }
 
@@ -386,6 +428,9 @@ impl Ctx {
         };
         let r = session.verify(Arc::new(img), &meta).await;
         self.session = Some(session);
+        if let Err(e) = &r {
+            self.observe(e);
+        }
         match r {
             Ok(_) => Event::Verified,
             Err(e) => Event::VerifyFailed {
@@ -440,6 +485,9 @@ impl Ctx {
         self.events_rx = rx;
         self.session = Some(session);
         self.link = Some(link);
+        if let Err(e) = &result {
+            self.observe(e);
+        }
         Ok(match result {
             Ok(_) => Event::Flashed,
             Err(e) => failed(
@@ -478,6 +526,9 @@ impl Ctx {
         let (link, r) = session.identify(link, &self.leaf.options).await;
         self.link = Some(link);
         self.session = Some(session);
+        if let Err(e) = &r {
+            self.observe(e);
+        }
         match r {
             Ok(d) => Event::Identified { version: d.version },
             Err(PluginError::Failed {

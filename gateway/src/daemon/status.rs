@@ -39,6 +39,7 @@ impl StatusSource for Status {
                     error,
                 })
                 .collect(),
+            updates: self.0.updates.snapshot().families,
         }
     }
 

@@ -63,6 +63,7 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
         table,
         cache,
         plugins: PluginHost::new(limits, None).unwrap(),
+        updates: super::plugin_update::PluginUpdates::open(dir.path(), Default::default(), false),
         plugins_dir: std::path::PathBuf::new(),
         plugin_watch: None,
         opener: crate::link::Opener::default(),

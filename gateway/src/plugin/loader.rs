@@ -85,13 +85,22 @@ impl PluginHost {
 
     /// Load one plugin file and register it under the family it describes.
     pub async fn load_file(&self, path: &Path) -> Result<Arc<LoadedPlugin>, PluginError> {
-        let started = Instant::now();
         let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        let (component, loaded_from) = self.component(path, &bytes, &sha256).await?;
+        let plugin = self.prepare(path, &bytes).await?;
+        self.register(plugin)
+    }
+
+    /// Compile, check and describe `bytes` as the plugin file `path` would
+    /// be, without registering it (a candidate of a remote update is checked
+    /// before it is written anywhere). [`PluginHost::adopt`] puts it in
+    /// service.
+    pub async fn prepare(&self, path: &Path, bytes: &[u8]) -> Result<LoadedPlugin, PluginError> {
+        let started = Instant::now();
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let (component, loaded_from) = self.component(path, bytes, &sha256).await?;
         let contract = self.check_contract(path, &component)?;
 
         let pre = self
@@ -112,6 +121,12 @@ impl PluginHost {
             load_time: started.elapsed(),
             pre,
         };
+        Ok(plugin)
+    }
+
+    /// Put a prepared plugin in service for its family: new jobs get it,
+    /// jobs under way finish on theirs.
+    pub fn adopt(&self, plugin: LoadedPlugin) -> Result<Arc<LoadedPlugin>, PluginError> {
         self.register(plugin)
     }
 

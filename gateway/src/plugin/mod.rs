@@ -17,8 +17,10 @@ pub mod bindings;
 mod convert;
 pub mod host;
 pub mod install;
+pub mod ledger;
 mod loader;
 pub mod signing;
+pub mod update;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -191,6 +193,24 @@ impl PluginError {
             PluginError::Link(_) => -4,
             _ => -1,
         }
+    }
+}
+
+impl PluginError {
+    /// Whether the plugin itself failed (a trap, a resource limit, a
+    /// broken instance or contract) rather than the device, the link, the
+    /// image or the configuration: what a plugin's probation after an update
+    /// counts.
+    pub fn is_plugin_fault(&self) -> bool {
+        matches!(
+            self,
+            PluginError::Trap { .. }
+                | PluginError::Memory { .. }
+                | PluginError::Cpu { .. }
+                | PluginError::Deadline { .. }
+                | PluginError::Instantiate { .. }
+                | PluginError::ContractMismatch { .. }
+        )
     }
 }
 
@@ -436,6 +456,11 @@ impl PluginHost {
     /// Set who may sign plugins (before loading the directory).
     pub fn set_trust(&self, trust: Trust) {
         *self.trust.write().unwrap_or_else(|e| e.into_inner()) = trust;
+    }
+
+    /// Who may sign plugins.
+    pub fn trust(&self) -> Trust {
+        self.trust.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Load a file of the plugins directory: with `require_signatures`, only

@@ -15,9 +15,8 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use wasmsign2::{
-    CustomSection, KeyPair, Module, PublicKey, PublicKeySet, SecretKey, Section, SectionLike,
-};
+use wasmsign2::{CustomSection, KeyPair, Module, PublicKeySet, Section, SectionLike};
+pub use wasmsign2::{PublicKey, SecretKey};
 
 /// The custom section holding the manifest.
 pub const MANIFEST_SECTION: &str = "otagw-plugin";

@@ -14,7 +14,9 @@
 //! - **Jobs:** each job holds the plugin it started with (`Arc`), so a job
 //!   under way finishes on the old version; the next one gets the new.
 //!
-//! What it is not: signature checks or rollback (remote updates, later).
+//! What it is not: remote updates and their rollback (`daemon/plugin_update.rs`),
+//! which swap their plugin in themselves; the watcher then finds the file
+//! already in service (same digest) and leaves it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -168,11 +170,17 @@ impl PluginHost {
                 continue;
             }
             seen.tried = Some(fp);
-            let previous = self
-                .families()
-                .into_iter()
-                .find(|p| &p.path == path)
-                .map(|p| p.info.version.clone());
+            let current = self.families().into_iter().find(|p| &p.path == path);
+            // What is in service already (put there by a remote update or a
+            // rollback, which swap it in themselves): nothing to do.
+            if let Some(p) = &current
+                && std::fs::read(path).is_ok_and(|b| {
+                    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&b)) == p.sha256
+                })
+            {
+                continue;
+            }
+            let previous = current.map(|p| p.info.version.clone());
             match self.load_local(path).await {
                 Ok(p) => {
                     self.set_broken(path, None);

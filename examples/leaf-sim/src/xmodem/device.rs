@@ -516,6 +516,7 @@ where
                         self.cancel(format!("cancelled after block {index} (fault)"))
                             .await?;
                     }
+                    self.device.hold_at(index).await;
                     self.conn.send(&[ACK]).await?;
                     if self
                         .device

@@ -186,6 +186,10 @@ pub struct XmodemSimConfig {
     /// is acknowledged no sooner than its frame would take on such a wire.
     /// `None`: as fast as the link carries it.
     pub line_rate: Option<u32>,
+    /// Hold the ACK of this data block until [`SimHandle::release`] (once):
+    /// a test's way to keep a transfer under way while something else
+    /// happens. The sender must wait that long (`block_timeout_ms`).
+    pub hold_after: Option<u32>,
 }
 
 impl Default for XmodemSimConfig {
@@ -202,6 +206,7 @@ impl Default for XmodemSimConfig {
             start_timeout: None,
             faults: Faults::default(),
             line_rate: None,
+            hold_after: None,
         }
     }
 }
@@ -252,6 +257,10 @@ struct Shared {
     aborts: AtomicU32,
     last_abort: Mutex<Option<String>>,
     fired: Mutex<Fired>,
+    /// `hold_after`: false until released.
+    released: tokio::sync::watch::Sender<bool>,
+    /// True while a block's ACK is held.
+    holding: tokio::sync::watch::Sender<bool>,
 }
 
 /// Which one-shot faults have fired.
@@ -282,6 +291,8 @@ impl SimHandle {
                 aborts: AtomicU32::new(0),
                 last_abort: Mutex::new(None),
                 fired: Mutex::new(Fired::default()),
+                released: tokio::sync::watch::Sender::new(false),
+                holding: tokio::sync::watch::Sender::new(false),
             }),
         }
     }
@@ -308,6 +319,29 @@ impl SimHandle {
             Some(reason) => reason,
             None => std::future::pending().await,
         }
+    }
+
+    /// Waits until the receiver holds the ACK of block `hold_after`.
+    pub async fn holding(&self) {
+        let mut rx = self.inner.holding.subscribe();
+        let _ = rx.wait_for(|h| *h).await;
+    }
+
+    /// Let a held transfer go on (and never hold again).
+    pub fn release(&self) {
+        self.inner.released.send_replace(true);
+    }
+
+    /// Hold here if block `index` is the one to hold at (device side).
+    pub(crate) async fn hold_at(&self, index: u32) {
+        if self.inner.config.hold_after != Some(index) || *self.inner.released.borrow() {
+            return;
+        }
+        let mut released = self.inner.released.subscribe();
+        self.inner.holding.send_replace(true);
+        tracing::info!(block = index, "holding the ACK until released");
+        let _ = released.wait_for(|r| *r).await;
+        self.inner.holding.send_replace(false);
     }
 
     /// The running firmware version.
