@@ -706,6 +706,25 @@ plugins_dir = "/tmp/p"
     }
 
     #[test]
+    fn probation_settings_are_checked() {
+        let cfg = parse(MINIMAL).unwrap();
+        assert_eq!(
+            cfg.plugins.probation(),
+            crate::plugin::ledger::ProbationPolicy::default()
+        );
+        let err = parse(&format!("{MINIMAL}\n[plugins]\nprobation_faults = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("probation_faults must be at least 1"), "{err}");
+        let off = parse(&format!(
+            "{MINIMAL}\n[plugins]\nprobation_faults = 0\nprobation_jobs = 0\nprobation_time = \"0s\"\nallow_downgrade = true\n"
+        ))
+        .unwrap();
+        assert!(!off.plugins.probation().watches());
+        assert!(off.plugins.allow_downgrade);
+    }
+
+    #[test]
     fn signature_settings_are_checked() {
         let err = parse(&format!(
             "{MINIMAL}\n[plugins]\nrequire_signatures = true\n"

@@ -166,10 +166,16 @@ async fn in_service(probe: &MqttProbe, version: &str) {
         .await;
 }
 
-/// Send leaf `dn` a notice for `img` at `url`.
-async fn upgrade_leaf(probe: &MqttProbe, dn: &str, id: u64, url: &str, img: &[u8]) {
+/// Send leaf `dn` a notice for `img` (the firmware `version`) at `url`.
+async fn upgrade_leaf(
+    probe: &MqttProbe,
+    dn: &str,
+    id: u64,
+    (version, url): (&str, &str),
+    img: &[u8],
+) {
     probe
-        .publish(&leaf_topic("upgrade", dn), notice(id, "2.0.0", url, img))
+        .publish(&leaf_topic("upgrade", dn), notice(id, version, url, img))
         .await;
 }
 
@@ -199,7 +205,7 @@ async fn a_signed_update_arrives_while_a_job_runs_and_the_next_job_uses_it() {
     a.options.push(("block_timeout_ms".into(), "600000".into()));
     let b = LeafSpec::xmodem("press-b", &next.url());
     let config = gateway_config(data.path(), plugins.path(), Some(&broker.url()), &[a, b])
-        .replace("[plugins]\n", &plugins_section(&[&public], 1, 5, 2));
+        .replace("[plugins]\n", &plugins_section(&[&public], 1, 2, 2));
     let gw = Daemon::start(&config).await;
     probe
         .wait_until(LIMIT, "plugin.xmodem 0.1.0 informed", |m| {
@@ -209,7 +215,7 @@ async fn a_signed_update_arrives_while_a_job_runs_and_the_next_job_uses_it() {
 
     let img = versioned_image(20_000, "2.0.0");
     let url = files.add("fw.bin", img.clone());
-    upgrade_leaf(&probe, "press-a", 1, &url, &img).await;
+    upgrade_leaf(&probe, "press-a", 1, ("2.0.0", &url), &img).await;
     held.handle().holding().await;
 
     let update = push_xmodem(
@@ -247,7 +253,7 @@ async fn a_signed_update_arrives_while_a_job_runs_and_the_next_job_uses_it() {
         "the job under way finished on 0.1.0: {listed}"
     );
 
-    upgrade_leaf(&probe, "press-b", 2, &url, &img).await;
+    upgrade_leaf(&probe, "press-b", 2, ("2.0.0", &url), &img).await;
     probe
         .wait_until(LIMIT, "press-b runs 2.0.0", |m| {
             has_inform(m, &leaf_topic("inform", "press-b"), "2.0.0")
@@ -267,6 +273,22 @@ async fn a_signed_update_arrives_while_a_job_runs_and_the_next_job_uses_it() {
             .any(|p| p["family"] == "xmodem" && p["version"] == "0.1.1"),
         "{listed}"
     );
+    assert_eq!(listed["updates"]["xmodem"]["floor"], 0, "{listed}");
+
+    // The second job on 0.1.1 ends its probation (probation_jobs = 2): the
+    // family's security floor rises to the update's.
+    let img2 = versioned_image(20_000, "2.0.1");
+    let url2 = files.add("fw2.bin", img2.clone());
+    upgrade_leaf(&probe, "press-a", 3, ("2.0.1", &url2), &img2).await;
+    probe
+        .wait_until(LIMIT, "press-a runs 2.0.1", |m| {
+            has_inform(m, &leaf_topic("inform", "press-a"), "2.0.1")
+        })
+        .await;
+    let listed = gw.api_get("/api/plugins").await;
+    let record = &listed["updates"]["xmodem"];
+    assert!(record["update"].is_null(), "probation over: {listed}");
+    assert_eq!(record["floor"], 1, "{listed}");
     let steps = gw_steps(&probe, "plugin.xmodem");
     assert!(
         steps.iter().all(|(s, _)| !s.starts_with('-')),
@@ -340,7 +362,7 @@ async fn a_plugin_that_traps_after_an_update_is_rolled_back_and_the_platform_hea
     let url = files.add("fw.bin", img.clone());
     let progress = leaf_topic("progress", "press");
     for id in 1..=2u64 {
-        upgrade_leaf(probe, "press", id, &url, &img).await;
+        upgrade_leaf(probe, "press", id, ("2.0.0", &url), &img).await;
         probe
             .wait_until(LIMIT, "the job fails in the plugin", |m| {
                 payloads_in(m, &progress)
@@ -381,7 +403,7 @@ async fn a_plugin_that_traps_after_an_update_is_rolled_back_and_the_platform_hea
     );
 
     // The next job runs on 0.1.0 and succeeds.
-    upgrade_leaf(probe, "press", 3, &url, &img).await;
+    upgrade_leaf(probe, "press", 3, ("2.0.0", &url), &img).await;
     probe
         .wait_until(LIMIT, "press runs 2.0.0", |m| {
             has_inform(m, &leaf_topic("inform", "press"), "2.0.0")
@@ -740,7 +762,7 @@ async fn an_update_and_its_rollback_survive_a_kill_at_their_worst_moments() {
     assert_eq!(std::fs::read(&prev).unwrap(), original);
     let img = versioned_image(20_000, "2.0.0");
     let fw = files.add("fw.bin", img.clone());
-    upgrade_leaf(probe, "press", 1, &fw, &img).await;
+    upgrade_leaf(probe, "press", 1, ("2.0.0", &fw), &img).await;
     assert!(
         !gw.exited(LIMIT).await.success(),
         "aborted at the failpoint"

@@ -236,3 +236,41 @@ async fn a_family_dropped_into_plugins_dir_takes_the_next_notice_without_a_resta
     assert_padded(&sim.handle().next_image().await.data, &img, 0x1a);
     sim.shutdown().await;
 }
+
+/// What a remote update or a rollback swaps in itself (prepare, install,
+/// adopt) is not loaded a second time when the watcher sees its file
+/// change: same digest, already in service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_already_in_service_is_not_loaded_again() {
+    let dir = PluginsDir::with(&[artifacts::XMODEM]);
+    let file = dir
+        .path()
+        .join(Path::new(artifacts::XMODEM).file_name().unwrap());
+    let host = PluginHost::new(test_limits(), None).unwrap();
+    host.load_dir(dir.path()).await.unwrap();
+    let mut state = DirState::loaded_now(dir.path());
+    let t0 = Instant::now();
+
+    let next = rebuilt(&std::fs::read(&file).unwrap(), "remote");
+    let prepared = host.prepare(&file, &next).await.unwrap();
+    otagw::plugin::install::install(&file, &next).unwrap();
+    let adopted = host.adopt(prepared).unwrap();
+    host.reconcile(dir.path(), &mut state, t0, SETTLE).await;
+    let c = host
+        .reconcile(dir.path(), &mut state, t0 + SETTLE, SETTLE)
+        .await;
+    assert!(c.is_empty(), "{c:?}");
+    assert!(std::sync::Arc::ptr_eq(
+        &host.get("xmodem").unwrap(),
+        &adopted
+    ));
+
+    // Other bytes in the same file are still loaded as always.
+    std::fs::write(&file, rebuilt(&next, "local")).unwrap();
+    host.reconcile(dir.path(), &mut state, t0 + SETTLE * 2, SETTLE)
+        .await;
+    let c = host
+        .reconcile(dir.path(), &mut state, t0 + SETTLE * 3, SETTLE)
+        .await;
+    assert_eq!(c.loaded.len(), 1, "{c:?}");
+}

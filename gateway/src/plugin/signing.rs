@@ -7,8 +7,9 @@
 //! Inside the signed content, a custom section `otagw-plugin` ([`Manifest`],
 //! JSON) says what the plugin claims to be; the signature covers it.
 //!
-//! What it is not (yet): the policy of remote updates (trusted keys in the
-//! configuration, thresholds, security-version floors): issue 14, item 3.
+//! What it is not: the policy (trusted keys and threshold from the
+//! configuration, what the manifest must say, security-version floors):
+//! `plugin/update.rs`.
 
 use std::collections::HashSet;
 use std::io::Cursor;
