@@ -446,17 +446,38 @@ impl Config {
         Self::parse(&text, path)
     }
 
-    /// Parse and validate configuration text; `path` is only for messages.
+    /// Parse and validate configuration text read from `path`: relative
+    /// paths in it (data_dir, plugins_dir, trusted_keys, ca_file) are taken
+    /// relative to the file's directory, not to wherever the gateway was
+    /// started (`/` under systemd).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new("")));
         cfg.validate().map_err(|what| ConfigError::Invalid {
             path: path.to_path_buf(),
             what,
         })?;
         Ok(cfg)
+    }
+
+    /// Make every relative path in the configuration relative to `base`.
+    fn resolve_paths(&mut self, base: &Path) {
+        let at = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        at(&mut self.gateway.data_dir);
+        at(&mut self.gateway.plugins_dir);
+        self.plugins.trusted_keys.iter_mut().for_each(at);
+        if let Some(u) = self.upstream.as_mut()
+            && let Some(ca) = u.ca_file.as_mut()
+        {
+            at(ca);
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -703,6 +724,23 @@ plugins_dir = "/tmp/p"
         .unwrap_err()
         .to_string();
         assert!(err.contains("[ble] adapter"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let public = crate::plugin::signing::keygen(&dir.path().join("k")).unwrap();
+        let text = MINIMAL
+            .replace("data_dir = \"/tmp/x\"", "data_dir = \"state\"")
+            .replace("plugins_dir = \"/tmp/p\"", "plugins_dir = \"plugins\"")
+            + "\n[plugins]\ntrusted_keys = [\"k.pub\"]\n";
+        let cfg = Config::parse(&text, &dir.path().join("otagw.toml")).unwrap();
+        assert_eq!(cfg.gateway.data_dir, dir.path().join("state"));
+        assert_eq!(cfg.gateway.plugins_dir, dir.path().join("plugins"));
+        assert_eq!(cfg.plugins.trusted_keys, vec![public]);
+        // Absolute ones stay as written.
+        let cfg = parse(MINIMAL).unwrap();
+        assert_eq!(cfg.gateway.plugins_dir, Path::new("/tmp/p"));
     }
 
     #[test]
