@@ -338,6 +338,8 @@ pub fn has_step(messages: &[Message], topic: &str, step: &str) -> bool {
 pub struct GatewayProcess {
     child: tokio::process::Child,
     pub api: std::net::SocketAddr,
+    log: Arc<std::sync::Mutex<String>>,
+    logged: Arc<tokio::sync::Notify>,
 }
 
 impl GatewayProcess {
@@ -368,18 +370,82 @@ impl GatewayProcess {
         path: &Path,
         env: &[(&str, &str)],
     ) -> GatewayProcess {
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.env("RUST_LOG", "otagw=info").envs(env.iter().copied());
+        Self::spawn(cmd, config, path, false).await
+    }
+
+    /// `otagw run --config path ARGS` as an operator starts it (no
+    /// RUST_LOG: the default levels), with `env`; its stderr (the log) is
+    /// kept for [`GatewayProcess::log`].
+    pub async fn start_logged(
+        bin: &str,
+        config: &str,
+        path: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> GatewayProcess {
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .envs(env.iter().copied())
+            .args(args);
+        Self::spawn(cmd, config, path, true).await
+    }
+
+    /// What the gateway logged so far (with [`GatewayProcess::start_logged`]).
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Wait (at most `limit`) until the log holds a line with `what`.
+    pub async fn wait_log(&self, limit: Duration, what: &str) -> String {
+        let found = tokio::time::timeout(limit, async {
+            loop {
+                let notified = self.logged.notified();
+                let log = self.log();
+                if let Some(line) = log.lines().find(|l| l.contains(what)) {
+                    return line.to_string();
+                }
+                notified.await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no log line with {what:?} in {limit:?}:\n{}", self.log()))
+    }
+
+    async fn spawn(
+        mut cmd: tokio::process::Command,
+        config: &str,
+        path: &Path,
+        capture: bool,
+    ) -> GatewayProcess {
         use tokio::io::AsyncBufReadExt;
         std::fs::write(path, config).expect("write the config");
-        let mut child = tokio::process::Command::new(bin)
-            .arg("run")
-            .arg("--config")
-            .arg(path)
-            .env("RUST_LOG", "otagw=info")
-            .envs(env.iter().copied())
+        cmd.arg("run").arg("--config").arg(path);
+        if capture {
+            cmd.stderr(std::process::Stdio::piped());
+        }
+        let mut child = cmd
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("start the gateway process");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let logged = Arc::new(tokio::sync::Notify::new());
+        if let Some(err) = child.stderr.take() {
+            let (log, logged) = (log.clone(), logged.clone());
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(err).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+                    l.push_str(&line);
+                    l.push('\n');
+                    drop(l);
+                    logged.notify_waiters();
+                }
+            });
+        }
         let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
         let api = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.expect("read the gateway's stdout") {
@@ -393,7 +459,12 @@ impl GatewayProcess {
         .expect("the gateway starts within 60 s");
         // Keep draining stdout so the gateway never blocks on it.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        GatewayProcess { child, api }
+        GatewayProcess {
+            child,
+            api,
+            log,
+            logged,
+        }
     }
 
     /// SIGKILL: no drain, no goodbye.

@@ -6,6 +6,7 @@ mod cli;
 mod contract;
 mod daemon;
 mod links;
+mod operator;
 mod plugin_host;
 mod plugin_update;
 mod reload;

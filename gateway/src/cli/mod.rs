@@ -19,8 +19,43 @@ use crate::plugin::{Limits, PluginHost};
 #[derive(Debug, Parser)]
 #[command(name = "otagw", version, about)]
 pub struct Cli {
+    /// How log lines are written to stderr: `text` (colour only on a
+    /// terminal, and never with NO_COLOR set) or `json` (one object a
+    /// line, for log shippers). RUST_LOG filters them (default: the
+    /// daemon's job lines at info, everything else at warn).
+    #[arg(long, global = true, value_enum, env = "OTAGW_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Libraries' lines an operator should not see at the default level: the
+/// embedded broker logs every client's disconnect as an error, and a
+/// routing error for a connection that already left.
+const QUIET: &str = "rumqttd::server::broker=off,rumqttd::router::routing=off";
+
+/// Send log lines to stderr in `format`; RUST_LOG overrides `default`.
+fn init_logging(format: LogFormat, default: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            builder.with_ansi(colour).init()
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,20 +201,17 @@ pub fn parse_option(s: &str) -> Result<(String, String), String> {
 /// The whole `otagw` program: logging, the runtime, [`main_with_args`].
 /// `main.rs` calls only this.
 pub fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // rumqttd logs every client's disconnect as an error.
-                .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("warn,rumqttd::server::broker=off")
-                }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = match parse(std::env::args_os()) {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    // The daemon says each job's start, phases and end; the one-shot
+    // commands print what they do themselves.
+    let default = match cli.command {
+        Command::Run(_) => format!("warn,otagw=info,{QUIET}"),
+        _ => format!("warn,{QUIET}"),
+    };
+    init_logging(cli.log_format, &default);
     // `flash` and `identify` are one job on one link: on a current-thread
     // runtime a link read that has to wait wakes the job on the same thread
     // instead of another one (~10 µs a block; measured against lrzsz in

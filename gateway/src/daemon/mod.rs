@@ -258,10 +258,25 @@ impl Core {
         }
     }
 
-    /// Start the supervised task that runs a job.
+    /// Start the supervised task that runs a job, in a span naming the
+    /// device, module, family and job: every line of the job, the plugin's
+    /// own included, carries them.
     fn spawn(self: &Arc<Self>, ticket: Ticket, first: Option<Event>) {
+        use tracing::Instrument;
+        let (id, module) = &ticket.key;
+        let family = self
+            .devices
+            .find(id, module)
+            .map(|l| l.family.clone())
+            .unwrap_or_default();
+        let job = self
+            .table
+            .record(&ticket)
+            .map(|r| runner::job_id(&r))
+            .unwrap_or_default();
+        let span = tracing::info_span!("job", device = %id, module = %module, family = %family, job = %job);
         self.tasks
-            .spawn(runner::supervise(self.clone(), ticket, first));
+            .spawn(runner::supervise(self.clone(), ticket, first).instrument(span));
     }
 
     /// A terminal job's reports, published again if they are not known to

@@ -72,7 +72,7 @@ pub(super) async fn supervise(core: Arc<Core>, ticket: Ticket, first: Option<Eve
             core.start(next, &id, &module).await;
         }
         Ok(None) => {}
-        Err(e) => tracing::error!(device = %ticket.key.0, module = %ticket.key.1, "{e}"),
+        Err(e) => tracing::error!("{e}"),
     }
 }
 
@@ -84,12 +84,9 @@ async fn crashed(core: &Core, ticket: &Ticket, what: String) {
     };
     let phase = before.job.state().name();
     let desc = format!("the gateway failed while the job was {phase}: {what}");
-    tracing::error!(
-        device = %ticket.key.0, module = %ticket.key.1, job = %job_id(&before),
-        "job failed inside the gateway: {desc}"
-    );
+    tracing::error!("job failed inside the gateway: {desc}");
     if let Err(e) = core.table.apply(ticket, Event::Crashed { desc }).await {
-        tracing::error!(device = %ticket.key.0, "{e}");
+        tracing::error!("{e}");
     }
     if let Some(record) = core.table.record(ticket) {
         for a in record.job.terminal_reports() {
@@ -110,21 +107,20 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// A job's name in the log: the notice's version and when it was queued.
-fn job_id(r: &JobRecord) -> String {
+pub(super) fn job_id(r: &JobRecord) -> String {
     let queued = r.job.history().first().map_or(0, |t| t.at_ms);
     format!("{}@{queued}", r.notice.version)
 }
 
-/// One line for a job's end: success with the version read back, or the
-/// failure with its step code and reason.
+/// One line for a job's end (the job's span names it): success with the
+/// version read back, or the failure with its step code and reason.
 fn log_end(r: &JobRecord) {
-    let (device, module, job) = (&r.leaf, &r.module, job_id(r));
     match r.job.state() {
         State::Succeeded { version } => {
-            tracing::info!(%device, %module, %job, %version, "job succeeded: the leaf runs {version}")
+            tracing::info!("job succeeded: the leaf runs {version}")
         }
         State::Failed { step, desc } => {
-            tracing::warn!(%device, %module, %job, step = step.code(), "job failed ({step}): {desc}")
+            tracing::warn!(step = step.code(), "job failed ({step}): {desc}")
         }
         _ => {}
     }
@@ -170,8 +166,8 @@ async fn run(core: Arc<Core>, ticket: Ticket, first: Option<Event>) -> Result<Ou
     }
     if let Some(r) = core.table.record(&ticket) {
         tracing::info!(
-            device = %id, module = %module, family = %leaf.family, job = %job_id(&r),
-            state = %r.job.state(), "job started: upgrading to {}", r.notice.version
+            state = %r.job.state(),
+            "job started: upgrading to {} over {}", r.notice.version, leaf.link
         );
     }
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -245,6 +241,15 @@ impl Ctx {
 
     /// Perform one action; `None` when the machine said `Done`.
     async fn perform(&mut self, action: Action) -> Result<Option<Vec<Event>>, RunError> {
+        if let Some(phase) = match action {
+            Action::StartDownload => Some("downloading the image"),
+            Action::StartVerify => Some("verifying the image"),
+            Action::StartFlash => Some("flashing"),
+            Action::StartIdentify => Some("reading the version back"),
+            _ => None,
+        } {
+            tracing::info!("job phase: {phase}");
+        }
         let ev = match action {
             Action::StartDownload => return Ok(Some(self.download().await?)),
             Action::StartVerify => self.verify().await,

@@ -182,24 +182,32 @@ struct ProgressParams<'a> {
     module: Option<&'a str>,
 }
 
-/// `s` cut to at most [`MAX_DESC_BYTES`] bytes, on a character boundary.
-pub fn truncate_desc(s: &str) -> &str {
+/// `s` cut to at most [`MAX_DESC_BYTES`] bytes: at the last space that
+/// keeps most of it (else on a character boundary), with "…" to say it was
+/// cut.
+pub fn truncate_desc(s: &str) -> std::borrow::Cow<'_, str> {
+    const MORE: &str = "…";
     if s.len() <= MAX_DESC_BYTES {
-        return s;
+        return s.into();
     }
-    let mut end = MAX_DESC_BYTES;
+    let mut end = MAX_DESC_BYTES - MORE.len();
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    &s[..end]
+    // A word boundary, unless it would throw away more than a third.
+    if let Some(space) = s[..end].rfind(' ')
+        && space >= end * 2 / 3
+    {
+        end = space;
+    }
+    format!("{}{MORE}", s[..end].trim_end()).into()
 }
 
 impl Progress {
     /// A report; `desc` is cut to [`MAX_DESC_BYTES`] on a character boundary.
     pub fn new(step: Step, desc: impl Into<String>, module: impl Into<String>) -> Progress {
         let mut desc = desc.into();
-        let keep = truncate_desc(&desc).len();
-        desc.truncate(keep);
+        desc = truncate_desc(&desc).into_owned();
         Progress {
             step,
             desc,
@@ -209,11 +217,12 @@ impl Progress {
 
     /// The payload to publish, with message id `id`.
     pub fn payload(&self, id: u64) -> Vec<u8> {
+        let desc = truncate_desc(&self.desc);
         to_json_bytes(&Envelope {
             id: id.to_string(),
             params: ProgressParams {
                 step: self.step,
-                desc: truncate_desc(&self.desc),
+                desc: &desc,
                 module: wire_module(&self.module),
             },
         })
@@ -759,12 +768,30 @@ mod tests {
     }
 
     #[test]
-    fn progress_desc_is_cut_under_128_bytes_on_a_char_boundary() {
-        let long = "é".repeat(100); // 200 bytes
+    fn progress_desc_is_cut_under_128_bytes_on_a_word_or_char_boundary() {
+        let long = "é".repeat(100); // 200 bytes, no spaces
         let p = Progress::new(Step::UpgradeFailed, long.clone(), "m");
         assert!(p.desc.len() <= MAX_DESC_BYTES);
-        assert_eq!(p.desc.len(), 126);
-        assert!(long.starts_with(&p.desc));
+        assert_eq!(p.desc.len(), 124 + "…".len());
+        assert!(long.starts_with(p.desc.trim_end_matches('…')));
+        // Words are not cut in half.
+        let words = "the device refused the image because its bootloader is locked; \
+                     unlock it with the vendor tool and send the notice again please";
+        let p = Progress::new(Step::FlashFailed, words.repeat(2), "m");
+        assert!(p.desc.len() <= MAX_DESC_BYTES, "{}", p.desc);
+        assert!(p.desc.ends_with("…"), "{}", p.desc);
+        let kept = p.desc.trim_end_matches('…');
+        assert!(words.repeat(2).starts_with(kept));
+        assert_eq!(
+            words.repeat(2).as_bytes()[kept.len()],
+            b' ',
+            "cut before a space: {kept:?}"
+        );
+        // Short ones are left alone.
+        assert_eq!(
+            Progress::new(Step::FlashFailed, "HTTP 404", "m").desc,
+            "HTTP 404"
+        );
         // A desc set directly is cut on the wire too.
         let p = Progress {
             step: Step::UpgradeFailed,

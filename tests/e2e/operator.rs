@@ -1,0 +1,216 @@
+//! Issue 15: what the operator sees. The gateway runs as a process, started
+//! as an operator starts it (no RUST_LOG), its stderr read as a file or
+//! journald would: a pipe, not a terminal.
+
+use std::time::Duration;
+
+use otagw_e2e::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_otagw-e2e-gateway");
+
+/// A gateway with a working XMODEM leaf ("press") and one whose link
+/// refuses connections ("dead"), on mosquitto.
+struct World {
+    _broker: Mosquitto,
+    probe: MqttProbe,
+    files: FileServer,
+    _plugins: PluginsDir,
+    data: tempfile::TempDir,
+    sim: PtySim,
+    config: String,
+}
+
+async fn world() -> World {
+    let broker = Mosquitto::start().await;
+    let probe = MqttProbe::connect(broker.port(), "#").await;
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let sim = PtySim::spawn(xmodem_device()).unwrap();
+    let dead = LeafSpec {
+        link: "tcp://127.0.0.1:1".into(),
+        ..LeafSpec::xmodem("dead", "tcp://127.0.0.1:1")
+    };
+    let leaves = [LeafSpec::xmodem("press", &sim.url()), dead];
+    let config = gateway_config(data.path(), plugins.path(), Some(&broker.url()), &leaves);
+    World {
+        _broker: broker,
+        probe,
+        files: FileServer::start().await,
+        _plugins: plugins,
+        data,
+        sim,
+        config,
+    }
+}
+
+impl World {
+    /// Push 2.0.0 to both leaves, once the gateway is online (it informed
+    /// press's version).
+    async fn push(&self) {
+        self.probe
+            .wait_until(LIMIT, "the gateway online", |m| {
+                has_inform(m, &format!("/ota/device/inform/{LEAF_PK}/press"), "1.0.0")
+            })
+            .await;
+        let img = versioned_image(20_000, "2.0.0");
+        let url = self.files.add("fw.bin", img.clone());
+        for (id, dn) in [(1, "press"), (2, "dead")] {
+            self.probe
+                .publish(
+                    &format!("/ota/device/upgrade/{LEAF_PK}/{dn}"),
+                    notice(id, "2.0.0", &url, &img),
+                )
+                .await;
+        }
+    }
+}
+
+/// Item 1 and 8: at the default level, every job's start, each phase and
+/// its end (success with the version read back, failure with step code and
+/// reason) is a line naming the device, module, family and job; the
+/// plugin's own lines carry the same; no colour codes when stderr is not a
+/// terminal; the embedded broker's routing noise is not shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_lines_name_the_device_and_carry_no_colour_off_a_terminal() {
+    let w = world().await;
+    let path = w.data.path().join("otagw.toml");
+    let gw = GatewayProcess::start_logged(GATEWAY_BIN, &w.config, &path, &[], &[]).await;
+    w.push().await;
+    let ok = gw.wait_log(LIMIT, "job succeeded").await;
+    let failed = gw.wait_log(LIMIT, "job failed").await;
+
+    let press = |line: &str| {
+        line.contains(&format!("device={LEAF_PK}/press"))
+            && line.contains("module=default")
+            && line.contains("family=xmodem")
+            && line.contains("job=2.0.0@")
+    };
+    assert!(press(&ok) && ok.contains("the leaf runs 2.0.0"), "{ok}");
+    assert!(
+        failed.contains(&format!("device={LEAF_PK}/dead"))
+            && failed.contains("family=xmodem")
+            && failed.contains("(-4)"),
+        "{failed}"
+    );
+    let log = gw.log();
+    for what in [
+        "job started",
+        "job phase: downloading the image",
+        "job phase: verifying the image",
+        "job phase: flashing",
+        "job phase: reading the version back",
+        // The plugin's own warning about XMODEM's padding.
+        "XMODEM carries no size",
+    ] {
+        let line = log
+            .lines()
+            .find(|l| l.contains(what) && l.contains("/press"))
+            .unwrap_or_else(|| panic!("no line with {what:?} for press:\n{log}"));
+        assert!(press(line), "{what}: {line}");
+    }
+    assert!(!log.contains('\u{1b}'), "colour codes in a pipe:\n{log}");
+    assert!(!log.contains("rumqttd"), "{log}");
+    gw.kill().await;
+    w.sim.shutdown().await;
+}
+
+/// Item 8: `--log-format json` writes one JSON object a line, the job's
+/// fields in its span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_a_line_with_the_job_fields() {
+    let w = world().await;
+    let path = w.data.path().join("otagw.toml");
+    let gw = GatewayProcess::start_logged(
+        GATEWAY_BIN,
+        &w.config,
+        &path,
+        &["--log-format", "json"],
+        &[],
+    )
+    .await;
+    w.push().await;
+    gw.wait_log(LIMIT, "job succeeded").await;
+    let log = gw.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let end = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("job succeeded"))
+        })
+        .unwrap();
+    assert_eq!(end["level"], "INFO", "{end}");
+    assert_eq!(end["span"]["device"], format!("{LEAF_PK}/press"), "{end}");
+    assert_eq!(end["span"]["family"], "xmodem", "{end}");
+    gw.kill().await;
+    w.sim.shutdown().await;
+}
+
+/// Item 14: the notice example in the README, run as written (only its
+/// first line, the operator's values, replaced), upgrades a leaf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_notice_example_upgrades_a_leaf() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let block = readme
+        .split("<!-- notice-example")
+        .nth(1)
+        .and_then(|rest| rest.split("```sh\n").nth(1))
+        .and_then(|code| code.split("```").next())
+        .expect("the README has the notice example");
+    let (values, script) = block.split_once('\n').unwrap();
+    assert!(values.starts_with("BROKER_PORT="), "{values}");
+
+    let sim = PtySim::spawn(xmodem_device()).unwrap();
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    // The broker the example publishes to: mosquitto here (the embedded one
+    // takes the same line), so the probe listens before the gateway starts.
+    let broker = Mosquitto::start().await;
+    let port = broker.port();
+    let probe = MqttProbe::connect(port, "#").await;
+    let config = gateway_config(
+        data.path(),
+        plugins.path(),
+        Some(&broker.url()),
+        &[LeafSpec::xmodem("press", &sim.url())],
+    );
+    let gw = Daemon::start(&config).await;
+    let files = FileServer::start().await;
+    let img = versioned_image(20_000, "2.0.0");
+    let url = files.add("fw.bin", img.clone());
+    let fw = data.path().join("fw.bin");
+    std::fs::write(&fw, &img).unwrap();
+
+    probe
+        .wait_until(LIMIT, "the gateway online", |m| {
+            has_inform(m, &format!("/ota/device/inform/{LEAF_PK}/press"), "1.0.0")
+        })
+        .await;
+    let ours = format!(
+        "BROKER_PORT={port} PK={LEAF_PK} DN=press FW={} URL={url} VERSION=2.0.0",
+        fw.display()
+    );
+    let out = tokio::process::Command::new("bash")
+        .args(["-euc", &format!("{ours}\n{script}")])
+        .output()
+        .await
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    probe
+        .wait_until(LIMIT, "press runs 2.0.0", |m| {
+            has_inform(m, &format!("/ota/device/inform/{LEAF_PK}/press"), "2.0.0")
+        })
+        .await;
+    gw.stop().await;
+    sim.shutdown().await;
+}
