@@ -107,12 +107,12 @@ async fn failures_exit_non_zero() {
     a.extend(base);
     a.push(&url);
     assert_eq!(otagw(&a).await, ExitCode::FAILURE);
-    // An unknown family: failure.
+    // An unknown family: the command line is wrong, 64.
     let mut a = vec!["flash", "--family", "nope"];
     a.extend(base);
     a.push(&url);
-    assert_eq!(otagw(&a).await, ExitCode::FAILURE);
-    // A missing image: a setup error, 64.
+    assert_eq!(otagw(&a).await, ExitCode::from(64));
+    // A missing image: no input, 66.
     let a = [
         "flash",
         "--family",
@@ -124,7 +124,7 @@ async fn failures_exit_non_zero() {
         "--link",
         &url,
     ];
-    assert_eq!(otagw(&a).await, ExitCode::from(64));
+    assert_eq!(otagw(&a).await, ExitCode::from(66));
     // A malformed option: a usage error, 64.
     let a = [
         "flash", "--family", "xmodem", "--image", img, "--link", &url, "-o", "retries",
@@ -347,7 +347,7 @@ async fn check_refuses_bad_device_options_naming_each() {
         .output()
         .await
         .unwrap();
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78), "an invalid configuration");
     let err = String::from_utf8_lossy(&out.stderr);
     for needle in [
         "device pk/misspelt: unknown option `retrys` (did you mean `retries`?)",

@@ -214,3 +214,189 @@ async fn the_readme_notice_example_upgrades_a_leaf() {
     gw.stop().await;
     sim.shutdown().await;
 }
+
+/// Run the `otagw` binary with `args`: (exit status, stdout, stderr).
+async fn otagw(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = tokio::process::Command::new(GATEWAY_BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run otagw");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Item 9: exit statuses say what kind of failure it was (and `--help`
+/// says which is which); messages say what to do, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_statuses_and_messages_tell_the_operator_what_to_do() {
+    let (code, out, _) = otagw(&["--help"]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("Exit status:") && out.contains("69 the gateway cannot be reached"),
+        "{out}"
+    );
+
+    // The gateway is not running: unavailable (69), not a usage error.
+    let (code, _, err) = otagw(&["status", "--api", "127.0.0.1:1"]).await;
+    assert_eq!(code, Some(69), "{err}");
+    assert!(
+        err.contains("cannot reach the gateway at http://127.0.0.1:1/api/devices")
+            && err.contains("is `otagw run` running?"),
+        "{err}"
+    );
+
+    // A plugins directory that does not exist: no input (66), said once.
+    let cache = tempfile::tempdir().unwrap();
+    let cd = cache.path().to_str().unwrap();
+    let (code, _, err) = otagw(&[
+        "plugins",
+        "--plugins-dir",
+        "/nonexistent/plugins",
+        "--cache-dir",
+        cd,
+    ])
+    .await;
+    assert_eq!(code, Some(66), "{err}");
+    assert!(err.contains("does not exist: create it"), "{err}");
+    assert_eq!(err.matches("No such file").count(), 0, "{err}");
+
+    // A missing image: the OS error once.
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let pd = plugins.path().to_str().unwrap();
+    let (code, _, err) = otagw(&[
+        "flash",
+        "--family",
+        "xmodem",
+        "--plugins-dir",
+        pd,
+        "--cache-dir",
+        cd,
+        "--image",
+        "/nonexistent.bin",
+        "--link",
+        "tcp://127.0.0.1:1",
+    ])
+    .await;
+    assert_eq!(code, Some(66), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+
+    // A device path where a URL belongs: say how to write it.
+    let img = cache.path().join("fw.bin");
+    std::fs::write(&img, versioned_image(2_000, "2.0.0")).unwrap();
+    let img = img.to_str().unwrap();
+    let (code, _, err) = otagw(&[
+        "flash",
+        "--family",
+        "xmodem",
+        "--plugins-dir",
+        pd,
+        "--cache-dir",
+        cd,
+        "--image",
+        img,
+        "--link",
+        "/dev/ttyUSB7",
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("write serial:///dev/ttyUSB7"), "{err}");
+
+    // A family with no plugin: the ones there are listed.
+    let (code, _, err) = otagw(&[
+        "identify",
+        "--family",
+        "esp32",
+        "--plugins-dir",
+        pd,
+        "--cache-dir",
+        cd,
+        "--link",
+        "tcp://127.0.0.1:1",
+    ])
+    .await;
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("the families there are: xmodem"), "{err}");
+}
+
+/// Item 15: `otagw plugins` says what it looked at, an empty directory is an
+/// error, and a broken plugin is reported once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_lists_with_a_header_and_reports_each_problem_once() {
+    let cache = tempfile::tempdir().unwrap();
+    let cd = cache.path().to_str().unwrap();
+    let empty = PluginsDir::with(&[]);
+    let (code, out, err) = otagw(&[
+        "plugins",
+        "--plugins-dir",
+        empty.path().to_str().unwrap(),
+        "--cache-dir",
+        cd,
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("no plugins in"), "{err}");
+
+    let dir = PluginsDir::with(&[artifacts::XMODEM]);
+    dir.add_raw("broken.wasm", b"\0asm\x0d\0\x01\0garbage");
+    let (code, out, err) = otagw(&[
+        "plugins",
+        "--plugins-dir",
+        dir.path().to_str().unwrap(),
+        "--cache-dir",
+        cd,
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.starts_with(&format!(
+            "{}: 1 plugin loaded, 1 broken",
+            dir.path().display()
+        )),
+        "{out}"
+    );
+    let said = format!("{out}{err}");
+    assert_eq!(said.matches("broken.wasm").count(), 1, "{said}");
+}
+
+/// Item 5: `otagw flash --version V` fails when the device then runs
+/// another version, as the daemon does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flash_fails_when_the_device_does_not_run_the_version_it_was_given() {
+    let sim = PtySim::spawn(xmodem_device()).unwrap();
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let cache = tempfile::tempdir().unwrap();
+    let img = cache.path().join("fw.bin");
+    std::fs::write(&img, versioned_image(4_000, "2.0.0")).unwrap();
+    let (code, out, err) = otagw(&[
+        "flash",
+        "--family",
+        "xmodem",
+        "--plugins-dir",
+        plugins.path().to_str().unwrap(),
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--link",
+        &sim.url(),
+        "--version",
+        "9.9.9",
+        "-o",
+        "enter_command=update\\r",
+        "-o",
+        "version_command=version\\r",
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("the device reports version 2.0.0 after the flash, not 9.9.9"),
+        "{err}"
+    );
+    sim.shutdown().await;
+}

@@ -52,7 +52,7 @@ pub async fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
             problems.len(),
             if problems.len() == 1 { "" } else { "s" }
         );
-        return Ok(ExitCode::from(64));
+        return Ok(ExitCode::from(super::exit::CONFIG));
     }
     println!(
         "{}: ok ({} device{}, {})",

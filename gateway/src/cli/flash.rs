@@ -44,6 +44,9 @@ pub async fn run(a: FlashArgs) -> anyhow::Result<ExitCode> {
     let image = FileImage::open(&a.image)
         .with_context(|| format!("cannot open image {}", a.image.display()))?;
     let host = a.plugins.load().await?;
+    if let Err(code) = super::require_family(&host, &a.family, &a.plugins.plugins_dir) {
+        return Ok(ExitCode::from(code));
+    }
     let meta = JobMeta {
         version: a.version.clone(),
         module: a.module.clone(),
@@ -94,6 +97,18 @@ pub async fn run(a: FlashArgs) -> anyhow::Result<ExitCode> {
                 o.report.bytes_sent, a.link, o.report.retries, o.report.summary
             );
             match o.device {
+                // The daemon's rule: a device that does not run the version
+                // it was given did not take the image.
+                Some(d) if a.version.as_ref().is_some_and(|v| *v != d.version) => {
+                    eprintln!(
+                        "error: the device reports version {} after the flash, not {} \
+                         (--version): the image was sent but the device does not run it \
+                         (it may have rolled back or rejected it at boot; check its console)",
+                        d.version,
+                        a.version.as_deref().unwrap_or_default()
+                    );
+                    return Ok(ExitCode::from(super::exit::FAILED));
+                }
                 Some(d) => println!(
                     "device reports version {}{}",
                     d.version,

@@ -26,6 +26,9 @@ pub struct IdentifyArgs {
 
 pub async fn run(a: IdentifyArgs) -> anyhow::Result<ExitCode> {
     let host = a.plugins.load().await?;
+    if let Err(code) = super::require_family(&host, &a.family, &a.plugins.plugins_dir) {
+        return Ok(ExitCode::from(code));
+    }
     match crate::flash::identify_with(&host, &a.links.opener(), &a.family, &a.link, &a.options)
         .await
     {

@@ -15,9 +15,35 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::plugin::{Limits, PluginHost};
 
+/// Exit statuses (sysexits.h where one fits).
+pub mod exit {
+    /// The work failed: a flash, a device in `status`, a broken plugin.
+    pub const FAILED: u8 = 1;
+    /// The command line is wrong.
+    pub const USAGE: u8 = 64;
+    /// An input file (image, configuration, plugin) does not exist.
+    pub const NO_INPUT: u8 = 66;
+    /// The gateway (its API) cannot be reached.
+    pub const UNAVAILABLE: u8 = 69;
+    /// Anything else that went wrong inside otagw.
+    pub const SOFTWARE: u8 = 70;
+    /// The configuration is invalid.
+    pub const CONFIG: u8 = 78;
+}
+
+/// A service otagw needs does not answer (exit status 69).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+const EXIT_HELP: &str = "Exit status: 0 done; 1 the work failed (a flash, a device in `status`, \
+a broken plugin); 64 the command line is wrong; 66 an input file does not exist; 69 the gateway \
+cannot be reached; 70 an error inside otagw; 78 the configuration is invalid; 130/143 stopped by \
+Ctrl-C / SIGTERM.";
+
 /// otagw: OTA edge gateway for leaf devices behind serial, TCP and BLE links.
 #[derive(Debug, Parser)]
-#[command(name = "otagw", version, about)]
+#[command(name = "otagw", version, about, after_help = EXIT_HELP)]
 pub struct Cli {
     /// How log lines are written to stderr: `text` (colour only on a
     /// terminal, and never with NO_COLOR set) or `json` (one object a
@@ -132,6 +158,29 @@ impl PluginArgs {
         }
         Ok(host)
     }
+}
+
+/// Fail with the families that are there when `family` has no plugin
+/// (a usage error: the command line names it).
+pub fn require_family(host: &PluginHost, family: &str, dir: &std::path::Path) -> Result<(), u8> {
+    if host.get(family).is_some() {
+        return Ok(());
+    }
+    let known: Vec<String> = host
+        .families()
+        .iter()
+        .map(|p| p.info.name.clone())
+        .collect();
+    eprintln!(
+        "error: no plugin for device family {family:?} in {}; {} (`otagw plugins` lists them)",
+        dir.display(),
+        if known.is_empty() {
+            "it holds none".to_string()
+        } else {
+            format!("the families there are: {}", known.join(", "))
+        }
+    );
+    Err(exit::USAGE)
 }
 
 /// How `otagw flash` and `otagw identify` reach links beyond serial and TCP.
@@ -262,13 +311,54 @@ where
     })
 }
 
+/// An error and its causes on one line, each cause once: many of our
+/// errors already say their source ("cannot read X: No such file").
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
+}
+
+/// The exit status of a command that failed with `e`.
+pub fn exit_status(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.is::<crate::config::ConfigError>() {
+            return exit::CONFIG;
+        }
+        if cause.is::<Unavailable>() {
+            return exit::UNAVAILABLE;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::NotFound
+        {
+            return exit::NO_INPUT;
+        }
+        match cause.downcast_ref::<crate::plugin::PluginError>() {
+            Some(crate::plugin::PluginError::NoDir(_)) => return exit::NO_INPUT,
+            Some(crate::plugin::PluginError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return exit::NO_INPUT;
+            }
+            _ => {}
+        }
+    }
+    exit::SOFTWARE
+}
+
 /// Run `cli` and map the outcome to an exit status.
 async fn run_to_exit(cli: Cli) -> std::process::ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::from(64)
+            eprintln!("error: {}", error_text(&e));
+            std::process::ExitCode::from(exit_status(&e))
         }
     }
 }

@@ -58,6 +58,24 @@ pub async fn run(a: PluginsArgs) -> anyhow::Result<ExitCode> {
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
+        let dir = a.plugins.plugins_dir.display();
+        if report.loaded.is_empty() && report.failed.is_empty() {
+            eprintln!(
+                "error: no plugins in {dir}: copy the device families' .wasm files there \
+                 (`otagw plugin new` writes a new family)"
+            );
+            return Ok(ExitCode::from(super::exit::FAILED));
+        }
+        println!(
+            "{dir}: {} plugin{} loaded{}\n",
+            report.loaded.len(),
+            if report.loaded.len() == 1 { "" } else { "s" },
+            if report.failed.is_empty() {
+                String::new()
+            } else {
+                format!(", {} broken (listed last)", report.failed.len())
+            }
+        );
         for (i, p) in loaded.iter().enumerate() {
             if i > 0 {
                 println!();
@@ -65,13 +83,13 @@ pub async fn run(a: PluginsArgs) -> anyhow::Result<ExitCode> {
             print!("{}", plugin_text(p));
         }
         for e in &report.failed {
-            println!("broken: {e}");
+            println!("\nbroken: {e}");
         }
     }
-    Ok(if report.failed.is_empty() {
+    Ok(if report.failed.is_empty() && !report.loaded.is_empty() {
         ExitCode::SUCCESS
     } else {
-        ExitCode::FAILURE
+        ExitCode::from(super::exit::FAILED)
     })
 }
 

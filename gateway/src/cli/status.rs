@@ -9,23 +9,58 @@ use crate::api::DeviceStatus;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The gateway's local API.
+    /// The gateway's local API: what `otagw run` prints as `api: ADDR`
+    /// (`http://` may be left out).
     #[arg(long, env = "OTAGW_API", default_value = "http://127.0.0.1:8080")]
     pub api: String,
+    /// Print the device list as JSON (the API's `/api/devices`).
+    #[arg(long)]
+    pub json: bool,
 }
 
+/// The API's base URL from what the operator typed.
+fn base_url(api: &str) -> String {
+    let api = api.trim_end_matches('/');
+    if api.contains("://") {
+        api.to_string()
+    } else {
+        format!("http://{api}")
+    }
+}
+
+/// Exit status 1 when any device's last job failed.
 pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
     crate::tls::init();
-    let url = format!("{}/api/devices", a.api.trim_end_matches('/'));
-    let devices: Vec<DeviceStatus> = reqwest::get(&url)
-        .await
-        .with_context(|| format!("cannot reach the gateway at {url}"))?
-        .error_for_status()?
+    let url = format!("{}/api/devices", base_url(&a.api));
+    let answer = reqwest::get(&url).await.map_err(|e| {
+        let why = if e.is_connect() {
+            "nothing answers there".to_string()
+        } else if e.is_builder() {
+            "not a URL".to_string()
+        } else {
+            e.to_string()
+        };
+        super::Unavailable(format!(
+            "cannot reach the gateway at {url} ({why}): is `otagw run` running? Its API \
+             address is the `api:` line it prints at start ([api] listen); pass it with --api"
+        ))
+    })?;
+    let devices: Vec<DeviceStatus> = answer
+        .error_for_status()
+        .map_err(|e| super::Unavailable(format!("{url}: {e}")))?
         .json()
         .await
         .with_context(|| format!("{url} did not answer with a device list"))?;
-    print!("{}", table(&devices));
-    Ok(ExitCode::SUCCESS)
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&devices)?);
+    } else {
+        print!("{}", table(&devices));
+    }
+    Ok(if devices.iter().any(|d| d.state == "failed") {
+        ExitCode::from(super::exit::FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Render devices as an aligned text table.

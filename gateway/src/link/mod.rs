@@ -402,7 +402,18 @@ impl LinkUrl {
             url: s.to_string(),
             reason,
         };
-        let url = url::Url::parse(s).map_err(|e| bad(e.to_string()))?;
+        let url = url::Url::parse(s).map_err(|e| {
+            if s.starts_with('/') {
+                bad(format!("a link is a URL: write serial://{s}"))
+            } else if e == url::ParseError::RelativeUrlWithoutBase {
+                bad(
+                    "a link is a URL: serial:///dev/ttyUSB0, tcp://HOST:PORT or ble://ADDRESS"
+                        .into(),
+                )
+            } else {
+                bad(e.to_string())
+            }
+        })?;
         match url.scheme() {
             "serial" => {
                 let path = url.path().to_string();

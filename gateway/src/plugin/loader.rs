@@ -43,9 +43,12 @@ impl PluginHost {
     /// plugins are reported and skipped; the others load.
     pub async fn load_dir(&self, dir: &Path) -> Result<LoadReport, PluginError> {
         let mut paths = Vec::new();
-        let entries = std::fs::read_dir(dir).map_err(|source| PluginError::Read {
-            path: dir.to_path_buf(),
-            source,
+        let entries = std::fs::read_dir(dir).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => PluginError::NoDir(dir.to_path_buf()),
+            _ => PluginError::Read {
+                path: dir.to_path_buf(),
+                source,
+            },
         })?;
         for entry in entries {
             let entry = entry.map_err(|source| PluginError::Read {
@@ -74,7 +77,8 @@ impl PluginHost {
                     report.loaded.push(p);
                 }
                 Err(e) => {
-                    tracing::error!("{e}; skipped");
+                    // The caller says it (the daemon logs it, the CLI prints it).
+                    tracing::debug!("{e}; skipped");
                     self.set_broken(&path, Some(e.to_string()));
                     report.failed.push(e);
                 }

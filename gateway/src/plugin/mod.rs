@@ -79,6 +79,11 @@ pub enum PluginError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the plugins directory {0} does not exist: create it and copy the device families' \
+         .wasm files there (or point plugins_dir / --plugins-dir at where they are)"
+    )]
+    NoDir(PathBuf),
     #[error("plugin {path} is not a valid component: {reason}")]
     Malformed { path: PathBuf, reason: String },
     #[error(
