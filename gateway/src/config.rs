@@ -463,6 +463,36 @@ impl Config {
         Ok(cfg)
     }
 
+    /// What is allowed but probably not meant: listeners beyond loopback
+    /// with no authentication.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(a) = self.api.listen
+            && !a.ip().is_loopback()
+        {
+            out.push(format!(
+                "[api] listen = \"{a}\" is reachable beyond this machine and the API has no \
+                 authentication: anyone on that network sees every device and job (listen on \
+                 127.0.0.1 unless a firewall or proxy guards it)"
+            ));
+        }
+        if let Some(b) = self.local_broker.listen
+            && !b.ip().is_loopback()
+        {
+            out.push(format!(
+                "[local_broker] listen = \"{b}\" is reachable beyond this machine and the \
+                 embedded broker has no authentication: anyone on that network can {} \
+                 (listen on 127.0.0.1 unless the leaves need it)",
+                if self.upstream.is_none() {
+                    "push upgrade notices (standalone mode)"
+                } else {
+                    "publish and subscribe on it"
+                }
+            ));
+        }
+        out
+    }
+
     /// Make every relative path in the configuration relative to `base`.
     fn resolve_paths(&mut self, base: &Path) {
         let at = |p: &mut PathBuf| {
@@ -495,6 +525,16 @@ impl Config {
                 }
             }
             Some(u) => {
+                if let Some(ca) = &u.ca_file
+                    && !ca.is_file()
+                {
+                    return Err(format!(
+                        "[upstream] ca_file {} does not exist (the PEM file of the CA that \
+                         signed the broker's certificate; leave ca_file out to trust the \
+                         system's CAs)",
+                        ca.display()
+                    ));
+                }
                 let url = url::Url::parse(&u.url)
                     .map_err(|e| format!("[upstream] url {:?}: {e}", u.url))?;
                 if !matches!(url.scheme(), "mqtt" | "mqtts") || url.host_str().is_none() {
@@ -741,6 +781,31 @@ plugins_dir = "/tmp/p"
         // Absolute ones stay as written.
         let cfg = parse(MINIMAL).unwrap();
         assert_eq!(cfg.gateway.plugins_dir, Path::new("/tmp/p"));
+    }
+
+    #[test]
+    fn a_missing_ca_file_and_open_listeners_are_reported() {
+        let err = parse(&format!(
+            "{MINIMAL}\n[upstream]\nurl = \"mqtts://example.com:8883\"\nauth = \"none\"\nca_file = \"/nonexistent/ca.pem\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("ca_file /nonexistent/ca.pem does not exist"),
+            "{err}"
+        );
+
+        assert!(parse(MINIMAL).unwrap().warnings().is_empty());
+        let open = parse(&format!(
+            "{MINIMAL}\n[api]\nlisten = \"0.0.0.0:8080\"\n[local_broker]\nlisten = \"0.0.0.0:1883\"\n"
+        ))
+        .unwrap();
+        let w = open.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("[api] listen") && w[1].contains("push upgrade notices"),
+            "{w:?}"
+        );
     }
 
     #[test]

@@ -372,7 +372,7 @@ impl GatewayProcess {
     ) -> GatewayProcess {
         let mut cmd = tokio::process::Command::new(bin);
         cmd.env("RUST_LOG", "otagw=info").envs(env.iter().copied());
-        Self::spawn(cmd, config, path, false).await
+        Self::spawn(cmd, config, path, &[], false).await
     }
 
     /// `otagw run --config path ARGS` as an operator starts it (no
@@ -388,9 +388,8 @@ impl GatewayProcess {
         let mut cmd = tokio::process::Command::new(bin);
         cmd.env_remove("RUST_LOG")
             .env_remove("NO_COLOR")
-            .envs(env.iter().copied())
-            .args(args);
-        Self::spawn(cmd, config, path, true).await
+            .envs(env.iter().copied());
+        Self::spawn(cmd, config, path, args, true).await
     }
 
     /// What the gateway logged so far (with [`GatewayProcess::start_logged`]).
@@ -418,11 +417,12 @@ impl GatewayProcess {
         mut cmd: tokio::process::Command,
         config: &str,
         path: &Path,
+        args: &[&str],
         capture: bool,
     ) -> GatewayProcess {
         use tokio::io::AsyncBufReadExt;
         std::fs::write(path, config).expect("write the config");
-        cmd.arg("run").arg("--config").arg(path);
+        cmd.arg("run").arg("--config").arg(path).args(args);
         if capture {
             cmd.stderr(std::process::Stdio::piped());
         }
@@ -465,6 +465,17 @@ impl GatewayProcess {
             log,
             logged,
         }
+    }
+
+    /// SIGTERM, as systemd stops a service.
+    pub async fn terminate(&self) {
+        let pid = self.pid().to_string();
+        let ok = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(ok.success(), "kill -TERM {pid}");
     }
 
     /// SIGKILL: no drain, no goodbye.

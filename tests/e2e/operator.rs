@@ -400,3 +400,192 @@ async fn flash_fails_when_the_device_does_not_run_the_version_it_was_given() {
     );
     sim.shutdown().await;
 }
+
+/// Item 2: SIGTERM with a flash under way. With a long enough `--grace` the
+/// flash finishes and the platform hears it before the process exits; with
+/// a short one the job is named in the log as stopped where it was, and the
+/// next start finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grace_lets_a_flash_finish_and_names_what_it_cuts_short() {
+    let held = |_| {
+        PtySim::spawn(XmodemSimConfig {
+            hold_after: Some(3),
+            ..xmodem_device()
+        })
+        .unwrap()
+    };
+    let (one, two) = (held(1), held(2));
+    let broker = Mosquitto::start().await;
+    let probe = MqttProbe::connect(broker.port(), "#").await;
+    let files = FileServer::start().await;
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let leaf = |dn: &str, sim: &PtySim| {
+        let mut l = LeafSpec::xmodem(dn, &sim.url());
+        l.options.push(("block_timeout_ms".into(), "600000".into()));
+        l
+    };
+    let config = gateway_config(
+        data.path(),
+        plugins.path(),
+        Some(&broker.url()),
+        &[leaf("one", &one), leaf("two", &two)],
+    );
+    let path = data.path().join("otagw.toml");
+    let img = versioned_image(20_000, "2.0.0");
+    let url = files.add("fw.bin", img.clone());
+    let inform = |dn: &str| format!("/ota/device/inform/{LEAF_PK}/{dn}");
+    let upgrade = |dn: &str| format!("/ota/device/upgrade/{LEAF_PK}/{dn}");
+
+    // A grace long enough: the held flash goes on after SIGTERM.
+    let gw =
+        GatewayProcess::start_logged(GATEWAY_BIN, &config, &path, &["--grace", "600"], &[]).await;
+    probe
+        .wait_until(LIMIT, "online", |m| has_inform(m, &inform("one"), "1.0.0"))
+        .await;
+    probe
+        .publish(&upgrade("one"), notice(1, "2.0.0", &url, &img))
+        .await;
+    one.handle().holding().await;
+    gw.terminate().await;
+    gw.wait_log(LIMIT, "shutting down").await;
+    one.handle().release();
+    probe
+        .wait_until(LIMIT, "one runs 2.0.0", |m| {
+            has_inform(m, &inform("one"), "2.0.0")
+        })
+        .await;
+    let log = gw.log();
+    assert!(gw.exited(LIMIT).await.success(), "{log}");
+
+    // A short grace: the job is stopped, named, and resumed at the next start.
+    let gw =
+        GatewayProcess::start_logged(GATEWAY_BIN, &config, &path, &["--grace", "1"], &[]).await;
+    probe
+        .publish(&upgrade("two"), notice(2, "2.0.0", &url, &img))
+        .await;
+    two.handle().holding().await;
+    gw.terminate().await;
+    let cut = gw.wait_log(LIMIT, "still under way after the grace").await;
+    assert!(
+        cut.contains(&format!("{LEAF_PK}/two")) && cut.contains("flashing"),
+        "{cut}"
+    );
+    let log = gw.log();
+    assert!(gw.exited(LIMIT).await.success(), "{log}");
+    assert!(!has_inform(&probe.messages(), &inform("two"), "2.0.0"));
+    two.handle().release();
+    let gw = GatewayProcess::start_logged(GATEWAY_BIN, &config, &path, &[], &[]).await;
+    probe
+        .wait_until(LIMIT, "two runs 2.0.0 after the restart", |m| {
+            has_inform(m, &inform("two"), "2.0.0")
+        })
+        .await;
+    gw.kill().await;
+    one.shutdown().await;
+    two.shutdown().await;
+}
+
+/// `otagw flash` of a 60 kB image to a fresh XMODEM device, with `args`
+/// added; through `wrap` (a program that runs a shell command line) when
+/// given. (exit status, stdout, stderr)
+async fn flash_by_hand(extra: &[&str], wrap: Option<&str>) -> (Option<i32>, String, String) {
+    let sim = PtySim::spawn(xmodem_device()).unwrap();
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let cache = tempfile::tempdir().unwrap();
+    let img = cache.path().join("fw.bin");
+    std::fs::write(&img, versioned_image(60_000, "2.0.0")).unwrap();
+    let mut args = vec![
+        "flash".to_string(),
+        "--family".into(),
+        "xmodem".into(),
+        "--plugins-dir".into(),
+        plugins.path().display().to_string(),
+        "--cache-dir".into(),
+        cache.path().display().to_string(),
+        "--image".into(),
+        img.display().to_string(),
+        "--link".into(),
+        sim.url(),
+        "-o".into(),
+        "enter_command=update\\r".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = match wrap {
+        None => otagw(&args.iter().map(String::as_str).collect::<Vec<_>>()).await,
+        Some(shell) => {
+            let line = std::iter::once(GATEWAY_BIN.to_string())
+                .chain(args.iter().map(|a| format!("'{a}'")))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let out = tokio::process::Command::new("script")
+                .args(["-qefc", &format!("{shell}; {line}"), "/dev/null"])
+                .env_remove("RUST_LOG")
+                .output()
+                .await
+                .expect("script (util-linux)");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    sim.shutdown().await;
+    out
+}
+
+/// Item 10, piped: progress lines every 10 % and the plugin's warnings go
+/// to stderr; its debug lines only with --verbose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flash_output_piped_says_how_far_it_got_and_keeps_the_warnings() {
+    let (code, out, err) = flash_by_hand(&[], None).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    for what in [
+        "transfer 0%",
+        "transfer 50%",
+        "transfer 100%",
+        "warn: xmodem: XMODEM carries no size",
+    ] {
+        assert!(err.contains(what), "no {what:?} in:\n{err}");
+    }
+    assert!(!err.contains("debug:"), "{err}");
+    assert_eq!(err.matches("XMODEM carries no size").count(), 1, "{err}");
+    assert!(out.contains("flashed 60000 bytes"), "{out}");
+}
+
+/// Item 10, on a terminal (a pty of 80 columns, through `script`): the bar
+/// never wraps, and it does not start as a full bar of 0 B/0 B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flash_bar_on_a_terminal_fits_80_columns_and_starts_empty() {
+    let (code, out, err) = flash_by_hand(&[], Some("stty cols 80 rows 24")).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let screen = console::strip_ansi_codes(&out);
+    assert!(screen.contains("transfer"), "{screen}");
+    // What was drawn between control sequences (cursor moves, line
+    // erases) and line ends: each piece is one line on the screen.
+    let bars: Vec<&str> = console::AnsiCodeIterator::new(&out)
+        .filter(|(_, ansi)| !ansi)
+        .flat_map(|(text, _)| text.split(['\r', '\n']))
+        .filter(|l| l.contains(" B/") || l.contains("iB/"))
+        // A line printed above the bar is padded to whole terminal lines
+        // and the bar follows: the bar's own line starts 9 columns (the
+        // phase, right-aligned) before its " [".
+        .map(|l| &l[l.rfind(" [").map_or(0, |i| i.saturating_sub(9))..])
+        .collect();
+    assert!(!bars.is_empty(), "{screen}");
+    for line in bars {
+        assert!(
+            line.chars().count() <= 80,
+            "{} columns: {line:?}",
+            line.chars().count()
+        );
+        assert!(!line.contains("0 B/0 B"), "{line:?}");
+    }
+    // The plugin's warning once, above the bar, not as a log line too.
+    assert_eq!(
+        screen.matches("XMODEM carries no size").count(),
+        1,
+        "{screen}"
+    );
+}

@@ -41,6 +41,9 @@ pub struct CheckArgs {
 
 pub async fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(&a.config)?;
+    for w in cfg.warnings() {
+        eprintln!("warning: {w}");
+    }
     let problems = check_devices(&cfg).await?;
     if !problems.is_empty() {
         for p in &problems {

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{LinkArgs, PluginArgs, parse_option};
 use crate::plugin::{FileImage, JobMeta};
-use crate::progress::JobEvent;
+use crate::progress::{JobEvent, LogLevel};
 
 #[derive(Debug, Args)]
 pub struct FlashArgs {
@@ -34,10 +34,94 @@ pub struct FlashArgs {
     /// Device option for the plugin, key=value (repeatable).
     #[arg(long = "option", short = 'o', value_parser = parse_option)]
     pub options: Vec<(String, String)>,
+    /// Show the plugin's debug lines too.
+    #[arg(long, short)]
+    pub verbose: bool,
     #[command(flatten)]
     pub plugins: PluginArgs,
     #[command(flatten)]
     pub links: LinkArgs,
+}
+
+/// How progress is shown: a bar on a terminal; a line every 10 % (and at
+/// each phase) when stderr is a pipe or a file, so a log of a long flash
+/// says how far it got.
+struct Progress {
+    bar: Option<ProgressBar>,
+    verbose: bool,
+    /// Pipe mode: the phase and tenth last printed.
+    last: Option<(&'static str, u64)>,
+}
+
+impl Progress {
+    fn new(verbose: bool) -> Progress {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            // A spinner until the plugin says how much there is to do: a bar
+            // of 0 B/0 B would read as done.
+            let bar = ProgressBar::new_spinner();
+            bar.set_message("starting");
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        });
+        Progress {
+            bar,
+            verbose,
+            last: None,
+        }
+    }
+
+    fn event(&mut self, ev: JobEvent) {
+        match ev {
+            JobEvent::Progress { done, total, phase } => match &self.bar {
+                Some(bar) => {
+                    if total > 0 && bar.length() != Some(total) {
+                        bar.set_style(
+                            // wide_bar takes what the terminal has left: no wrap at 80 columns.
+                            ProgressStyle::with_template(
+                                "{msg:>9} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                            )
+                            .unwrap_or_else(|_| ProgressStyle::default_bar())
+                            .progress_chars("=> "),
+                        );
+                        bar.set_length(total);
+                    }
+                    bar.set_position(done);
+                    bar.set_message(phase.as_str());
+                }
+                None => {
+                    let tenth = (done * 10).checked_div(total).unwrap_or(0);
+                    let now = (phase.as_str(), tenth);
+                    if self.last != Some(now) {
+                        self.last = Some(now);
+                        eprintln!(
+                            "{} {}% ({} of {})",
+                            phase.as_str(),
+                            tenth * 10,
+                            indicatif::HumanBytes(done),
+                            indicatif::HumanBytes(total)
+                        );
+                    }
+                }
+            },
+            JobEvent::Log { level, message } => {
+                if level < LogLevel::Info && !self.verbose {
+                    return;
+                }
+                let line = format!("{}: {message}", format!("{level:?}").to_lowercase());
+                match &self.bar {
+                    Some(bar) => bar.println(line),
+                    None => eprintln!("{line}"),
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 pub async fn run(a: FlashArgs) -> anyhow::Result<ExitCode> {
@@ -53,31 +137,14 @@ pub async fn run(a: FlashArgs) -> anyhow::Result<ExitCode> {
         options: a.options.clone(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg:>9} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    let render = {
-        let bar = bar.clone();
-        tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                match ev {
-                    JobEvent::Progress { done, total, phase } => {
-                        bar.set_length(total);
-                        bar.set_position(done);
-                        bar.set_message(phase.as_str());
-                    }
-                    JobEvent::Log { level, message } => {
-                        bar.println(format!("{level:?}: {message}").to_lowercase_level());
-                    }
-                }
-            }
-        })
-    };
+    let verbose = a.verbose;
+    let render = tokio::spawn(async move {
+        let mut progress = Progress::new(verbose);
+        while let Some(ev) = rx.recv().await {
+            progress.event(ev);
+        }
+        progress.finish();
+    });
     let result = crate::flash::flash_with(
         &host,
         &a.links.opener(),
@@ -89,7 +156,6 @@ pub async fn run(a: FlashArgs) -> anyhow::Result<ExitCode> {
     )
     .await;
     let _ = render.await;
-    bar.finish_and_clear();
     match result {
         Ok(o) => {
             println!(
@@ -125,20 +191,6 @@ pub async fn run(a: FlashArgs) -> anyhow::Result<ExitCode> {
                 e.step_code()
             );
             Ok(ExitCode::FAILURE)
-        }
-    }
-}
-
-trait LevelCase {
-    fn to_lowercase_level(self) -> String;
-}
-
-impl LevelCase for String {
-    /// "Info: message" → "info: message"
-    fn to_lowercase_level(self) -> String {
-        match self.split_once(':') {
-            Some((l, rest)) => format!("{}:{rest}", l.to_lowercase()),
-            None => self,
         }
     }
 }

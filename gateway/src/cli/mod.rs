@@ -258,6 +258,8 @@ pub fn main() -> std::process::ExitCode {
     // commands print what they do themselves.
     let default = match cli.command {
         Command::Run(_) => format!("warn,otagw=info,{QUIET}"),
+        // `flash` shows the plugin's lines itself, above its progress bar.
+        Command::Flash(_) => format!("warn,otagw::progress=off,{QUIET}"),
         _ => format!("warn,{QUIET}"),
     };
     init_logging(cli.log_format, &default);

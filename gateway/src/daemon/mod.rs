@@ -114,6 +114,12 @@ pub(crate) struct Core {
     pub tasks: TaskTracker,
     /// Cancelled when the daemon stops taking work.
     pub shutdown: CancellationToken,
+    /// Cancelled when the shutdown's grace is over: work under way stops
+    /// where it is (and resumes at the next start).
+    pub abort: CancellationToken,
+    /// Stops the upstream session, last, so what the jobs report during the
+    /// grace still goes out.
+    upstream_stop: CancellationToken,
     /// Image bytes received, for the summary.
     pub bytes_downloaded: AtomicU64,
 }
@@ -476,6 +482,9 @@ impl Gateway {
     /// Open, load and bind everything the configuration names.
     pub async fn build(cfg: Config) -> Result<Gateway, DaemonError> {
         crate::tls::init();
+        for w in cfg.warnings() {
+            tracing::warn!("{w}");
+        }
         let data = cfg.gateway.data_dir.clone();
         std::fs::create_dir_all(&data).map_err(|source| DaemonError::DataDir {
             path: data.clone(),
@@ -586,13 +595,14 @@ impl Gateway {
             device_name: gw.device_name.clone(),
             device_secret: cfg.gateway.device_secret.clone(),
         };
+        let upstream_stop = CancellationToken::new();
         let (upstream, events) = Upstream::start(
             up_cfg,
             gateway_identity,
             leaves,
             subscriptions,
             &store,
-            shutdown.clone(),
+            upstream_stop.clone(),
         )?;
 
         let (api, api_addr) = match cfg.api.listen {
@@ -649,6 +659,8 @@ impl Gateway {
             next_id,
             tasks: TaskTracker::new(),
             shutdown,
+            abort: CancellationToken::new(),
+            upstream_stop,
             bytes_downloaded: AtomicU64::new(0),
         });
         Ok(Gateway {
@@ -690,9 +702,8 @@ impl Gateway {
                 }
             });
         }
-        // The upstream session's driver is the daemon's too: shutdown waits
-        // for it within the grace.
-        core.tasks.spawn(std::mem::replace(
+        // The upstream session's driver, waited for last at shutdown.
+        let upstream_stopped = tokio::spawn(std::mem::replace(
             &mut self.upstream_stopped,
             Box::pin(std::future::ready(())),
         ));
@@ -729,14 +740,34 @@ impl Gateway {
                 },
             }
         }
-        tracing::info!("shutting down");
+        let running = core.table.running();
+        tracing::info!(
+            jobs = running.len(),
+            "shutting down: jobs under way get {grace:?} to finish; no new ones start"
+        );
         core.tasks.close();
         core.shutdown.cancel();
         if tokio::time::timeout(grace, core.tasks.wait())
             .await
             .is_err()
         {
-            tracing::warn!("jobs still running after {grace:?}: they resume at the next start");
+            for (device, module, state) in core.table.running() {
+                tracing::warn!(
+                    %device, %module, %state,
+                    "job still under way after the grace of {grace:?}: stopped where it is; it resumes at the next start"
+                );
+            }
+            core.abort.cancel();
+            core.tasks.wait().await;
+        }
+        core.abort.cancel();
+        // What the jobs reported is in the outbox; say goodbye upstream.
+        core.upstream_stop.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), upstream_stopped)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the upstream session did not close within 5s");
         }
         core.cache.shutdown().await;
         // Whatever was interrupted was stopped by us, not by a crash.

@@ -243,7 +243,7 @@ impl Drop for Running<'_> {
 /// holds.
 async fn run_update(core: Arc<Core>, family: String) {
     let _running = Running(&core.updates, family.clone());
-    let stop = core.shutdown.clone();
+    let stop = core.abort.clone();
     tokio::select! {
         // Interrupted: the ledger still says Received; the next start resumes.
         _ = stop.cancelled() => {}

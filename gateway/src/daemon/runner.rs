@@ -8,8 +8,10 @@
 //! [`supervise`] is the job's task: a panic or an unexpected error inside the
 //! run ends the job with -1 and a desc naming what happened, reported durably
 //! like any other end; the link, the bus and the slot are freed as the run
-//! unwinds, and the leaf takes its next notice. On shutdown a job stops where
-//! it is; its persisted state resumes at the next start.
+//! unwinds, and the leaf takes its next notice. On shutdown a job that has
+//! not begun stops waiting; one under way gets the grace to finish, then
+//! stops where it is (`Core::abort`); its persisted state resumes at the
+//! next start.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -202,8 +204,10 @@ async fn run(core: Arc<Core>, ticket: Ticket, first: Option<Event>) -> Result<Ou
             });
         }
         for action in actions {
+            // A job under way finishes within the shutdown's grace; `abort`
+            // stops it where it is (it resumes at the next start).
             let more = tokio::select! {
-                _ = stop.cancelled() => return Ok(Outcome::Stopped),
+                _ = core.abort.cancelled() => return Ok(Outcome::Stopped),
                 more = ctx.perform(action) => more?,
             };
             match more {
@@ -602,7 +606,7 @@ async fn read_version(core: &Core, leaf: &Leaf) -> Option<Result<String, PluginE
             .map(|d| d.version)
     };
     tokio::select! {
-        _ = stop.cancelled() => None,
+        _ = core.abort.cancelled() => None,
         r = work => Some(r),
     }
 }

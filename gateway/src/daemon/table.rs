@@ -421,6 +421,24 @@ impl JobTable {
             .await
     }
 
+    /// The jobs under way now (holding their link): device, module and
+    /// state with progress, for the shutdown's account.
+    pub fn running(&self) -> Vec<(String, String, String)> {
+        self.lock()
+            .jobs
+            .iter()
+            .filter(|(_, l)| l.active && l.record.job.state().is_running())
+            .map(|((id, module), l)| {
+                let state = l.record.job.state();
+                let shown = match l.record.job.percent() {
+                    Some(p) => format!("{} {p}%", state.name()),
+                    None => state.name().to_string(),
+                };
+                (id.to_string(), module.clone(), shown)
+            })
+            .collect()
+    }
+
     /// A copy of every job, for the status API and the summary.
     pub fn snapshot(&self) -> BTreeMap<JobKey, Live> {
         self.lock().jobs.clone()

@@ -77,6 +77,8 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
         next_id: AtomicU64::new(1),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        upstream_stop: CancellationToken::new(),
         bytes_downloaded: AtomicU64::new(0),
     });
     Fixture {
