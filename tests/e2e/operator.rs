@@ -589,3 +589,66 @@ async fn flash_bar_on_a_terminal_fits_80_columns_and_starts_empty() {
         "{screen}"
     );
 }
+
+/// Item 16: a configured device is flashed and identified by its name (its
+/// family, link, options and plugins_dir from the configuration); a name
+/// that is not there lists those that are; `otagw ports` lists the serial
+/// ports with a header (or says there are none, and what to do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_device_is_flashed_by_name_and_ports_are_listed() {
+    let sim = PtySim::spawn(xmodem_device()).unwrap();
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let config = gateway_config(
+        data.path(),
+        plugins.path(),
+        None,
+        &[LeafSpec::xmodem("press-01", &sim.url())],
+    );
+    let cfg = data.path().join("otagw.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let img = data.path().join("fw.bin");
+    std::fs::write(&img, versioned_image(10_000, "3.1.0")).unwrap();
+
+    let (code, out, err) = otagw(&[
+        "flash",
+        "press-01",
+        "--config",
+        cfg,
+        "--image",
+        img.to_str().unwrap(),
+        "--version",
+        "3.1.0",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("device reports version 3.1.0"), "{out}");
+    let (code, out, err) = otagw(&["identify", "press-01", "--config", cfg]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("version 3.1.0"), "{out}");
+
+    let (code, _, err) = otagw(&["identify", "press-02", "--config", cfg]).await;
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("its devices: press-01"), "{err}");
+    let (code, _, err) = otagw(&["identify", "press-01"]).await;
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("add --config FILE"), "{err}");
+
+    let (code, out, err) = otagw(&["ports"]).await;
+    match code {
+        Some(0) => {
+            assert!(out.starts_with("LINK "), "{out}");
+            let (_, json, _) = otagw(&["ports", "--json"]).await;
+            let ports: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+            assert!(!ports.is_empty());
+            for p in ports {
+                let path = p["path"].as_str().unwrap();
+                assert!(std::path::Path::new(path).exists(), "{p}");
+            }
+        }
+        Some(1) => assert!(err.contains("no serial ports found"), "{err}"),
+        other => panic!("ports exited {other:?}: {out}{err}"),
+    }
+    sim.shutdown().await;
+}

@@ -9,19 +9,14 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{LinkArgs, PluginArgs, parse_option};
+use super::{LinkArgs, PluginArgs, TargetArgs, parse_option};
 use crate::plugin::{FileImage, JobMeta};
 use crate::progress::{JobEvent, LogLevel};
 
 #[derive(Debug, Args)]
 pub struct FlashArgs {
-    /// Device family (the plugin's name), e.g. xmodem.
-    #[arg(long)]
-    pub family: String,
-    /// Link to the device: serial:///dev/ttyUSB0?baud=115200, tcp://host:port
-    /// or ble://AA:BB:CC:DD:EE:FF (with --ble-adapter).
-    #[arg(long)]
-    pub link: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// Firmware image file.
     #[arg(long)]
     pub image: PathBuf,
@@ -124,17 +119,24 @@ impl Progress {
     }
 }
 
-pub async fn run(a: FlashArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(mut a: FlashArgs) -> anyhow::Result<ExitCode> {
+    let target = match a.target.resolve(&a.options, &mut a.plugins)? {
+        Ok(t) => t,
+        Err(usage) => {
+            eprintln!("error: {usage}");
+            return Ok(ExitCode::from(super::exit::USAGE));
+        }
+    };
     let image = FileImage::open(&a.image)
         .with_context(|| format!("cannot open image {}", a.image.display()))?;
     let host = a.plugins.load().await?;
-    if let Err(code) = super::require_family(&host, &a.family, &a.plugins.plugins_dir) {
+    if let Err(code) = super::require_family(&host, &target.family, &a.plugins.plugins_dir) {
         return Ok(ExitCode::from(code));
     }
     let meta = JobMeta {
         version: a.version.clone(),
         module: a.module.clone(),
-        options: a.options.clone(),
+        options: target.options.clone(),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let verbose = a.verbose;
@@ -148,8 +150,8 @@ pub async fn run(a: FlashArgs) -> anyhow::Result<ExitCode> {
     let result = crate::flash::flash_with(
         &host,
         &a.links.opener(),
-        &a.family,
-        &a.link,
+        &target.family,
+        &target.link,
         Arc::new(image),
         &meta,
         Some(tx),
@@ -160,7 +162,7 @@ pub async fn run(a: FlashArgs) -> anyhow::Result<ExitCode> {
         Ok(o) => {
             println!(
                 "flashed {} bytes to {} ({} retries): {}",
-                o.report.bytes_sent, a.link, o.report.retries, o.report.summary
+                o.report.bytes_sent, target.link, o.report.retries, o.report.summary
             );
             match o.device {
                 // The daemon's rule: a device that does not run the version
@@ -180,14 +182,14 @@ pub async fn run(a: FlashArgs) -> anyhow::Result<ExitCode> {
                     d.version,
                     d.model.map(|m| format!(" (model {m})")).unwrap_or_default()
                 ),
-                None => println!("the {} family cannot read the version back", a.family),
+                None => println!("the {} family cannot read the version back", target.family),
             }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
             eprintln!(
                 "error: flashing {} failed (step {}): {e}",
-                a.link,
+                target.link,
                 e.step_code()
             );
             Ok(ExitCode::FAILURE)

@@ -4,17 +4,12 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::{LinkArgs, PluginArgs, parse_option};
+use super::{LinkArgs, PluginArgs, TargetArgs, parse_option};
 
 #[derive(Debug, Args)]
 pub struct IdentifyArgs {
-    /// Device family (the plugin's name).
-    #[arg(long)]
-    pub family: String,
-    /// Link to the device: serial:///dev/ttyUSB0?baud=115200, tcp://host:port
-    /// or ble://AA:BB:CC:DD:EE:FF (with --ble-adapter).
-    #[arg(long)]
-    pub link: String,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// Device option for the plugin, key=value (repeatable).
     #[arg(long = "option", short = 'o', value_parser = parse_option)]
     pub options: Vec<(String, String)>,
@@ -24,13 +19,26 @@ pub struct IdentifyArgs {
     pub links: LinkArgs,
 }
 
-pub async fn run(a: IdentifyArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(mut a: IdentifyArgs) -> anyhow::Result<ExitCode> {
+    let target = match a.target.resolve(&a.options, &mut a.plugins)? {
+        Ok(t) => t,
+        Err(usage) => {
+            eprintln!("error: {usage}");
+            return Ok(ExitCode::from(super::exit::USAGE));
+        }
+    };
     let host = a.plugins.load().await?;
-    if let Err(code) = super::require_family(&host, &a.family, &a.plugins.plugins_dir) {
+    if let Err(code) = super::require_family(&host, &target.family, &a.plugins.plugins_dir) {
         return Ok(ExitCode::from(code));
     }
-    match crate::flash::identify_with(&host, &a.links.opener(), &a.family, &a.link, &a.options)
-        .await
+    match crate::flash::identify_with(
+        &host,
+        &a.links.opener(),
+        &target.family,
+        &target.link,
+        &target.options,
+    )
+    .await
     {
         Ok(d) => {
             println!("version {}", d.version);
@@ -49,7 +57,7 @@ pub async fn run(a: IdentifyArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("error: identify {} failed: {e}", a.link);
+            eprintln!("error: identify {} failed: {e}", target.link);
             Ok(ExitCode::FAILURE)
         }
     }

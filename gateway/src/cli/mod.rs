@@ -6,6 +6,7 @@ pub mod flash;
 pub mod identify;
 pub mod plugin;
 pub mod plugins;
+pub mod ports;
 pub mod run;
 pub mod status;
 
@@ -105,6 +106,9 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Bluetooth LE: find devices near the adapter (`otagw ble scan`).
     Ble(ble::BleArgs),
+    /// List this machine's serial ports (USB adapter, serial number, the
+    /// stable /dev/serial/by-id name) to find a leaf's link.
+    Ports(ports::PortsArgs),
 }
 
 /// Where plugins live and how they are bounded: shared by every subcommand
@@ -181,6 +185,98 @@ pub fn require_family(host: &PluginHost, family: &str, dir: &std::path::Path) ->
         }
     );
     Err(exit::USAGE)
+}
+
+/// Which leaf `otagw flash` and `otagw identify` work on: a device of the
+/// gateway's configuration by name, or a family and a link given here.
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// A device of the configuration (its device_name, or pk/dn): its
+    /// family, link and options come from there (needs --config).
+    pub device: Option<String>,
+    /// The gateway's configuration, for DEVICE (and its plugins_dir).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Device family (the plugin's name), e.g. xmodem.
+    #[arg(long)]
+    pub family: Option<String>,
+    /// Link to the device: serial:///dev/ttyUSB0?baud=115200, tcp://host:port
+    /// or ble://AA:BB:CC:DD:EE:FF (with --ble-adapter).
+    #[arg(long)]
+    pub link: Option<String>,
+}
+
+/// A leaf, resolved.
+#[derive(Debug)]
+pub struct Target {
+    pub family: String,
+    pub link: String,
+    /// The configuration's options, then those of the command line.
+    pub options: Vec<(String, String)>,
+}
+
+impl TargetArgs {
+    /// The leaf, with `options` from the command line over the
+    /// configuration's; `plugins` takes the configuration's directories.
+    /// A usage error (exit 64) says what is missing.
+    pub fn resolve(
+        &self,
+        options: &[(String, String)],
+        plugins: &mut PluginArgs,
+    ) -> anyhow::Result<Result<Target, String>> {
+        let (mut family, mut link, mut opts) = (None, None, Vec::new());
+        match (&self.device, &self.config) {
+            (Some(name), None) => {
+                return Ok(Err(format!(
+                    "device {name:?} is looked up in the gateway's configuration: add --config FILE"
+                )));
+            }
+            (Some(name), Some(path)) => {
+                let cfg = crate::config::Config::load(path)?;
+                let found = cfg.devices.iter().find(|d| {
+                    d.device_name == *name
+                        || format!("{}/{}", d.product_key, d.device_name) == *name
+                });
+                let Some(d) = found else {
+                    let names: Vec<&str> =
+                        cfg.devices.iter().map(|d| d.device_name.as_str()).collect();
+                    return Ok(Err(format!(
+                        "no device {name:?} in {} (its devices: {})",
+                        path.display(),
+                        if names.is_empty() {
+                            "none".to_string()
+                        } else {
+                            names.join(", ")
+                        }
+                    )));
+                };
+                family = Some(d.family.clone());
+                link = Some(d.link.clone());
+                opts = d.options_vec();
+                plugins.plugins_dir = cfg.gateway.plugins_dir.clone();
+                plugins.cache_dir = cfg.gateway.data_dir.join("compiled");
+            }
+            (None, _) => {}
+        }
+        let family = self.family.clone().or(family);
+        let link = self.link.clone().or(link);
+        let (Some(family), Some(link)) = (family, link) else {
+            return Ok(Err(
+                "say which device: DEVICE --config FILE (a device of the gateway's \
+                 configuration), or --family FAMILY --link URL"
+                    .into(),
+            ));
+        };
+        for (k, v) in options {
+            opts.retain(|(key, _)| key != k);
+            opts.push((k.clone(), v.clone()));
+        }
+        Ok(Ok(Target {
+            family,
+            link,
+            options: opts,
+        }))
+    }
 }
 
 /// How `otagw flash` and `otagw identify` reach links beyond serial and TCP.
@@ -375,6 +471,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Plugin(a) => plugin::run(a).await,
         Command::Status(a) => status::run(a).await,
         Command::Ble(a) => ble::run(a).await,
+        Command::Ports(a) => ports::run(a),
         Command::Config(a) => config::run(a).await,
         Command::Check(a) => config::check(a).await,
     }
