@@ -652,3 +652,38 @@ async fn a_configured_device_is_flashed_by_name_and_ports_are_listed() {
     }
     sim.shutdown().await;
 }
+
+/// Item 17: a bootloader that refuses the image (CAN CAN for block 1, then
+/// polling 'C' again every second) fails the flash as a refusal after two
+/// tries, not after waiting for a quiet line that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_refuses_the_image_fails_as_a_refusal() {
+    let sim = PtySim::spawn(XmodemSimConfig {
+        refuse_image: true,
+        poll_interval: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .unwrap();
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let cache = tempfile::tempdir().unwrap();
+    let img = cache.path().join("fw.bin");
+    std::fs::write(&img, versioned_image(4_000, "2.0.0")).unwrap();
+    let (code, out, err) = otagw(&[
+        "flash",
+        "--family",
+        "xmodem",
+        "--plugins-dir",
+        plugins.path().to_str().unwrap(),
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--link",
+        &sim.url(),
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("the device refused the image"), "{err}");
+    assert_eq!(sim.handle().aborts(), 2, "refused twice");
+    sim.shutdown().await;
+}

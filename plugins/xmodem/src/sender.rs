@@ -178,23 +178,36 @@ pub fn flash<P: Port + ?Sized, S: Source + ?Sized>(
     match sender.run() {
         Err(e) if sender.cancelled_at_start => {
             let retries = sender.retries;
+            let refused = sender.refused_block_1;
             sender.log(
                 Level::Warn,
                 &format!("{e}: the receiver was in a stale session; starting over once"),
             );
+            // Until the line is quiet, or the receiver asks again: a start
+            // character after its CAN is a fresh handshake (bootloaders
+            // poll every second and are never quiet for long).
             let t0 = sender.port.now_ms();
             loop {
                 let got = sender
                     .port
                     .read(256, STALE_QUIET_MS)
                     .map_err(|e| link_error("prepare: waiting for a quiet line", e))?;
-                if got.is_empty() || sender.port.now_ms() - t0 > STALE_WAIT_MAX_MS {
+                let asks = got.last().is_some_and(|b| matches!(*b, CRC_C | NAK));
+                if got.is_empty() || asks || sender.port.now_ms() - t0 > STALE_WAIT_MAX_MS {
                     break;
                 }
             }
             let mut again = Sender::new(port, image, settings);
             again.retries = retries + 1;
-            again.run().map_err(|e2| {
+            let r = again.run();
+            if r.is_err() && refused && again.refused_block_1 {
+                return Err(Error::Device(
+                    "the device refused the image: it cancelled the first block twice \
+                     (CAN CAN); check that the image is for this device and its bootloader"
+                        .into(),
+                ));
+            }
+            r.map_err(|e2| {
                 Error::Transfer(format!(
                     "{}; starting over failed too: {e2}",
                     e.to_string().trim_start_matches("transfer: ")
@@ -219,6 +232,8 @@ struct Sender<'a, P: Port + ?Sized, S: Source + ?Sized> {
     started: bool,
     /// The receiver cancelled the very first frame (a stale session).
     cancelled_at_start: bool,
+    /// ... and that frame was data block 1 (not the handshake).
+    refused_block_1: bool,
 }
 
 impl<'a, P: Port + ?Sized, S: Source + ?Sized> Sender<'a, P, S> {
@@ -234,6 +249,7 @@ impl<'a, P: Port + ?Sized, S: Source + ?Sized> Sender<'a, P, S> {
             blocks: 0,
             started: false,
             cancelled_at_start: false,
+            refused_block_1: false,
         }
     }
 }
@@ -354,6 +370,7 @@ impl<P: Port + ?Sized, S: Source + ?Sized> Sender<'_, P, S> {
                     Reply::Ack => break,
                     Reply::Cancel => {
                         self.cancelled_at_start = first && self.blocks == 0;
+                        self.refused_block_1 = self.cancelled_at_start;
                         return Err(Error::Transfer(format!(
                             "transfer: block {index} (offset {offset}): the receiver cancelled \
                              the transfer (CAN CAN)"

@@ -509,6 +509,10 @@ where
                         p.written(due, Instant::now());
                     }
                     data.extend_from_slice(&payload);
+                    if index == 1 && self.device.config().refuse_image {
+                        self.cancel("refused the image (refuse_image)".into())
+                            .await?;
+                    }
                     if self
                         .device
                         .fire(faults.cancel_after, index, |f| &mut f.cancel)

@@ -190,6 +190,10 @@ pub struct XmodemSimConfig {
     /// a test's way to keep a transfer under way while something else
     /// happens. The sender must wait that long (`block_timeout_ms`).
     pub hold_after: Option<u32>,
+    /// A bootloader that rejects the image (a wrong product header, say):
+    /// every first data block is answered CAN CAN, every time, and the
+    /// receiver goes back to polling.
+    pub refuse_image: bool,
 }
 
 impl Default for XmodemSimConfig {
@@ -207,6 +211,7 @@ impl Default for XmodemSimConfig {
             faults: Faults::default(),
             line_rate: None,
             hold_after: None,
+            refuse_image: false,
         }
     }
 }

@@ -752,6 +752,36 @@ fn receiver_cancel_during_handshake_starts_over_once() {
 }
 
 #[test]
+fn a_receiver_that_refuses_block_1_twice_fails_at_once_as_a_refusal() {
+    // A bootloader that rejects the image: CAN CAN for block 1, then back to
+    // polling 'C' every second, so the line is never quiet for long.
+    let polls: Vec<(u64, Vec<u8>)> = (0..40u64).map(|i| (1_000 * i + 500, vec![CRC_C])).collect();
+    let mut arrivals = vec![(0, vec![CRC_C])];
+    arrivals.extend(polls);
+    let mut port = ScriptPort::arrivals(arrivals)
+        .reply(10, vec![CAN, CAN])
+        .reply(10, vec![CAN, CAN]);
+    let err = flash(&mut port, &mut MemImage::pattern(10), &xmodem()).unwrap_err();
+    assert!(
+        err.to_string().contains("the device refused the image"),
+        "{err}"
+    );
+    assert!(
+        port.now < 10_000,
+        "given up after {} ms of a scripted clock",
+        port.now
+    );
+    assert_eq!(
+        port.writes
+            .iter()
+            .filter(|(_, w)| w.first() == Some(&SOH))
+            .count(),
+        2,
+        "block 1 sent twice"
+    );
+}
+
+#[test]
 fn banner_with_a_c_in_it_is_skipped() {
     let rx = Rx {
         banner: b"\r\nGecko Bootloader v2.4\r\nCRC OK, C to go\r\nBL > \x15\x15 ".to_vec(),
