@@ -37,29 +37,31 @@ pub async fn flash(
     flash_with(
         host,
         &Opener::default(),
-        family,
-        link_url,
+        (family, link_url),
         image,
         meta,
         events,
+        tokio_util::sync::CancellationToken::new(),
     )
     .await
 }
 
-/// [`flash`], opening the link with `opener`.
+/// [`flash`], opening the link with `opener`; cancelling `stop` stops the
+/// link's reads so the plugin ends the transfer its protocol's way.
 pub async fn flash_with(
     host: &PluginHost,
     opener: &Opener,
-    family: &str,
-    link_url: &str,
+    (family, link_url): (&str, &str),
     image: Arc<dyn ImageSource>,
     meta: &JobMeta,
     events: Option<mpsc::UnboundedSender<JobEvent>>,
+    stop: tokio_util::sync::CancellationToken,
 ) -> Result<FlashOutcome, PluginError> {
     let mut session = host.session(family, events).await?;
     let info = session.verify(image.clone(), meta).await?;
     let plan = session.plugin().info.gatt_plan();
-    let link = opener.open(link_url, plan.as_ref()).await?;
+    let mut link = opener.open(link_url, plan.as_ref()).await?;
+    link.stop_on(stop);
     let (link, report) = session.flash(link, image, meta).await;
     let report = report?;
     let (_link, identified) = session.identify(link, &meta.options).await;

@@ -687,3 +687,72 @@ async fn a_device_that_refuses_the_image_fails_as_a_refusal() {
     assert_eq!(sim.handle().aborts(), 2, "refused twice");
     sim.shutdown().await;
 }
+
+/// Item 3: Ctrl-C (SIGINT) and SIGTERM during `otagw flash` stop the job
+/// properly: the link's reads stop, the XMODEM plugin sends CAN CAN to the
+/// receiver (which records the sender's cancel), otagw says what state the
+/// device is left in and exits 130 / 143.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_during_flash_cancels_the_transfer_and_exits_128_plus_the_signal() {
+    for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
+        let sim = PtySim::spawn(XmodemSimConfig {
+            hold_after: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+        let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+        let cache = tempfile::tempdir().unwrap();
+        let img = cache.path().join("fw.bin");
+        std::fs::write(&img, versioned_image(20_000, "2.0.0")).unwrap();
+        let child = tokio::process::Command::new(GATEWAY_BIN)
+            .args([
+                "flash",
+                "--family",
+                "xmodem",
+                "--plugins-dir",
+                plugins.path().to_str().unwrap(),
+                "--cache-dir",
+                cache.path().to_str().unwrap(),
+                "--image",
+                img.to_str().unwrap(),
+                "--link",
+                &sim.url(),
+                "-o",
+                "block_timeout_ms=600000",
+            ])
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        sim.handle().holding().await;
+        let pid = child.id().unwrap().to_string();
+        let sent = tokio::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(sent.success());
+        let out = tokio::time::timeout(LIMIT, child.wait_with_output())
+            .await
+            .expect("otagw flash ends after the signal")
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{signal}: {err}");
+        assert!(
+            err.contains("stopped:") && err.contains("flash it again to finish"),
+            "{signal}: {err}"
+        );
+        // The receiver, let go, reads the sender's CAN CAN.
+        sim.handle().release();
+        let abort = tokio::time::timeout(LIMIT, sim.handle().next_abort())
+            .await
+            .expect("the receiver records the end of the transfer");
+        assert!(
+            abort.contains("cancelled by the sender"),
+            "{signal}: {abort}"
+        );
+        sim.shutdown().await;
+    }
+}

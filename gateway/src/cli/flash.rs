@@ -147,16 +147,54 @@ pub async fn run(mut a: FlashArgs) -> anyhow::Result<ExitCode> {
         }
         progress.finish();
     });
-    let result = crate::flash::flash_with(
+    // Ctrl-C or SIGTERM: the link's reads stop, the plugin ends the
+    // transfer its protocol's way (XMODEM sends CAN CAN) and returns; if it
+    // does not within STOP_WAIT, otagw exits anyway.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signal = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let code = wait_for_stop().await;
+            eprintln!("stopping: the plugin ends the transfer (Ctrl-C again is not needed)");
+            stop.cancel();
+            code
+        }
+    });
+    let opener = a.links.opener();
+    let flashing = crate::flash::flash_with(
         &host,
-        &a.links.opener(),
-        &target.family,
-        &target.link,
+        &opener,
+        (&target.family, &target.link),
         Arc::new(image),
         &meta,
         Some(tx),
-    )
-    .await;
+        stop.clone(),
+    );
+    tokio::pin!(flashing);
+    let result = tokio::select! {
+        r = &mut flashing => r,
+        () = async {
+            stop.cancelled().await;
+            tokio::time::sleep(STOP_WAIT).await;
+        } => {
+            eprintln!("error: the plugin did not end within {STOP_WAIT:?} of the stop; exiting");
+            return Ok(ExitCode::from(stopped_code(signal).await));
+        }
+    };
+    if stop.is_cancelled() {
+        let _ = render.await;
+        eprintln!(
+            "stopped: {} did not get the whole image ({}); it is probably still in its \
+             bootloader or runs its old firmware: flash it again to finish",
+            target.link,
+            match &result {
+                Ok(_) => "the transfer had ended".to_string(),
+                Err(e) => e.to_string(),
+            }
+        );
+        return Ok(ExitCode::from(stopped_code(signal).await));
+    }
+    signal.abort();
     let _ = render.await;
     match result {
         Ok(o) => {
@@ -195,4 +233,25 @@ pub async fn run(mut a: FlashArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// How long the plugin gets to end a transfer after Ctrl-C or SIGTERM.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Wait for Ctrl-C (exit 130) or SIGTERM (exit 143).
+async fn wait_for_stop() -> u8 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return 130;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => 130,
+        _ = term.recv() => 143,
+    }
+}
+
+/// The exit status of a stopped flash: 128 + the signal.
+async fn stopped_code(signal: tokio::task::JoinHandle<u8>) -> u8 {
+    signal.await.unwrap_or(130)
 }

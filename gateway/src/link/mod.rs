@@ -56,6 +56,9 @@ pub enum LinkError {
     },
     #[error("{link}: connection closed by the device")]
     Closed { link: String },
+    /// The job was stopped (reads fail; writes still go out).
+    #[error("{link}: {}", otagw_plugin_sdk::STOPPED_BY_OPERATOR)]
+    Stopped { link: String },
     #[error("{link}: {what}")]
     Timeout { link: String, what: String },
     #[error("{link}: {what}")]
@@ -165,6 +168,9 @@ pub struct Link {
     /// Characteristics subscribed through [`Link::gatt_subscribe`], with the
     /// text the plugin named each by (its values come back tagged with it).
     subscribed: Vec<(gatt::Uuid, String)>,
+    /// Cancelled when the operator stops the job: reads answer
+    /// [`LinkError::Stopped`] from then on.
+    stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl std::fmt::Debug for Link {
@@ -544,6 +550,7 @@ impl Link {
             applied: None,
             reopener: None,
             subscribed: Vec::new(),
+            stop: None,
         }
     }
 
@@ -569,6 +576,7 @@ impl Link {
     /// the link stays closed (reads and writes answer [`LinkError::Closed`])
     /// and may be reopened again.
     pub async fn reopen(&mut self, timeout: Duration) -> Result<(), LinkError> {
+        self.stopped()?;
         let Some(reopener) = &self.reopener else {
             return Err(LinkError::Unsupported {
                 link: self.name.clone(),
@@ -743,13 +751,37 @@ impl Link {
         r.map_err(|e| self.io_error("write", e))
     }
 
+    /// Stop the link when `token` is cancelled: reads then fail with
+    /// [`LinkError::Stopped`] (a read waiting returns at once); writes still
+    /// go out, so the plugin can tell the device it gives up.
+    pub fn stop_on(&mut self, token: tokio_util::sync::CancellationToken) {
+        self.stop = Some(token);
+    }
+
+    fn stopped(&self) -> Result<(), LinkError> {
+        match &self.stop {
+            Some(t) if t.is_cancelled() => Err(LinkError::Stopped {
+                link: self.name.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Read at most `max` bytes, waiting at most `timeout` for the first.
     /// Empty when nothing arrived in time.
     pub async fn read(&mut self, max: usize, timeout: Duration) -> Result<Vec<u8>, LinkError> {
+        self.stopped()?;
         let max = max.clamp(1, MAX_READ);
         if self.pending.is_empty() {
             let mut buf = vec![0u8; max];
-            match tokio::time::timeout(timeout, self.io.read(&mut buf)).await {
+            let stop = self.stop.clone().unwrap_or_default();
+            let read = tokio::select! {
+                r = tokio::time::timeout(timeout, self.io.read(&mut buf)) => r,
+                () = stop.cancelled() => {
+                    return Err(LinkError::Stopped { link: self.name.clone() });
+                }
+            };
+            match read {
                 Err(_elapsed) => return Ok(Vec::new()),
                 Ok(Ok(0)) => {
                     return Err(LinkError::Closed {
@@ -769,6 +801,7 @@ impl Link {
 
     /// Discard every byte received and not yet read; returns how many.
     pub async fn drain(&mut self) -> Result<u32, LinkError> {
+        self.stopped()?;
         let mut dropped = self.pending.len();
         self.pending.clear();
         let mut buf = vec![0u8; 4096];

@@ -232,7 +232,7 @@ fn to_wit_link_error(e: LinkError) -> wit::LinkError {
     let m = e.to_string();
     match e {
         LinkError::Unsupported { .. } => wit::LinkError::Unsupported(m),
-        LinkError::Closed { .. } => wit::LinkError::Closed(m),
+        LinkError::Closed { .. } | LinkError::Stopped { .. } => wit::LinkError::Closed(m),
         LinkError::Timeout { .. } => wit::LinkError::Timeout(m),
         LinkError::NotFound { .. } => wit::LinkError::NotFound(m),
         LinkError::Invalid { .. } => wit::LinkError::Invalid(m),

@@ -57,6 +57,12 @@ pub mod testing;
 #[doc(hidden)]
 pub mod guest;
 
+/// What a link's `closed` error says when the operator stopped the job
+/// (Ctrl-C or SIGTERM during `otagw flash`): reads fail with it, writes
+/// still go out, so a family can tell the device it gives up (XMODEM's
+/// CAN CAN) before it returns.
+pub const STOPPED_BY_OPERATOR: &str = "stopped by the operator";
+
 pub use error::Error;
 pub use family::{DeviceInfo, Family, FlashReport, ImageInfo, Info, JobMeta};
 pub use fields::Fields;

@@ -176,6 +176,20 @@ pub fn flash<P: Port + ?Sized, S: Source + ?Sized>(
 ) -> Result<FlashReport, Error> {
     let mut sender = Sender::new(port, image, settings);
     match sender.run() {
+        // The operator stopped the job mid-transfer: tell the receiver, so
+        // it does not wait out its timeouts on half an image.
+        Err(e)
+            if sender.started
+                && e.to_string()
+                    .contains(otagw_plugin_sdk::STOPPED_BY_OPERATOR) =>
+        {
+            let _ = sender.port.write(&[CAN, CAN]);
+            sender.log(
+                Level::Warn,
+                "stopped by the operator: sent CAN CAN to the receiver",
+            );
+            Err(e)
+        }
         Err(e) if sender.cancelled_at_start => {
             let retries = sender.retries;
             let refused = sender.refused_block_1;
