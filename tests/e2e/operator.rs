@@ -756,3 +756,103 @@ async fn a_signal_during_flash_cancels_the_transfer_and_exits_128_plus_the_signa
         sim.shutdown().await;
     }
 }
+
+/// Item 12: the API keeps a bounded history per device (ended jobs with
+/// their step and reason, refused notices too), a failed job keeps how far
+/// it got, devices and jobs name a leaf the same way, the upstream
+/// connection shows, and an unknown path answers JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_keeps_history_names_leaves_alike_and_shows_the_upstream() {
+    let w = world().await;
+    let gw = Daemon::start(&w.config).await;
+    w.push().await;
+    let progress = |dn: &str| format!("/ota/device/progress/{LEAF_PK}/{dn}");
+    w.probe
+        .wait_until(LIMIT, "press done, dead failed", |m| {
+            has_inform(m, &format!("/ota/device/inform/{LEAF_PK}/press"), "2.0.0")
+                && has_step(m, &progress("dead"), "-4")
+        })
+        .await;
+    // A notice refused before it is a job: bigger than the gateway takes.
+    w.probe
+        .publish(
+            &format!("/ota/device/upgrade/{LEAF_PK}/press"),
+            serde_json::json!({"code": "1000", "id": 9, "message": "success", "data": {
+                "size": 1u64 << 40, "version": "9.0.0", "url": "http://127.0.0.1:1/x",
+                "signMethod": "Md5", "sign": "0123456789abcdef0123456789abcdef",
+                "md5": "0123456789abcdef0123456789abcdef"}})
+            .to_string(),
+        )
+        .await;
+    w.probe
+        .wait_until(LIMIT, "the refusal", |m| {
+            has_step(m, &progress("press"), "-2")
+        })
+        .await;
+
+    let devices = gw.api_get("/api/devices").await;
+    let dead = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == format!("{LEAF_PK}/dead"))
+        .unwrap_or_else(|| panic!("{devices}"));
+    assert_eq!(dead["state"], "failed", "{dead}");
+    assert!(
+        dead["progress"].as_u64().unwrap() >= 30,
+        "how far it got: {dead}"
+    );
+    let jobs = gw.api_get("/api/jobs").await;
+    for j in jobs.as_array().unwrap() {
+        assert_eq!(
+            j["device"],
+            format!(
+                "{}/{}",
+                j["product_key"].as_str().unwrap(),
+                j["device_name"].as_str().unwrap()
+            ),
+            "{j}"
+        );
+        assert_eq!(j["target_version"], "2.0.0", "{j}");
+    }
+
+    let history = gw
+        .api_get(&format!("/api/devices/{LEAF_PK}/dead/history"))
+        .await;
+    let entries = &history[0]["entries"];
+    assert_eq!(entries[0]["outcome"], "failed", "{history}");
+    assert_eq!(entries[0]["step"], -4, "{history}");
+    assert!(
+        entries[0]["desc"].as_str().unwrap().contains("127.0.0.1:1"),
+        "{history}"
+    );
+    let history = gw
+        .api_get(&format!("/api/devices/{LEAF_PK}/press/history"))
+        .await;
+    let outcomes: Vec<&str> = history[0]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["succeeded", "refused"], "{history}");
+
+    let gateway = gw.api_get("/api/gateway").await;
+    assert_eq!(gateway["upstream"]["connected"], true, "{gateway}");
+    assert_eq!(gateway["device_name"], GW_DN, "{gateway}");
+    let missing = gw.api_get("/api/nope").await;
+    assert!(
+        missing["error"]
+            .as_str()
+            .unwrap()
+            .contains("/api/devices/{pk}/{dn}/history"),
+        "{missing}"
+    );
+    let unknown = gw.api_get("/api/devices/x/y/history").await;
+    assert!(
+        unknown["error"].as_str().unwrap().contains("no device x/y"),
+        "{unknown}"
+    );
+    gw.stop().await;
+    w.sim.shutdown().await;
+}

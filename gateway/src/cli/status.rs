@@ -121,6 +121,7 @@ mod tests {
         let d = DeviceStatus {
             product_key: "pk".into(),
             device_name: "leaf-1".into(),
+            device: "pk/leaf-1".into(),
             module: "default".into(),
             family: "xmodem".into(),
             link: "serial:///dev/pts/3".into(),
@@ -153,6 +154,7 @@ mod tests {
         let d = DeviceStatus {
             product_key: "pk".into(),
             device_name: "leaf-2".into(),
+            device: "pk/leaf-2".into(),
             module: "default".into(),
             family: "xmodem".into(),
             link: "serial:///dev/pts/3".into(),

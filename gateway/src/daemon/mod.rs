@@ -122,6 +122,8 @@ pub(crate) struct Core {
     upstream_stop: CancellationToken,
     /// Image bytes received, for the summary.
     pub bytes_downloaded: AtomicU64,
+    /// The upstream session as the API shows it.
+    pub upstream_status: Mutex<crate::api::UpstreamStatus>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -244,11 +246,20 @@ impl Core {
         }
         let module = notice.module.clone();
         if let Some((step, desc)) = self.refuse(&id, &notice) {
+            if self.devices.find(&id, &module).is_some() {
+                self.table
+                    .remember_refusal(&id, &module, &notice.version, step.code(), &desc);
+            }
             return self.reject(&id, &module, step, desc).await;
         }
         tracing::info!(device = %id, module, version = %notice.version, size = notice.size, "upgrade notice");
-        self.start(self.table.offer(&id, notice).await, &id, &module)
-            .await;
+        let version = notice.version.clone();
+        let intake = self.table.offer(&id, notice).await;
+        if let Intake::Refused(desc) = &intake {
+            self.table
+                .remember_refusal(&id, &module, &version, Step::UpgradeFailed.code(), desc);
+        }
+        self.start(intake, &id, &module).await;
     }
 
     /// Act on an intake: run the job, or refuse the notice.
@@ -662,6 +673,7 @@ impl Gateway {
             abort: CancellationToken::new(),
             upstream_stop,
             bytes_downloaded: AtomicU64::new(0),
+            upstream_status: Mutex::new(Default::default()),
         });
         Ok(Gateway {
             core,
@@ -731,10 +743,21 @@ impl Gateway {
                     None => break,
                     Some(UpstreamEvent::Connected { session_present }) => {
                         tracing::info!(session_present, "upstream connected");
+                        {
+                            let mut u = lock(&core.upstream_status);
+                            u.connected = true;
+                            u.since_ms = Some(core.table.now_ms());
+                        }
                         core.on_connected().await;
                     }
                     Some(UpstreamEvent::Message { topic, payload }) => core.on_message(&topic, &payload).await,
-                    Some(UpstreamEvent::Disconnected { reason, .. }) => tracing::warn!("upstream disconnected: {reason}"),
+                    Some(UpstreamEvent::Disconnected { reason, .. }) => {
+                        tracing::warn!("upstream disconnected: {reason}");
+                        let mut u = lock(&core.upstream_status);
+                        u.connected = false;
+                        u.since_ms = Some(core.table.now_ms());
+                        u.last_error = Some(reason.to_string());
+                    }
                     // The session logs what it does about them.
                     Some(UpstreamEvent::SubDevices { .. }) => {}
                 },

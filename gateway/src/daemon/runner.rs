@@ -68,6 +68,11 @@ pub(super) async fn supervise(core: Arc<Core>, ticket: Ticket, first: Option<Eve
     if let Some(what) = failure {
         crashed(&core, &ticket, what).await;
     }
+    if let Some(r) = core.table.record(&ticket)
+        && r.job.is_terminal()
+    {
+        core.table.remember_end(&r);
+    }
     match core.table.end(&ticket).await {
         Ok(Some(next)) => {
             let (id, module) = ticket.key;

@@ -43,6 +43,34 @@ impl StatusSource for Status {
         }
     }
 
+    fn gateway(&self) -> crate::api::GatewayStatus {
+        let core = &self.0;
+        crate::api::GatewayStatus {
+            product_key: core.gw.product_key.clone(),
+            device_name: core.gw.device_name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            upstream: super::lock(&core.upstream_status).clone(),
+        }
+    }
+
+    fn history(&self, pk: &str, dn: &str) -> Option<Vec<crate::api::ModuleHistory>> {
+        let core = &self.0;
+        let id = crate::ota::topics::DeviceId::new(pk, dn);
+        let leaves: Vec<_> = core.devices.all().iter().filter(|l| l.id == id).collect();
+        if leaves.is_empty() {
+            return None;
+        }
+        Some(
+            leaves
+                .into_iter()
+                .map(|l| crate::api::ModuleHistory {
+                    module: l.module.clone(),
+                    entries: core.table.history(&l.id, &l.module),
+                })
+                .collect(),
+        )
+    }
+
     fn devices(&self) -> Vec<DeviceStatus> {
         let core = &self.0;
         let jobs = core.table.snapshot();
@@ -56,6 +84,7 @@ impl StatusSource for Status {
                 DeviceStatus {
                     product_key: leaf.id.product_key.clone(),
                     device_name: leaf.id.device_name.clone(),
+                    device: leaf.id.to_string(),
                     module: leaf.module.clone(),
                     family: leaf.family.clone(),
                     link: leaf.link.clone(),
@@ -63,6 +92,7 @@ impl StatusSource for Status {
                     state: live.map_or("idle", JobTable::shown_state).to_string(),
                     progress: job.and_then(|j| match j.state() {
                         State::Succeeded { .. } => Some(100),
+                        State::Failed { .. } => Some(j.furthest_percent()),
                         _ => j.percent(),
                     }),
                     target_version: job.map(|j| j.version().to_string()),
@@ -96,14 +126,13 @@ impl StatusSource for Status {
                 let job = &l.record.job;
                 let (step, desc) = step_desc(job.state());
                 JobStatus {
+                    product_key: l.record.leaf.product_key.clone(),
+                    device_name: l.record.leaf.device_name.clone(),
                     device: l.record.leaf.to_string(),
                     module: l.record.module.clone(),
-                    version: job.version().to_string(),
+                    target_version: job.version().to_string(),
                     state: JobTable::shown_state(l).to_string(),
-                    progress: match job.state() {
-                        State::Succeeded { .. } => 100,
-                        s => crate::ota::job::overall_percent(s).unwrap_or(0),
-                    },
+                    progress: job.furthest_percent(),
                     step,
                     desc,
                     updated_ms: job.history().last().map_or(0, |t| t.at_ms),

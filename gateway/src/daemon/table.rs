@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use super::ports::Clock;
 use crate::devices::Leaf;
 use crate::ota::job::{Action, Event, Restart, State};
-use crate::ota::journal::{JobRecord, Journal, JournalError};
+use crate::ota::journal::{HistoryEntry, JobRecord, Journal, JournalError};
 use crate::ota::protocol::Notice;
 use crate::ota::queue::{Offer, Queue};
 use crate::ota::topics::DeviceId;
@@ -437,6 +437,64 @@ impl JobTable {
                 (id.to_string(), module.clone(), shown)
             })
             .collect()
+    }
+
+    /// Put the end of terminal `record` in its leaf's history.
+    pub fn remember_end(&self, record: &JobRecord) {
+        use crate::ota::job::State;
+        let (outcome, step, desc) = match record.job.state() {
+            State::Succeeded { version } => ("succeeded", None, format!("runs {version}")),
+            State::Failed { step, desc } => ("failed", Some(step.code()), desc.clone()),
+            _ => return,
+        };
+        let history = record.job.history();
+        let entry = HistoryEntry {
+            target_version: record.notice.version.clone(),
+            outcome: outcome.into(),
+            step,
+            desc,
+            queued_ms: history.first().map_or(0, |t| t.at_ms),
+            ended_ms: history.last().map_or(0, |t| t.at_ms),
+            progress: record.job.furthest_percent(),
+        };
+        if let Err(e) = self
+            .journal
+            .add_history(&record.leaf, &record.module, entry)
+        {
+            tracing::warn!("{e}");
+        }
+    }
+
+    /// Put a notice refused before it became a job in the leaf's history.
+    pub fn remember_refusal(
+        &self,
+        leaf: &DeviceId,
+        module: &str,
+        version: &str,
+        step: i32,
+        desc: &str,
+    ) {
+        let now = self.now_ms();
+        let entry = HistoryEntry {
+            target_version: version.into(),
+            outcome: "refused".into(),
+            step: Some(step),
+            desc: desc.into(),
+            queued_ms: now,
+            ended_ms: now,
+            progress: 0,
+        };
+        if let Err(e) = self.journal.add_history(leaf, module, entry) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    /// A leaf's history, oldest first.
+    pub fn history(&self, leaf: &DeviceId, module: &str) -> Vec<HistoryEntry> {
+        self.journal.history(leaf, module).unwrap_or_else(|e| {
+            tracing::warn!("{e}");
+            Vec::new()
+        })
     }
 
     /// A copy of every job, for the status API and the summary.

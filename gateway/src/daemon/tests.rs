@@ -80,6 +80,7 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
         abort: CancellationToken::new(),
         upstream_stop: CancellationToken::new(),
         bytes_downloaded: AtomicU64::new(0),
+        upstream_status: Mutex::new(Default::default()),
     });
     Fixture {
         core,

@@ -306,6 +306,14 @@ impl Job {
         overall_percent(&self.state)
     }
 
+    /// How far the job got: its percentage now, or for a failed job the
+    /// last one reported before it failed.
+    pub fn furthest_percent(&self) -> u8 {
+        self.percent()
+            .or_else(|| self.last_report.map(|r| r.percent))
+            .unwrap_or(0)
+    }
+
     /// The version this job learnt the leaf runs, once terminal: the new one
     /// after a success (read back, or trusted when the family cannot read it),
     /// or the one a lying leaf reported. The journal stores it with the

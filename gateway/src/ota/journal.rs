@@ -1,5 +1,5 @@
 //! The job journal: what the gateway must remember about its jobs and leaves
-//! across a crash, in four sled trees that only this file touches:
+//! across a crash, in five sled trees that only this file touches:
 //!
 //! | tree | key | value |
 //! |---|---|---|
@@ -7,6 +7,7 @@
 //! | `devices` | leaf, module | the version the leaf last reported |
 //! | `reported` | leaf, module | which terminal record's reports are in the outbox |
 //! | `lifecycle` | `run` | whether the last run stopped cleanly |
+//! | `history` | leaf, module | the last [`HISTORY_LEN`] ended jobs and refused notices |
 //!
 //! A terminal record and the leaf's version are written in **one sled
 //! transaction** ([`Journal::put`]): after a crash at the moment of success the
@@ -30,6 +31,28 @@ pub const TREE: &str = "jobs";
 const VERSIONS: &str = "devices";
 const REPORTED: &str = "reported";
 const LIFECYCLE: &str = "lifecycle";
+const HISTORY: &str = "history";
+
+/// How many entries a leaf's history keeps (the oldest go first).
+pub const HISTORY_LEN: usize = 20;
+
+/// One ended job, or one notice refused before it became a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The notice's version (the target).
+    pub target_version: String,
+    /// `succeeded`, `failed` or `refused`.
+    pub outcome: String,
+    /// The upstream step code of a failure or refusal.
+    pub step: Option<i32>,
+    /// Why it failed, or the version read back.
+    pub desc: String,
+    /// When the notice was taken and when it ended (ms since the epoch).
+    pub queued_ms: u64,
+    pub ended_ms: u64,
+    /// The furthest percent it reached.
+    pub progress: u8,
+}
 const RUN_KEY: &[u8] = b"run";
 const RUNNING: &[u8] = b"running";
 const STOPPED: &[u8] = b"stopped";
@@ -107,6 +130,7 @@ pub struct Journal {
     versions: sled::Tree,
     reported: sled::Tree,
     lifecycle: sled::Tree,
+    history: sled::Tree,
 }
 
 /// The key of a leaf's module: the JSON array `[pk, dn, module]`, unambiguous
@@ -141,7 +165,49 @@ impl Journal {
             versions: store.tree(VERSIONS)?,
             reported: store.tree(REPORTED)?,
             lifecycle: store.tree(LIFECYCLE)?,
+            history: store.tree(HISTORY)?,
         })
+    }
+
+    /// Add `entry` to the history of `leaf`/`module` (the last
+    /// [`HISTORY_LEN`] are kept). Not flushed on its own: it is what the
+    /// operator reads, and the next durable write takes it along.
+    pub fn add_history(
+        &self,
+        leaf: &DeviceId,
+        module: &str,
+        entry: HistoryEntry,
+    ) -> Result<(), JournalError> {
+        let mut all = self.history(leaf, module)?;
+        all.push(entry);
+        let drop = all.len().saturating_sub(HISTORY_LEN);
+        all.drain(..drop);
+        let value = serde_json::to_vec(&all).expect("history entries serialise");
+        self.history
+            .insert(key(leaf, module), value)
+            .map_err(Self::store_error(
+                "write the history of",
+                label(leaf, module),
+            ))?;
+        Ok(())
+    }
+
+    /// The history of `leaf`/`module`, oldest first.
+    pub fn history(
+        &self,
+        leaf: &DeviceId,
+        module: &str,
+    ) -> Result<Vec<HistoryEntry>, JournalError> {
+        let got = self
+            .history
+            .get(key(leaf, module))
+            .map_err(Self::store_error(
+                "read the history of",
+                label(leaf, module),
+            ))?;
+        Ok(got
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default())
     }
 
     fn store_error(op: &'static str, key: String) -> impl FnOnce(sled::Error) -> JournalError {
