@@ -553,7 +553,7 @@ async fn run(n: usize, clk_tck: u64) -> Row {
     assert_eq!(jobs.len(), n, "{jobs:?}");
     for j in jobs {
         assert_eq!(j["state"], "succeeded", "{j}");
-        assert_eq!(j["version"], "2.0.0", "{j}");
+        assert_eq!(j["target_version"], "2.0.0", "{j}");
     }
     let requests = files.requests(IMAGE_NAME);
     let downloads = requests.len();
