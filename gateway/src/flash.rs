@@ -20,8 +20,11 @@ pub struct FlashOutcome {
     pub image: ImageInfo,
     pub report: FlashReport,
     /// The version read back from the device; `None` when the family cannot
-    /// read versions (`identify` answered unsupported).
+    /// read versions (`identify` answered unsupported) or reading it failed.
     pub device: Option<DeviceInfo>,
+    /// Why reading the version back failed, after a flash the plugin
+    /// reported as done: the image went in; only the read-back did not.
+    pub read_back_error: Option<String>,
 }
 
 /// Run verify → flash → identify with `family`'s plugin on the device at
@@ -65,18 +68,19 @@ pub async fn flash_with(
     let (link, report) = session.flash(link, image, meta).await;
     let report = report?;
     let (_link, identified) = session.identify(link, &meta.options).await;
-    let device = match identified {
-        Ok(d) => Some(d),
+    let (device, read_back_error) = match identified {
+        Ok(d) => (Some(d), None),
         Err(PluginError::Failed {
             error: FlashError::Unsupported(_),
             ..
-        }) => None,
-        Err(e) => return Err(e),
+        }) => (None, None),
+        Err(e) => (None, Some(e.to_string())),
     };
     Ok(FlashOutcome {
         image: info,
         report,
         device,
+        read_back_error,
     })
 }
 

@@ -856,3 +856,50 @@ async fn the_api_keeps_history_names_leaves_alike_and_shows_the_upstream() {
     gw.stop().await;
     w.sim.shutdown().await;
 }
+
+/// Item 11: a flash the plugin completed, whose version read-back then
+/// failed, is reported as exactly that, not as a bad image or a failed
+/// transfer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_read_back_after_a_good_flash_is_said_as_such() {
+    // The firmware does not answer the version command.
+    let sim = PtySim::spawn(XmodemSimConfig {
+        enter_command: Some(b"update\r".to_vec()),
+        version_command: None,
+        ..Default::default()
+    })
+    .unwrap();
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let cache = tempfile::tempdir().unwrap();
+    let img = cache.path().join("fw.bin");
+    std::fs::write(&img, versioned_image(4_000, "2.0.0")).unwrap();
+    let (code, out, err) = otagw(&[
+        "flash",
+        "--family",
+        "xmodem",
+        "--plugins-dir",
+        plugins.path().to_str().unwrap(),
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--link",
+        &sim.url(),
+        "-o",
+        "enter_command=update\\r",
+        "-o",
+        "version_command=version\\r",
+        "-o",
+        "version_timeout_ms=300",
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("flashed the image and reported success")
+            && err.contains("reading the version back failed")
+            && !err.contains("flashing serial"),
+        "{err}"
+    );
+    assert_eq!(sim.handle().images_received(), 1);
+    sim.shutdown().await;
+}

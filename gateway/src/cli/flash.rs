@@ -202,6 +202,16 @@ pub async fn run(mut a: FlashArgs) -> anyhow::Result<ExitCode> {
                 "flashed {} bytes to {} ({} retries): {}",
                 o.report.bytes_sent, target.link, o.report.retries, o.report.summary
             );
+            if let Some(e) = &o.read_back_error {
+                eprintln!(
+                    "error: the plugin flashed the image and reported success ({}), but \
+                     reading the version back failed: {e}. The image itself was not refused: \
+                     check that the device boots it (its console, or `otagw identify` once it \
+                     is up)",
+                    o.report.summary
+                );
+                return Ok(ExitCode::from(super::exit::FAILED));
+            }
             match o.device {
                 // The daemon's rule: a device that does not run the version
                 // it was given did not take the image.

@@ -735,6 +735,20 @@ impl Link {
 
     /// Apply a plugin's default serial settings, with the URL's settings winning.
     /// A no-op on links that are not serial ports.
+    /// A plugin's own `configure`: what the link's URL says wins here too
+    /// (one rule for every family: a setting written in the URL is never
+    /// changed by the plugin; one left out is the plugin's to choose).
+    pub fn configure_for_plugin(&mut self, asked: &SerialConfig) -> Result<(), LinkError> {
+        let applied = match self.url_serial {
+            Some(url) => url.over(*asked),
+            None => *asked,
+        };
+        if applied != *asked {
+            tracing::debug!(link = %self.name, ?asked, ?applied, "the link URL's serial settings win over the plugin's");
+        }
+        self.configure(&applied)
+    }
+
     pub fn apply_defaults(&mut self, defaults: SerialConfig) -> Result<(), LinkError> {
         match self.url_serial {
             Some(url) => self.configure(&url.over(defaults)),
@@ -902,6 +916,91 @@ mod tests {
         let full = settings.over(SerialConfig::default());
         assert_eq!(full.data_bits, 8);
         assert_eq!(full.baud, 57600);
+    }
+
+    /// A transport that records the serial settings applied to it.
+    struct Recorder {
+        io: tokio::io::DuplexStream,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<SerialConfig>>>,
+    }
+
+    impl tokio::io::AsyncRead for Recorder {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    impl Transport for Recorder {
+        fn configure(&mut self, config: &SerialConfig) -> Result<(), String> {
+            self.seen.lock().unwrap().push(*config);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn settings_in_the_url_win_over_the_plugins_defaults_and_its_own_configure() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (io, _peer) = tokio::io::duplex(64);
+        let t = Recorder {
+            io,
+            seen: seen.clone(),
+        };
+        let mut link = Link::new(
+            "serial:///dev/x?parity=none".into(),
+            LinkKind::Serial,
+            64,
+            Box::new(t),
+        );
+        let LinkUrl::Serial { settings, .. } =
+            LinkUrl::parse("serial:///dev/x?parity=none").unwrap()
+        else {
+            unreachable!()
+        };
+        link.url_serial = Some(settings);
+        // AN3155 wants 8E1; the operator wrote parity=none.
+        let even = SerialConfig {
+            baud: 57_600,
+            data_bits: 8,
+            parity: Parity::Even,
+            stop_bits: StopBits::One,
+        };
+        link.apply_defaults(even).unwrap();
+        link.configure_for_plugin(&SerialConfig {
+            baud: 115_200,
+            ..even
+        })
+        .unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert!(seen.iter().all(|c| c.parity == Parity::None), "{seen:?}");
+        // What the URL leaves out is the plugin's to choose.
+        assert_eq!((seen[0].baud, seen[1].baud), (57_600, 115_200));
     }
 
     #[test]

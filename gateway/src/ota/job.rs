@@ -549,7 +549,10 @@ impl Job {
             (S::Identifying, Event::IdentifyFailed { desc }) => {
                 return self.fail(
                     Step::FlashFailed,
-                    format!("cannot read the version back after flashing: {desc}"),
+                    format!(
+                        "the plugin flashed the image and reported success, but reading the \
+                         version back failed: {desc}"
+                    ),
                     now,
                 );
             }
@@ -896,7 +899,7 @@ mod tests {
             reports(&a),
             [(
                 -4,
-                "cannot read the version back after flashing: timeout".to_string()
+                "the plugin flashed the image and reported success, but reading the version back failed: timeout".to_string()
             )]
         );
 

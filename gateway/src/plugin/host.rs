@@ -400,7 +400,7 @@ impl wit_host::HostLink for PluginState {
         config: wit::SerialConfig,
     ) -> wasmtime::Result<Result<(), wit::LinkError>> {
         let c = serial_from_wit(config);
-        link_call!(self, link, |l| l.configure(&c))
+        link_call!(self, link, |l| l.configure_for_plugin(&c))
     }
 
     async fn set_lines(
