@@ -469,13 +469,18 @@ impl GatewayProcess {
 
     /// SIGTERM, as systemd stops a service.
     pub async fn terminate(&self) {
+        self.signal("-TERM").await;
+    }
+
+    /// Send `signal` (`-HUP`, `-TERM`...) with kill(1).
+    pub async fn signal(&self, signal: &str) {
         let pid = self.pid().to_string();
         let ok = tokio::process::Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([signal, &pid])
             .status()
             .await
             .expect("run kill");
-        assert!(ok.success(), "kill -TERM {pid}");
+        assert!(ok.success(), "kill {signal} {pid}");
     }
 
     /// SIGKILL: no drain, no goodbye.

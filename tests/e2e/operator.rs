@@ -903,3 +903,104 @@ async fn a_failed_read_back_after_a_good_flash_is_said_as_such() {
     assert_eq!(sim.handle().images_received(), 1);
     sim.shutdown().await;
 }
+
+/// Item 6: SIGHUP reloads. A leaf added to the file is taken on (its
+/// notices are subscribed to and run) while a job on another leaf goes on
+/// untouched; a broken file is refused with the reason and the running
+/// configuration stays; the plugins directory is looked at (with `watch`
+/// off, only then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_devices_and_plugins_and_refuses_a_bad_file() {
+    let busy = PtySim::spawn(XmodemSimConfig {
+        hold_after: Some(3),
+        ..xmodem_device()
+    })
+    .unwrap();
+    let newcomer = PtySim::spawn(xmodem_device()).unwrap();
+    let broker = Mosquitto::start().await;
+    let probe = MqttProbe::connect(broker.port(), "#").await;
+    let files = FileServer::start().await;
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let mut busy_leaf = LeafSpec::xmodem("busy", &busy.url());
+    busy_leaf
+        .options
+        .push(("block_timeout_ms".into(), "600000".into()));
+    let before = gateway_config(
+        data.path(),
+        plugins.path(),
+        Some(&broker.url()),
+        &[busy_leaf.clone()],
+    )
+    .replace("[plugins]\n", "[plugins]\nwatch = false\n");
+    let after = gateway_config(
+        data.path(),
+        plugins.path(),
+        Some(&broker.url()),
+        &[busy_leaf, LeafSpec::xmodem("newcomer", &newcomer.url())],
+    )
+    .replace("[plugins]\n", "[plugins]\nwatch = false\n");
+    let path = data.path().join("otagw.toml");
+    let gw = GatewayProcess::start_logged(GATEWAY_BIN, &before, &path, &[], &[]).await;
+    let topic = |kind: &str, dn: &str| format!("/ota/device/{kind}/{LEAF_PK}/{dn}");
+    probe
+        .wait_until(LIMIT, "online", |m| {
+            has_inform(m, &topic("inform", "busy"), "1.0.0")
+        })
+        .await;
+    let img = versioned_image(20_000, "2.0.0");
+    let url = files.add("fw.bin", img.clone());
+    probe
+        .publish(&topic("upgrade", "busy"), notice(1, "2.0.0", &url, &img))
+        .await;
+    busy.handle().holding().await;
+
+    // A broken file: refused, with the reason; the gateway runs on.
+    std::fs::write(&path, "[gateway]\nproduct_key = \"x\"\n").unwrap();
+    gw.signal("-HUP").await;
+    let refused = gw.wait_log(LIMIT, "reload refused").await;
+    assert!(refused.contains("otagw.toml"), "{refused}");
+    let log = gw.log();
+    assert!(
+        log.contains("missing field") && log.contains("the running configuration stays"),
+        "{log}"
+    );
+
+    // The leaf added, and a plugin dropped in (watch is off).
+    std::fs::write(&path, &after).unwrap();
+    std::fs::copy(artifacts::SMP, plugins.path().join("smp.wasm")).unwrap();
+    gw.signal("-HUP").await;
+    let reloaded = gw.wait_log(LIMIT, "configuration reloaded").await;
+    assert!(reloaded.contains("newcomer"), "{reloaded}");
+    probe
+        .wait_until(LIMIT, "the newcomer informed, smp loaded", |m| {
+            has_inform(m, &topic("inform", "newcomer"), "1.0.0")
+                && m.iter().any(|m| {
+                    m.topic == format!("/ota/device/inform/{GW_PK}/{GW_DN}")
+                        && m.text().contains("plugin.smp")
+                })
+        })
+        .await;
+    probe
+        .publish(
+            &topic("upgrade", "newcomer"),
+            notice(2, "2.0.0", &url, &img),
+        )
+        .await;
+    probe
+        .wait_until(LIMIT, "the newcomer runs 2.0.0", |m| {
+            has_inform(m, &topic("inform", "newcomer"), "2.0.0")
+        })
+        .await;
+    // The job that was under way on "busy" was not touched: it finishes.
+    busy.handle().release();
+    probe
+        .wait_until(LIMIT, "busy runs 2.0.0", |m| {
+            has_inform(m, &topic("inform", "busy"), "2.0.0")
+        })
+        .await;
+    assert!(!gw.log().contains("job failed"), "{}", gw.log());
+    gw.kill().await;
+    busy.shutdown().await;
+    newcomer.shutdown().await;
+}

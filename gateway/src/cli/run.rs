@@ -38,6 +38,28 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = gw.api_addr() {
         println!("api: {addr}");
     }
+    // SIGHUP: read the configuration again; a bad one is refused with the
+    // reason and the running one stays.
+    {
+        let reloader = gw.reloader();
+        let path = a.config.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!(config = %path.display(), "SIGHUP: reading the configuration again");
+                match Config::load(&path) {
+                    Ok(cfg) => reloader.reload(cfg).await,
+                    Err(e) => tracing::error!(
+                        "reload refused: {}; the running configuration stays (fix the file and send SIGHUP again)",
+                        super::error_text(&anyhow::Error::new(e))
+                    ),
+                }
+            }
+        });
+    }
     let shutdown = CancellationToken::new();
     {
         let shutdown = shutdown.clone();

@@ -82,8 +82,13 @@ pub(crate) struct Core {
     /// The gateway's own identity upstream: its modules are its plugins
     /// (`plugin.<family>`), updated by notices on its own topic.
     pub gw: DeviceId,
-    /// The configured leaves (identity, family, link, options).
-    pub devices: Devices,
+    /// The configured leaves (identity, family, link, options); replaced
+    /// whole by a reload (jobs under way keep the leaf they started with).
+    devices: std::sync::RwLock<Arc<Devices>>,
+    /// The configuration running now, to tell what a reload changes.
+    config: Mutex<Config>,
+    /// Nudges the plugins watcher to look at the directory now (SIGHUP).
+    pub plugins_rescan: Arc<tokio::sync::Notify>,
     /// Every job, the queue of notices and their persistence.
     pub table: JobTable,
     /// Firmware images, downloaded once each.
@@ -131,6 +136,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Core {
+    /// The configured leaves now.
+    pub(crate) fn devices(&self) -> Arc<Devices> {
+        self.devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Open a leaf's link, as its family's plugin needs it opened.
     pub(crate) async fn open_link(
         &self,
@@ -215,8 +228,8 @@ impl Core {
     /// Why a notice for `id` cannot become a job, if it cannot.
     fn refuse(&self, id: &DeviceId, notice: &Notice) -> Option<(Step, String)> {
         let module = &notice.module;
-        if self.devices.find(id, module).is_none() {
-            let desc = if self.devices.knows(id) {
+        if self.devices().find(id, module).is_none() {
+            let desc = if self.devices().knows(id) {
                 format!("module {module:?} of {id} is not managed by this gateway")
             } else {
                 format!("device {id} is not managed by this gateway")
@@ -246,7 +259,7 @@ impl Core {
         }
         let module = notice.module.clone();
         if let Some((step, desc)) = self.refuse(&id, &notice) {
-            if self.devices.find(&id, &module).is_some() {
+            if self.devices().find(&id, &module).is_some() {
                 self.table
                     .remember_refusal(&id, &module, &notice.version, step.code(), &desc);
             }
@@ -282,7 +295,7 @@ impl Core {
         use tracing::Instrument;
         let (id, module) = &ticket.key;
         let family = self
-            .devices
+            .devices()
             .find(id, module)
             .map(|l| l.family.clone())
             .unwrap_or_default();
@@ -329,6 +342,125 @@ impl Core {
         .await;
     }
 
+    /// Take a new configuration (SIGHUP): the devices are replaced (jobs
+    /// under way keep the leaf they started with; a leaf added is
+    /// subscribed to and asked its version), the plugins directory is
+    /// looked at now; settings that need a restart are named in the log and
+    /// keep their running values.
+    pub(crate) async fn reload(self: &Arc<Self>, new: Config) {
+        let old = lock(&self.config).clone();
+        let restart: Vec<&str> = [
+            (
+                "[gateway]",
+                format!("{:?}", old.gateway) != format!("{:?}", new.gateway),
+            ),
+            (
+                "[upstream]",
+                format!("{:?}", old.upstream) != format!("{:?}", new.upstream),
+            ),
+            (
+                "[local_broker]",
+                format!("{:?}", old.local_broker) != format!("{:?}", new.local_broker),
+            ),
+            (
+                "[api]",
+                format!("{:?}", old.api) != format!("{:?}", new.api),
+            ),
+            (
+                "[jobs]",
+                format!("{:?}", old.jobs) != format!("{:?}", new.jobs),
+            ),
+            (
+                "[cache]",
+                format!("{:?}", old.cache) != format!("{:?}", new.cache),
+            ),
+            (
+                "[plugins]",
+                format!("{:?}", old.plugins) != format!("{:?}", new.plugins),
+            ),
+            (
+                "[ble]",
+                format!("{:?}", old.ble) != format!("{:?}", new.ble),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect();
+        for name in &restart {
+            tracing::warn!(
+                "{name} changed: it takes effect at the next restart (the running values stay)"
+            );
+        }
+        let key = |d: &crate::config::DeviceConfig| {
+            format!("{}/{} {}", d.product_key, d.device_name, d.module)
+        };
+        let before: BTreeMap<String, String> = old
+            .devices
+            .iter()
+            .map(|d| (key(d), format!("{d:?}")))
+            .collect();
+        let after: BTreeMap<String, String> = new
+            .devices
+            .iter()
+            .map(|d| (key(d), format!("{d:?}")))
+            .collect();
+        let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+        let removed: Vec<&String> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+        let changed: Vec<&String> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k).is_some_and(|b| b != *v))
+            .map(|(k, _)| k)
+            .collect();
+        let aliyun = matches!(&old.upstream, Some(u) if u.auth == AuthKind::Aliyun);
+        if aliyun && !added.is_empty() {
+            tracing::error!(
+                added = ?added,
+                "reload: adding leaves in aliyun mode needs a restart (they are added to the \
+                 gateway's topology and logged in at start); the devices stay as they were"
+            );
+        } else if !(added.is_empty() && removed.is_empty() && changed.is_empty()) {
+            let devices = Arc::new(Devices::new(&new.devices));
+            *self.devices.write().unwrap_or_else(|e| e.into_inner()) = devices.clone();
+            lock(&self.config).devices = new.devices.clone();
+            let fresh: Vec<&Leaf> = devices
+                .all()
+                .iter()
+                .filter(|l| added.contains(&&format!("{} {}", l.id, l.module)))
+                .collect();
+            let mut topics = Vec::new();
+            for l in &fresh {
+                topics.push(topics::upgrade(&l.id.product_key, &l.id.device_name));
+                topics.push(topics::firmware_get_reply(
+                    &l.id.product_key,
+                    &l.id.device_name,
+                ));
+            }
+            if let Err(e) = self.publisher.subscribe(topics).await {
+                tracing::error!("reload: cannot subscribe for the added leaves: {e}");
+            }
+            for l in fresh {
+                match self.table.known_version(l) {
+                    Some(v) => self.inform(l, v).await,
+                    None => {
+                        let key = (l.id.clone(), l.module.clone());
+                        if lock(&self.identifying).insert(key) {
+                            self.tasks
+                                .spawn(runner::identify_unknown(self.clone(), l.clone()));
+                        }
+                    }
+                }
+            }
+            tracing::info!(
+                devices = devices.all().len(),
+                added = ?added, removed = ?removed, changed = ?changed,
+                "configuration reloaded: new notices use the new devices; jobs under way keep theirs"
+            );
+        } else {
+            tracing::info!("configuration reloaded: the devices did not change");
+        }
+        self.plugins_rescan.notify_one();
+    }
+
     /// Tell the platform every plugin's version, as a module of the
     /// gateway's own (`plugin.<family>`): at connect and after a reload.
     pub async fn inform_plugins(&self) {
@@ -348,7 +480,8 @@ impl Core {
     }
 
     async fn on_connected(self: &Arc<Self>) {
-        for leaf in self.devices.all() {
+        let devices = self.devices();
+        for leaf in devices.all() {
             let key = (leaf.id.clone(), leaf.module.clone());
             match self.table.known_version(leaf) {
                 Some(v) => self.inform(leaf, v).await,
@@ -380,7 +513,7 @@ impl Core {
             .await;
         }
         // Ask for pending packages for every leaf with no job under way.
-        for leaf in self.devices.all() {
+        for leaf in devices.all() {
             if !self.table.busy(&(leaf.id.clone(), leaf.module.clone())) {
                 let req = protocol::firmware_get_request(self.next_id(), &leaf.module);
                 self.publish(
@@ -467,10 +600,22 @@ impl Core {
     }
 }
 
+/// Hands a new configuration to a running gateway (SIGHUP).
+#[derive(Debug, Clone)]
+pub struct Reloader(mpsc::Sender<Config>);
+
+impl Reloader {
+    /// Take `cfg` (already loaded and validated).
+    pub async fn reload(&self, cfg: Config) {
+        let _ = self.0.send(cfg).await;
+    }
+}
+
 /// The daemon, built and bound, not yet running.
 pub struct Gateway {
     core: Arc<Core>,
     events: mpsc::Receiver<UpstreamEvent>,
+    reloads: (mpsc::Sender<Config>, mpsc::Receiver<Config>),
     api: Option<tokio::net::TcpListener>,
     api_addr: Option<SocketAddr>,
     broker: Option<EmbeddedBroker>,
@@ -635,7 +780,9 @@ impl Gateway {
         let upstream_stopped = Box::pin(upstream.stopped());
         let core = Arc::new(Core {
             gw,
-            devices,
+            devices: std::sync::RwLock::new(Arc::new(devices)),
+            config: Mutex::new(cfg.clone()),
+            plugins_rescan: Arc::new(tokio::sync::Notify::new()),
             table,
             cache,
             plugins,
@@ -678,12 +825,18 @@ impl Gateway {
         Ok(Gateway {
             core,
             events,
+            reloads: mpsc::channel(4),
             api,
             api_addr,
             broker,
             resume,
             upstream_stopped,
         })
+    }
+
+    /// How to hand the running gateway a new configuration.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.reloads.0.clone())
     }
 
     /// The address the status API listens on.
@@ -732,13 +885,21 @@ impl Gateway {
             let core = core.clone();
             core.tasks.clone().spawn(summary_loop(core));
         }
-        if let Some(options) = core.plugin_watch {
+        {
+            // Without `watch`, the directory is looked at only on SIGHUP.
+            let (options, follow) = match core.plugin_watch {
+                Some(o) => (o, true),
+                None => (Default::default(), false),
+            };
             let core = core.clone();
-            core.tasks.clone().spawn(watch_plugins(core, options));
+            core.tasks
+                .clone()
+                .spawn(watch_plugins(core, options, follow));
         }
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                Some(cfg) = self.reloads.1.recv() => core.reload(cfg).await,
                 ev = self.events.recv() => match ev {
                     None => break,
                     Some(UpstreamEvent::Connected { session_present }) => {
@@ -803,12 +964,13 @@ impl Gateway {
 
 /// Hot reload of the plugins directory for the daemon's life; the platform
 /// hears the new versions.
-async fn watch_plugins(core: Arc<Core>, options: crate::plugin::watch::WatchOptions) {
+async fn watch_plugins(core: Arc<Core>, options: crate::plugin::watch::WatchOptions, follow: bool) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let watch = crate::plugin::watch::watch_dir(
         &core.plugins,
         &core.plugins_dir,
         options,
+        (follow, &core.plugins_rescan),
         core.shutdown.clone(),
         move |changes| {
             if !changes.loaded.is_empty() {

@@ -27,11 +27,24 @@ pub(crate) trait Publisher: Send + Sync {
     fn platform(&self) -> Option<Vec<LeafPlatform>> {
         None
     }
+
+    /// Subscribe to more topics (leaves added by a reload).
+    fn subscribe(&self, _topics: Vec<String>) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 impl Publisher for Upstream {
     fn platform(&self) -> Option<Vec<LeafPlatform>> {
         Upstream::platform(self)
+    }
+
+    fn subscribe(&self, topics: Vec<String>) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            Upstream::subscribe(self, topics)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 
     fn publish<'a>(

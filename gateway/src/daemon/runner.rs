@@ -152,7 +152,7 @@ struct Ctx {
 /// Run the job of `ticket` to its end (or to shutdown).
 async fn run(core: Arc<Core>, ticket: Ticket, first: Option<Event>) -> Result<Outcome, RunError> {
     let (id, module) = &ticket.key;
-    let Some(leaf) = core.devices.find(id, module).cloned() else {
+    let Some(leaf) = core.devices().find(id, module).cloned() else {
         return Err(RunError::Unconfigured(format!("{id} module {module}")));
     };
     let link_lock = core.link_lock(&leaf);

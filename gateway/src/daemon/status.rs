@@ -56,7 +56,8 @@ impl StatusSource for Status {
     fn history(&self, pk: &str, dn: &str) -> Option<Vec<crate::api::ModuleHistory>> {
         let core = &self.0;
         let id = crate::ota::topics::DeviceId::new(pk, dn);
-        let leaves: Vec<_> = core.devices.all().iter().filter(|l| l.id == id).collect();
+        let devices = core.devices();
+        let leaves: Vec<_> = devices.all().iter().filter(|l| l.id == id).collect();
         if leaves.is_empty() {
             return None;
         }
@@ -75,7 +76,7 @@ impl StatusSource for Status {
         let core = &self.0;
         let jobs = core.table.snapshot();
         let platform = core.publisher.platform();
-        core.devices
+        core.devices()
             .all()
             .iter()
             .map(|leaf| {

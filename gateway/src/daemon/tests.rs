@@ -59,7 +59,15 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
     let sent = Arc::new(Recorder::default());
     let core = Arc::new(Core {
         gw: DeviceId::new(GW.0, GW.1),
-        devices: Devices::new(devices),
+        devices: std::sync::RwLock::new(Arc::new(Devices::new(devices))),
+        config: Mutex::new(
+            crate::config::Config::parse(
+                "[gateway]\nproduct_key = \"gwpk\"\ndevice_name = \"gw\"\ndata_dir = \"/tmp/x\"\nplugins_dir = \"/tmp/p\"\n",
+                std::path::Path::new("/t.toml"),
+            )
+            .unwrap(),
+        ),
+        plugins_rescan: Arc::new(tokio::sync::Notify::new()),
         table,
         cache,
         plugins: PluginHost::new(limits, None).unwrap(),

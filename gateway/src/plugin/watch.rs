@@ -164,7 +164,10 @@ impl PluginHost {
             if seen.now != fp {
                 seen.now = fp;
                 seen.since = now;
-                continue;
+                // Settling time zero: taken as it is now (a reload).
+                if !settle.is_zero() {
+                    continue;
+                }
             }
             if seen.tried == Some(fp) || now.duration_since(seen.since) < settle {
                 continue;
@@ -220,15 +223,21 @@ impl PluginHost {
 /// every `rescan`, and while a file settles; `on_change` hears of every look
 /// that changed something. The directory must have been loaded with
 /// [`PluginHost::load_dir`] first.
+///
+/// `nudge` makes it look at once, taking every file as settled (SIGHUP);
+/// with `follow` false it looks only then (no events, no rescans).
 pub async fn watch_dir(
     host: &PluginHost,
     dir: &Path,
     options: WatchOptions,
+    (follow, nudge): (bool, &tokio::sync::Notify),
     cancel: CancellationToken,
     mut on_change: impl FnMut(&Changes),
 ) {
     let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let watcher = {
+    let watcher = if !follow {
+        None
+    } else {
         use notify::Watcher;
         let made = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
             if e.is_ok() {
@@ -255,26 +264,37 @@ pub async fn watch_dir(
     let mut state = DirState::loaded_now(dir);
     // While something settles, look again a few times per settle period.
     let settle_tick = (options.settle / 4).max(Duration::from_millis(20));
-    let mut next_rescan = Instant::now() + options.rescan;
+    let rescan = if follow {
+        options.rescan
+    } else {
+        Duration::from_secs(365 * 24 * 3600)
+    };
+    let mut next_rescan = Instant::now() + rescan;
     loop {
-        let wake = if state.pending() {
+        let wake = if state.pending() && follow {
             (Instant::now() + settle_tick).min(next_rescan)
         } else {
             next_rescan
         };
+        let mut settle = options.settle;
         tokio::select! {
             () = cancel.cancelled() => break,
             Some(()) = events.recv() => {
                 // A burst of events (a copy writes many times) is one look.
                 while events.try_recv().is_ok() {}
             }
+            () = nudge.notified() => {
+                // The operator says the directory is ready: no settling.
+                settle = Duration::ZERO;
+                tracing::info!(dir = %dir.display(), "looking at the plugins directory (reload)");
+            }
             () = tokio::time::sleep_until(wake) => {}
         }
         let now = Instant::now();
         if now >= next_rescan {
-            next_rescan = now + options.rescan;
+            next_rescan = now + rescan;
         }
-        let changes = host.reconcile(dir, &mut state, now, options.settle).await;
+        let changes = host.reconcile(dir, &mut state, now, settle).await;
         if !changes.is_empty() {
             on_change(&changes);
         }
