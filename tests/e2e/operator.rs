@@ -1004,3 +1004,42 @@ async fn sighup_reloads_devices_and_plugins_and_refuses_a_bad_file() {
     busy.shutdown().await;
     newcomer.shutdown().await;
 }
+
+/// Item 4: a version read from a device must look like one: a bootloader
+/// that answers the version command with its NAK polls fails identify,
+/// showing what it read, escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identify_refuses_a_version_that_is_not_one() {
+    // Still in its bootloader: it polls with NAK (0x15), whatever is sent.
+    let sim = PtySim::spawn(XmodemSimConfig {
+        mode: Mode::Checksum,
+        poll_interval: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .unwrap();
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let cache = tempfile::tempdir().unwrap();
+    let (code, out, err) = otagw(&[
+        "identify",
+        "--family",
+        "xmodem",
+        "--plugins-dir",
+        plugins.path().to_str().unwrap(),
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+        "--link",
+        &sim.url(),
+        "-o",
+        "version_command=version\\r",
+        "-o",
+        "version_timeout_ms=600",
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        !out.contains("version"),
+        "nothing printed as a version: {out}"
+    );
+    assert!(err.contains("\\u{15}"), "what it read, escaped: {err}");
+    sim.shutdown().await;
+}
