@@ -20,6 +20,11 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
+    #[error(
+        "the store {path} is in use by another otagw (its lock is held): stop that one \
+         first, or give this one another data_dir"
+    )]
+    Locked { path: PathBuf },
     #[error("cannot move the broken store {path} aside: {source}")]
     MoveAside {
         path: PathBuf,
@@ -64,6 +69,14 @@ impl Store {
             )),
             // Not ours to fix: another process holds the lock, or the disk
             // refuses us. Moving a live database aside would be a disaster.
+            Err(sled::Error::Io(source))
+                if source.kind() == std::io::ErrorKind::WouldBlock
+                    || source.to_string().contains("could not acquire lock") =>
+            {
+                Err(StoreError::Locked {
+                    path: path.to_path_buf(),
+                })
+            }
             Err(sled::Error::Io(source)) => Err(StoreError::Open {
                 path: path.to_path_buf(),
                 source: sled::Error::Io(source),
@@ -253,7 +266,12 @@ mod tests {
         assert_eq!(line.trim(), "locked");
 
         let err = Store::open(&path).expect_err("the lock is held");
-        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        assert!(
+            err.to_string().contains("in use by another otagw")
+                && !err.to_string().contains("Os {"),
+            "said in words: {err}"
+        );
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())

@@ -1043,3 +1043,21 @@ async fn identify_refuses_a_version_that_is_not_one() {
     assert!(err.contains("\\u{15}"), "what it read, escaped: {err}");
     sim.shutdown().await;
 }
+
+/// Item 9: a second gateway on the same data_dir says so in words (no
+/// debug dump of an OS error) and exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_the_same_data_dir_says_so() {
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let config = gateway_config(data.path(), plugins.path(), None, &[]);
+    let path = data.path().join("otagw.toml");
+    let first = GatewayProcess::start_logged(GATEWAY_BIN, &config, &path, &[], &[]).await;
+    let (code, _, err) = otagw(&["run", "--config", path.to_str().unwrap()]).await;
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("in use by another otagw") && !err.contains("Os {"),
+        "{err}"
+    );
+    first.kill().await;
+}
