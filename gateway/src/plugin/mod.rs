@@ -983,6 +983,13 @@ pub fn checked_version(raw: &str) -> Result<String, String> {
             "the device reported a version with control characters: {v:?}"
         ));
     }
+    // What a family decoded from bytes that are not text (erased or
+    // random flash read as UTF-8).
+    if v.contains(char::REPLACEMENT_CHARACTER) {
+        return Err(format!(
+            "the device reported a version that is not text (bytes that are not UTF-8): {v:?}"
+        ));
+    }
     Ok(v.to_owned())
 }
 
@@ -1075,5 +1082,7 @@ mod version_tests {
                 .contains("control")
         );
         assert_eq!(checked_version("v1.2.3-rc1+é").unwrap(), "v1.2.3-rc1+é");
+        let garbage = String::from_utf8_lossy(&[0x31, 0x2e, 0xc3, 0x28, 0x80]).into_owned();
+        assert!(checked_version(&garbage).unwrap_err().contains("not text"));
     }
 }
