@@ -837,6 +837,16 @@ async fn the_api_keeps_history_names_leaves_alike_and_shows_the_upstream() {
         .collect();
     assert_eq!(outcomes, ["succeeded", "refused"], "{history}");
 
+    // `otagw status`: exit 1 when a leaf failed; --json is the API's list.
+    let api = gw.api.to_string();
+    let (code, out, err) = otagw(&["status", "--api", &api]).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("failed"), "{out}");
+    let (code, out, _) = otagw(&["status", "--api", &api, "--json"]).await;
+    assert_eq!(code, Some(1));
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.len(), 2, "{out}");
+
     let gateway = gw.api_get("/api/gateway").await;
     assert_eq!(gateway["upstream"]["connected"], true, "{gateway}");
     assert_eq!(gateway["device_name"], GW_DN, "{gateway}");
@@ -1060,4 +1070,41 @@ async fn a_second_gateway_on_the_same_data_dir_says_so() {
         "{err}"
     );
     first.kill().await;
+}
+
+/// Item 7: `check` says what `run` would refuse or what cannot be meant: a
+/// missing ca_file is invalid (78); listeners beyond loopback without
+/// authentication are warned about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_a_missing_ca_file_and_warns_of_open_listeners() {
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let base = gateway_config(data.path(), plugins.path(), None, &[]);
+    let path = data.path().join("otagw.toml");
+    let open = base
+        .replace(
+            "listen = \"127.0.0.1:0\"\n\n[api]",
+            "listen = \"0.0.0.0:0\"\n\n[api]",
+        )
+        .replace(
+            "[api]\nlisten = \"127.0.0.1:0\"",
+            "[api]\nlisten = \"0.0.0.0:0\"",
+        );
+    std::fs::write(&path, &open).unwrap();
+    let (code, out, err) = otagw(&["check", "--config", path.to_str().unwrap()]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        err.contains("warning: [api] listen") && err.contains("warning: [local_broker] listen"),
+        "{err}"
+    );
+    let ca = format!(
+        "{base}[upstream]\nurl = \"mqtts://127.0.0.1:8883\"\nauth = \"none\"\nca_file = \"ca.pem\"\n"
+    );
+    std::fs::write(&path, ca).unwrap();
+    let (code, _, err) = otagw(&["check", "--config", path.to_str().unwrap()]).await;
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("ca_file") && err.contains("ca.pem does not exist"),
+        "{err}"
+    );
 }
