@@ -691,6 +691,10 @@ plugins_dir = "/tmp/p"
 
     #[test]
     fn the_default_config_parses() {
+        // README's "Running the gateway": the file in gw/, plugins in gw/plugins.
+        let cfg = Config::parse(DEFAULT, Path::new("gw/otagw.toml")).expect("default config");
+        assert_eq!(cfg.gateway.plugins_dir, Path::new("gw/plugins"));
+        assert_eq!(cfg.gateway.data_dir, Path::new("gw/data"));
         let cfg = parse(DEFAULT).expect("default config");
         assert!(cfg.upstream.is_none(), "standalone by default");
         assert_eq!(cfg.devices.len(), 1);
