@@ -896,10 +896,33 @@ impl Gateway {
                 .clone()
                 .spawn(watch_plugins(core, options, follow));
         }
+        // systemd (Type=notify): ready once the plugins are loaded, the API
+        // listens and the jobs are resumed; the watchdog is fed by this loop
+        // itself, so a loop that stops turning is restarted.
+        let watchdog = sd_notify::watchdog_enabled();
+        let mut feed = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |w| {
+            (w / 2).max(Duration::from_millis(100))
+        }));
+        let status = format!("serving {} leaves", core.devices().all().len());
+        notify_systemd(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ]);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(cfg) = self.reloads.1.recv() => core.reload(cfg).await,
+                _ = feed.tick(), if watchdog.is_some() => {
+                    notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+                }
+                Some(cfg) = self.reloads.1.recv() => {
+                    let mut reloading = vec![sd_notify::NotifyState::Reloading];
+                    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+                        reloading.push(now);
+                    }
+                    notify_systemd(&reloading);
+                    core.reload(cfg).await;
+                    notify_systemd(&[sd_notify::NotifyState::Ready]);
+                }
                 ev = self.events.recv() => match ev {
                     None => break,
                     Some(UpstreamEvent::Connected { session_present }) => {
@@ -924,6 +947,10 @@ impl Gateway {
                 },
             }
         }
+        notify_systemd(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("stopping: jobs under way get the grace to finish"),
+        ]);
         let running = core.table.running();
         tracing::info!(
             jobs = running.len(),
@@ -959,6 +986,14 @@ impl Gateway {
             tracing::error!("{e}");
         }
         Ok(())
+    }
+}
+
+/// Tell systemd (through `NOTIFY_SOCKET`, when it is set) how the daemon
+/// stands; nothing without it.
+fn notify_systemd(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify systemd: {e}");
     }
 }
 

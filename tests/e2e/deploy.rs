@@ -1,0 +1,78 @@
+//! Issue 16 (deploying on a gateway), the parts that run here: the daemon
+//! speaks systemd's notify protocol (`Type=notify`, `WatchdogSec`) on the
+//! socket systemd would give it (`NOTIFY_SOCKET`, a datagram socket; this
+//! test binds it, as systemd does).
+
+use std::time::Duration;
+
+use otagw_e2e::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_otagw-e2e-gateway");
+
+/// The next notification, as text.
+async fn next(socket: &tokio::net::UnixDatagram) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(LIMIT, socket.recv(&mut buf))
+        .await
+        .expect("a notification in time")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Notifications until one contains `what` (returned).
+async fn until(socket: &tokio::net::UnixDatagram, what: &str) -> String {
+    loop {
+        let got = next(socket).await;
+        if got.contains(what) {
+            return got;
+        }
+    }
+}
+
+/// READY=1 once the gateway serves (after it printed its API address:
+/// plugins loaded, API listening); WATCHDOG=1 from its event loop at half
+/// of WatchdogSec; RELOADING=1 (with MONOTONIC_USEC) then READY=1 around a
+/// SIGHUP; STOPPING=1 at SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_speaks_systemds_notify_protocol() {
+    let sim = PtySim::spawn(xmodem_device()).unwrap();
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let config = gateway_config(
+        data.path(),
+        plugins.path(),
+        None,
+        &[LeafSpec::xmodem("press", &sim.url())],
+    );
+    let sock_path = data.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let path = data.path().join("otagw.toml");
+    let gw = GatewayProcess::start_logged(
+        GATEWAY_BIN,
+        &config,
+        &path,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    )
+    .await;
+    let ready = next(&socket).await;
+    assert!(
+        ready.contains("READY=1") && ready.contains("STATUS=serving 1 leaves"),
+        "{ready:?}"
+    );
+    for _ in 0..2 {
+        assert_eq!(next(&socket).await.trim(), "WATCHDOG=1");
+    }
+    gw.signal("-HUP").await;
+    let reloading = until(&socket, "RELOADING=1").await;
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading:?}");
+    until(&socket, "READY=1").await;
+    gw.terminate().await;
+    until(&socket, "STOPPING=1").await;
+    assert!(gw.exited(LIMIT).await.success());
+    sim.shutdown().await;
+}
