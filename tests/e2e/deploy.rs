@@ -76,3 +76,63 @@ async fn the_daemon_speaks_systemds_notify_protocol() {
     assert!(gw.exited(LIMIT).await.success());
     sim.shutdown().await;
 }
+
+/// Item 6: `otagw doctor` checks a deployment. With every device reachable it
+/// says so and exits 0; a serial port that is not there, and a device server
+/// that does not answer, are each a FAIL line saying what to do, and exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_says_what_is_wrong_with_a_deployment() {
+    let sim = PtySim::spawn(xmodem_device()).unwrap();
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let good = gateway_config(
+        data.path(),
+        plugins.path(),
+        None,
+        &[LeafSpec::xmodem("press", &sim.url())],
+    );
+    let path = data.path().join("otagw.toml");
+    std::fs::write(&path, &good).unwrap();
+    let doctor = || async {
+        let out = tokio::process::Command::new(GATEWAY_BIN)
+            .args(["doctor", "--config", path.to_str().unwrap()])
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = doctor().await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("ok    device a1LeafPK/press:") && out.contains("no problems found"),
+        "{out}"
+    );
+
+    let bad = gateway_config(
+        data.path(),
+        plugins.path(),
+        None,
+        &[
+            LeafSpec::xmodem("press", &sim.url()),
+            LeafSpec::xmodem("unplugged", "serial:///dev/ttyUSB-otagw-test"),
+            LeafSpec::xmodem("server", "tcp://127.0.0.1:1"),
+        ],
+    );
+    std::fs::write(&path, &bad).unwrap();
+    let (code, out) = doctor().await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("FAIL  device a1LeafPK/unplugged: /dev/ttyUSB-otagw-test does not exist")
+            && out.contains("otagw ports"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL  device a1LeafPK/server: 127.0.0.1:1"),
+        "{out}"
+    );
+    assert!(out.contains("2 problems found"), "{out}");
+    sim.shutdown().await;
+}

@@ -71,7 +71,7 @@ pub async fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Every device's family has a plugin and its options are valid for it.
-async fn check_devices(cfg: &Config) -> anyhow::Result<Vec<String>> {
+pub(crate) async fn check_devices(cfg: &Config) -> anyhow::Result<Vec<String>> {
     let dir = &cfg.gateway.plugins_dir;
     if !dir.is_dir() {
         return Ok(vec![format!(

@@ -2,6 +2,7 @@
 
 pub mod ble;
 pub mod config;
+pub mod doctor;
 pub mod flash;
 pub mod identify;
 pub mod plugin;
@@ -102,6 +103,10 @@ pub enum Command {
     Config(config::ConfigArgs),
     /// Validate a configuration file.
     Check(config::CheckArgs),
+    /// Check a deployment: configuration, plugins, every device's link and
+    /// permissions, the BLE adapter, the upstream broker, the clock, disk
+    /// space; says what to do about each problem (exit 1 on any).
+    Doctor(doctor::DoctorArgs),
     /// Show every leaf's family, version, state, progress and last error.
     Status(status::StatusArgs),
     /// Bluetooth LE: find devices near the adapter (`otagw ble scan`).
@@ -474,5 +479,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Ports(a) => ports::run(a),
         Command::Config(a) => config::run(a).await,
         Command::Check(a) => config::check(a).await,
+        Command::Doctor(a) => doctor::run(a).await,
     }
 }
