@@ -136,3 +136,53 @@ async fn doctor_says_what_is_wrong_with_a_deployment() {
     assert!(out.contains("2 problems found"), "{out}");
     sim.shutdown().await;
 }
+
+/// Item 4: the service unit (`packaging/otagw.service`) is one systemd
+/// itself accepts (`systemd-analyze verify`: no warning) and rates hardened
+/// (`systemd-analyze security --offline`: exposure 2.5 or less), with
+/// Type=notify and a watchdog, as the daemon speaks them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_unit_verifies_and_is_hardened() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/otagw.service"
+    ))
+    .unwrap();
+    for needed in [
+        "Type=notify",
+        "WatchdogSec=",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/otagw",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "DevicePolicy=closed",
+        "SupplementaryGroups=dialout",
+    ] {
+        assert!(unit.contains(needed), "the unit lacks {needed}");
+    }
+    // Where the package puts otagw, this test's build of it.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("otagw.service");
+    std::fs::write(&file, unit.replace("/usr/bin/otagw", GATEWAY_BIN)).unwrap();
+    let analyze = |args: &[&str]| {
+        std::process::Command::new("systemd-analyze")
+            .args(args)
+            .arg(&file)
+            .output()
+            .expect("systemd-analyze (Debian's systemd package)")
+    };
+    let verify = analyze(&["verify"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(verify.status.success() && said.trim().is_empty(), "{said}");
+    let security = analyze(&["security", "--offline=true", "--threshold=25"]);
+    let said = String::from_utf8_lossy(&security.stdout);
+    assert!(
+        security.status.success(),
+        "exposure above 2.5: {}",
+        said.lines().last().unwrap_or_default()
+    );
+}
