@@ -207,6 +207,10 @@ pub struct CacheConfig {
     /// The largest image a notice may announce; default: the cache size.
     /// A larger notice is answered -2 and nothing is downloaded.
     pub max_image_mib: Option<u64>,
+    /// Where image files are kept; default `<data_dir>/images`. A tmpfs
+    /// (images are downloaded again after a reboot) or a bigger partition.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
 
 impl CacheConfig {
@@ -227,6 +231,7 @@ impl Default for CacheConfig {
         Self {
             max_size_mib: default_cache_mib(),
             max_image_mib: None,
+            dir: None,
         }
     }
 }
@@ -447,7 +452,7 @@ impl Config {
     }
 
     /// Parse and validate configuration text read from `path`: relative
-    /// paths in it (data_dir, plugins_dir, trusted_keys, ca_file) are taken
+    /// paths in it (data_dir, plugins_dir, cache dir, trusted_keys, ca_file) are taken
     /// relative to the file's directory, not to wherever the gateway was
     /// started (`/` under systemd).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -502,6 +507,9 @@ impl Config {
         };
         at(&mut self.gateway.data_dir);
         at(&mut self.gateway.plugins_dir);
+        if let Some(d) = self.cache.dir.as_mut() {
+            at(d);
+        }
         self.plugins.trusted_keys.iter_mut().for_each(at);
         if let Some(u) = self.upstream.as_mut()
             && let Some(ca) = u.ca_file.as_mut()

@@ -186,3 +186,61 @@ async fn the_service_unit_verifies_and_is_hardened() {
         said.lines().last().unwrap_or_default()
     );
 }
+
+/// Item 5: `[cache] dir` puts the image files elsewhere than data_dir (a
+/// bigger partition, a tmpfs); the gateway downloads there and flashes from
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_go_to_the_configured_cache_dir() {
+    let sim = PtySim::spawn(xmodem_device()).unwrap();
+    let broker = Mosquitto::start().await;
+    let probe = MqttProbe::connect(broker.port(), "#").await;
+    let files = FileServer::start().await;
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let config = gateway_config(
+        data.path(),
+        plugins.path(),
+        Some(&broker.url()),
+        &[LeafSpec::xmodem("press", &sim.url())],
+    )
+    .replace(
+        "[plugins]\n",
+        &format!(
+            "[cache]\ndir = {:?}\n\n[plugins]\n",
+            elsewhere.path().display().to_string()
+        ),
+    );
+    let gw = Daemon::start(&config).await;
+    let img = versioned_image(20_000, "2.0.0");
+    let url = files.add("fw.bin", img.clone());
+    let inform = format!("/ota/device/inform/{LEAF_PK}/press");
+    probe
+        .wait_until(LIMIT, "online", |m| has_inform(m, &inform, "1.0.0"))
+        .await;
+    probe
+        .publish(
+            &format!("/ota/device/upgrade/{LEAF_PK}/press"),
+            notice(1, "2.0.0", &url, &img),
+        )
+        .await;
+    probe
+        .wait_until(LIMIT, "press runs 2.0.0", |m| {
+            has_inform(m, &inform, "2.0.0")
+        })
+        .await;
+    gw.stop().await;
+    let kept: Vec<_> = std::fs::read_dir(elsewhere.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(kept.iter().any(|n| n.ends_with(".img")), "{kept:?}");
+    let default_dir = data.path().join("images");
+    assert!(
+        !default_dir.exists() || std::fs::read_dir(&default_dir).unwrap().next().is_none(),
+        "nothing in data_dir/images"
+    );
+    sim.shutdown().await;
+}

@@ -93,12 +93,16 @@ pub(crate) fn file_error(
 impl Db {
     /// Open the tree and the directory, and make them agree (see the module
     /// documentation).
-    pub(crate) fn open(store: &Store) -> Result<Db, CacheError> {
-        let dir = store
-            .path()
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("images");
+    /// Image files go to `dir`, or to `images/` beside the store.
+    pub(crate) fn open(store: &Store, dir: Option<&Path>) -> Result<Db, CacheError> {
+        let dir = match dir {
+            Some(d) => d.to_path_buf(),
+            None => store
+                .path()
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("images"),
+        };
         std::fs::create_dir_all(&dir).map_err(file_error("create the images directory", &dir))?;
         let db = Db {
             store: store.clone(),

@@ -78,6 +78,9 @@ pub struct CacheOptions {
     pub checkpoint_every: Duration,
     /// A body silent this long makes everything received durable at once.
     pub idle: Duration,
+    /// Where image files go (`[cache] dir`: a bigger partition, or a tmpfs
+    /// on a read-mostly gateway); `None`: `<data_dir>/images`.
+    pub dir: Option<std::path::PathBuf>,
 }
 
 impl Default for CacheOptions {
@@ -92,6 +95,7 @@ impl Default for CacheOptions {
             flush_every: 1024 * 1024,
             checkpoint_every: Duration::from_millis(500),
             idle: Duration::from_millis(20),
+            dir: None,
         }
     }
 }
@@ -196,7 +200,7 @@ impl Cache {
             .read_timeout(opts.read_timeout)
             .build()
             .map_err(|e| CacheError::Client(Arc::new(e)))?;
-        let db = Db::open(store)?;
+        let db = Db::open(store, opts.dir.as_deref())?;
         let all = db.all()?;
         let last = all.iter().map(|(_, m)| m.last_use).max().unwrap_or(0);
         for (d, m) in &all {

@@ -118,13 +118,24 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<ExitCode> {
         r.ok("clock: plausible");
     }
 
-    match data_dir(&cfg.gateway.data_dir, cfg.cache.max_size_mib << 20) {
-        Ok((what, None)) => r.ok(&what),
-        Ok((what, Some(warning))) => {
-            r.ok(&what);
-            r.warn(&warning)
+    // The image cache needs its room where its files go.
+    let (state, cache) = match &cfg.cache.dir {
+        Some(dir) => (0, Some(dir)),
+        None => (cfg.cache.max_size_mib << 20, None),
+    };
+    let mut dirs = vec![(&cfg.gateway.data_dir, state)];
+    if let Some(dir) = cache {
+        dirs.push((dir, cfg.cache.max_size_mib << 20));
+    }
+    for (dir, room) in dirs {
+        match data_dir(dir, room) {
+            Ok((what, None)) => r.ok(&what),
+            Ok((what, Some(warning))) => {
+                r.ok(&what);
+                r.warn(&warning)
+            }
+            Err(why) => r.fail(&why),
         }
-        Err(why) => r.fail(&why),
     }
 
     if r.failed > 0 {
@@ -222,8 +233,8 @@ fn data_dir(dir: &Path, cache_bytes: u64) -> Result<(String, Option<String>), St
     let probe = existing.join(".otagw-doctor-probe");
     std::fs::write(&probe, b"probe").map_err(|e| {
         format!(
-            "data_dir {}: cannot write in {} ({e}): give this user that directory (or set \
-             data_dir to one it owns)",
+            "{}: cannot write in {} ({e}): give this user that directory (or set data_dir / \
+             [cache] dir to one it owns)",
             dir.display(),
             existing.display()
         )
@@ -231,15 +242,11 @@ fn data_dir(dir: &Path, cache_bytes: u64) -> Result<(String, Option<String>), St
     let _ = std::fs::remove_file(&probe);
     let free = rustix::fs::statvfs(existing)
         .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
-        .map_err(|e| format!("data_dir {}: {e}", dir.display()))?;
-    let what = format!(
-        "data_dir {}: writable, {} MiB free",
-        dir.display(),
-        free >> 20
-    );
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let what = format!("{}: writable, {} MiB free", dir.display(), free >> 20);
     let warning = (free < cache_bytes).then(|| {
         format!(
-            "data_dir {}: {} MiB free is less than the cache may use ([cache] max_size_mib = {}): \
+            "{}: {} MiB free is less than the cache may use ([cache] max_size_mib = {}): \
              lower it or free space",
             dir.display(),
             free >> 20,

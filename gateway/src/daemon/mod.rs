@@ -652,7 +652,14 @@ impl Gateway {
                 "the store was rebuilt: pending upgrades come back through firmware/get"
             );
         }
-        let cache = Cache::open(&store, cfg.cache.max_size_mib << 20)?;
+        let cache = Cache::open_with(
+            &store,
+            cfg.cache.max_size_mib << 20,
+            crate::cache::CacheOptions {
+                dir: cfg.cache.dir.clone(),
+                ..Default::default()
+            },
+        )?;
         let journal = Journal::open(&store)?;
         let devices = Devices::new(&cfg.devices);
         let clean = journal.begin_run().await?;
