@@ -231,6 +231,69 @@ async fn otagw(args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// A technician's bench for `otagw flash` and `otagw identify`: the xmodem
+/// plugin, a compile cache, an image (2.0.0) and one simulated device.
+struct Bench {
+    sim: PtySim,
+    _plugins: PluginsDir,
+    _cache: tempfile::TempDir,
+    /// `--plugins-dir`, `--cache-dir`, `--link` and (for flash) `--image`.
+    plugins_dir: String,
+    cache_dir: String,
+    image: String,
+}
+
+impl Bench {
+    fn new(device: XmodemSimConfig, image_bytes: usize) -> Bench {
+        let sim = PtySim::spawn(device).unwrap();
+        let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+        let cache = tempfile::tempdir().unwrap();
+        let image = cache.path().join("fw.bin");
+        std::fs::write(&image, versioned_image(image_bytes, "2.0.0")).unwrap();
+        Bench {
+            plugins_dir: plugins.path().display().to_string(),
+            cache_dir: cache.path().display().to_string(),
+            image: image.display().to_string(),
+            sim,
+            _plugins: plugins,
+            _cache: cache,
+        }
+    }
+
+    /// `otagw COMMAND --family xmodem ...` for this bench's device, then `extra`.
+    fn args(&self, command: &str, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            command,
+            "--family",
+            "xmodem",
+            "--plugins-dir",
+            &self.plugins_dir,
+            "--cache-dir",
+            &self.cache_dir,
+            "--link",
+            &self.sim.url(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if command == "flash" {
+            args.extend(["--image".to_string(), self.image.clone()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// Run `otagw COMMAND` on this bench's device: (exit status, stdout, stderr).
+    async fn run(&self, command: &str, extra: &[&str]) -> (Option<i32>, String, String) {
+        let args = self.args(command, extra);
+        otagw(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
+    }
+
+    async fn shutdown(self) {
+        self.sim.shutdown().await;
+    }
+}
+
 /// Item 9: exit statuses say what kind of failure it was (and `--help`
 /// says which is which); messages say what to do, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,37 +431,26 @@ async fn plugins_lists_with_a_header_and_reports_each_problem_once() {
 /// another version, as the daemon does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flash_fails_when_the_device_does_not_run_the_version_it_was_given() {
-    let sim = PtySim::spawn(xmodem_device()).unwrap();
-    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
-    let cache = tempfile::tempdir().unwrap();
-    let img = cache.path().join("fw.bin");
-    std::fs::write(&img, versioned_image(4_000, "2.0.0")).unwrap();
-    let (code, out, err) = otagw(&[
-        "flash",
-        "--family",
-        "xmodem",
-        "--plugins-dir",
-        plugins.path().to_str().unwrap(),
-        "--cache-dir",
-        cache.path().to_str().unwrap(),
-        "--image",
-        img.to_str().unwrap(),
-        "--link",
-        &sim.url(),
-        "--version",
-        "9.9.9",
-        "-o",
-        "enter_command=update\\r",
-        "-o",
-        "version_command=version\\r",
-    ])
-    .await;
+    let bench = Bench::new(xmodem_device(), 4_000);
+    let (code, out, err) = bench
+        .run(
+            "flash",
+            &[
+                "--version",
+                "9.9.9",
+                "-o",
+                "enter_command=update\\r",
+                "-o",
+                "version_command=version\\r",
+            ],
+        )
+        .await;
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(
         err.contains("the device reports version 2.0.0 after the flash, not 9.9.9"),
         "{err}"
     );
-    sim.shutdown().await;
+    bench.shutdown().await;
 }
 
 /// Item 2: SIGTERM with a flash under way. With a long enough `--grace` the
@@ -490,29 +542,12 @@ async fn the_grace_lets_a_flash_finish_and_names_what_it_cuts_short() {
 /// added; through `wrap` (a program that runs a shell command line) when
 /// given. (exit status, stdout, stderr)
 async fn flash_by_hand(extra: &[&str], wrap: Option<&str>) -> (Option<i32>, String, String) {
-    let sim = PtySim::spawn(xmodem_device()).unwrap();
-    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
-    let cache = tempfile::tempdir().unwrap();
-    let img = cache.path().join("fw.bin");
-    std::fs::write(&img, versioned_image(60_000, "2.0.0")).unwrap();
-    let mut args = vec![
-        "flash".to_string(),
-        "--family".into(),
-        "xmodem".into(),
-        "--plugins-dir".into(),
-        plugins.path().display().to_string(),
-        "--cache-dir".into(),
-        cache.path().display().to_string(),
-        "--image".into(),
-        img.display().to_string(),
-        "--link".into(),
-        sim.url(),
-        "-o".into(),
-        "enter_command=update\\r".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
+    let bench = Bench::new(xmodem_device(), 60_000);
+    let mut with_enter = vec!["-o", "enter_command=update\\r"];
+    with_enter.extend_from_slice(extra);
+    let args = bench.args("flash", &with_enter);
     let out = match wrap {
-        None => otagw(&args.iter().map(String::as_str).collect::<Vec<_>>()).await,
+        None => bench.run("flash", &with_enter).await,
         Some(shell) => {
             let line = std::iter::once(GATEWAY_BIN.to_string())
                 .chain(args.iter().map(|a| format!("'{a}'")))
@@ -531,7 +566,7 @@ async fn flash_by_hand(extra: &[&str], wrap: Option<&str>) -> (Option<i32>, Stri
             )
         }
     };
-    sim.shutdown().await;
+    bench.shutdown().await;
     out
 }
 
@@ -658,34 +693,19 @@ async fn a_configured_device_is_flashed_by_name_and_ports_are_listed() {
 /// tries, not after waiting for a quiet line that never comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_refuses_the_image_fails_as_a_refusal() {
-    let sim = PtySim::spawn(XmodemSimConfig {
-        refuse_image: true,
-        poll_interval: Duration::from_secs(1),
-        ..Default::default()
-    })
-    .unwrap();
-    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
-    let cache = tempfile::tempdir().unwrap();
-    let img = cache.path().join("fw.bin");
-    std::fs::write(&img, versioned_image(4_000, "2.0.0")).unwrap();
-    let (code, out, err) = otagw(&[
-        "flash",
-        "--family",
-        "xmodem",
-        "--plugins-dir",
-        plugins.path().to_str().unwrap(),
-        "--cache-dir",
-        cache.path().to_str().unwrap(),
-        "--image",
-        img.to_str().unwrap(),
-        "--link",
-        &sim.url(),
-    ])
-    .await;
+    let bench = Bench::new(
+        XmodemSimConfig {
+            refuse_image: true,
+            poll_interval: Duration::from_secs(1),
+            ..Default::default()
+        },
+        4_000,
+    );
+    let (code, out, err) = bench.run("flash", &[]).await;
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(err.contains("the device refused the image"), "{err}");
-    assert_eq!(sim.handle().aborts(), 2, "refused twice");
-    sim.shutdown().await;
+    assert_eq!(bench.sim.handle().aborts(), 2, "refused twice");
+    bench.shutdown().await;
 }
 
 /// Item 3: Ctrl-C (SIGINT) and SIGTERM during `otagw flash` stop the job
@@ -695,31 +715,16 @@ async fn a_device_that_refuses_the_image_fails_as_a_refusal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_during_flash_cancels_the_transfer_and_exits_128_plus_the_signal() {
     for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
-        let sim = PtySim::spawn(XmodemSimConfig {
-            hold_after: Some(3),
-            ..Default::default()
-        })
-        .unwrap();
-        let plugins = PluginsDir::with(&[artifacts::XMODEM]);
-        let cache = tempfile::tempdir().unwrap();
-        let img = cache.path().join("fw.bin");
-        std::fs::write(&img, versioned_image(20_000, "2.0.0")).unwrap();
+        let bench = Bench::new(
+            XmodemSimConfig {
+                hold_after: Some(3),
+                ..Default::default()
+            },
+            20_000,
+        );
+        let sim = &bench.sim;
         let child = tokio::process::Command::new(GATEWAY_BIN)
-            .args([
-                "flash",
-                "--family",
-                "xmodem",
-                "--plugins-dir",
-                plugins.path().to_str().unwrap(),
-                "--cache-dir",
-                cache.path().to_str().unwrap(),
-                "--image",
-                img.to_str().unwrap(),
-                "--link",
-                &sim.url(),
-                "-o",
-                "block_timeout_ms=600000",
-            ])
+            .args(bench.args("flash", &["-o", "block_timeout_ms=600000"]))
             .env_remove("RUST_LOG")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -753,7 +758,7 @@ async fn a_signal_during_flash_cancels_the_transfer_and_exits_128_plus_the_signa
             abort.contains("cancelled by the sender"),
             "{signal}: {abort}"
         );
-        sim.shutdown().await;
+        bench.shutdown().await;
     }
 }
 
@@ -873,36 +878,27 @@ async fn the_api_keeps_history_names_leaves_alike_and_shows_the_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_read_back_after_a_good_flash_is_said_as_such() {
     // The firmware does not answer the version command.
-    let sim = PtySim::spawn(XmodemSimConfig {
-        enter_command: Some(b"update\r".to_vec()),
-        version_command: None,
-        ..Default::default()
-    })
-    .unwrap();
-    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
-    let cache = tempfile::tempdir().unwrap();
-    let img = cache.path().join("fw.bin");
-    std::fs::write(&img, versioned_image(4_000, "2.0.0")).unwrap();
-    let (code, out, err) = otagw(&[
-        "flash",
-        "--family",
-        "xmodem",
-        "--plugins-dir",
-        plugins.path().to_str().unwrap(),
-        "--cache-dir",
-        cache.path().to_str().unwrap(),
-        "--image",
-        img.to_str().unwrap(),
-        "--link",
-        &sim.url(),
-        "-o",
-        "enter_command=update\\r",
-        "-o",
-        "version_command=version\\r",
-        "-o",
-        "version_timeout_ms=300",
-    ])
-    .await;
+    let bench = Bench::new(
+        XmodemSimConfig {
+            enter_command: Some(b"update\r".to_vec()),
+            version_command: None,
+            ..Default::default()
+        },
+        4_000,
+    );
+    let (code, out, err) = bench
+        .run(
+            "flash",
+            &[
+                "-o",
+                "enter_command=update\\r",
+                "-o",
+                "version_command=version\\r",
+                "-o",
+                "version_timeout_ms=300",
+            ],
+        )
+        .await;
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(
         err.contains("flashed the image and reported success")
@@ -910,8 +906,8 @@ async fn a_failed_read_back_after_a_good_flash_is_said_as_such() {
             && !err.contains("flashing serial"),
         "{err}"
     );
-    assert_eq!(sim.handle().images_received(), 1);
-    sim.shutdown().await;
+    assert_eq!(bench.sim.handle().images_received(), 1);
+    bench.shutdown().await;
 }
 
 /// Item 6: SIGHUP reloads. A leaf added to the file is taken on (its
@@ -1021,37 +1017,32 @@ async fn sighup_reloads_devices_and_plugins_and_refuses_a_bad_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identify_refuses_a_version_that_is_not_one() {
     // Still in its bootloader: it polls with NAK (0x15), whatever is sent.
-    let sim = PtySim::spawn(XmodemSimConfig {
-        mode: Mode::Checksum,
-        poll_interval: Duration::from_millis(100),
-        ..Default::default()
-    })
-    .unwrap();
-    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
-    let cache = tempfile::tempdir().unwrap();
-    let (code, out, err) = otagw(&[
-        "identify",
-        "--family",
-        "xmodem",
-        "--plugins-dir",
-        plugins.path().to_str().unwrap(),
-        "--cache-dir",
-        cache.path().to_str().unwrap(),
-        "--link",
-        &sim.url(),
-        "-o",
-        "version_command=version\\r",
-        "-o",
-        "version_timeout_ms=600",
-    ])
-    .await;
+    let bench = Bench::new(
+        XmodemSimConfig {
+            mode: Mode::Checksum,
+            poll_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
+        4_000,
+    );
+    let (code, out, err) = bench
+        .run(
+            "identify",
+            &[
+                "-o",
+                "version_command=version\\r",
+                "-o",
+                "version_timeout_ms=600",
+            ],
+        )
+        .await;
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(
         !out.contains("version"),
         "nothing printed as a version: {out}"
     );
     assert!(err.contains("\\u{15}"), "what it read, escaped: {err}");
-    sim.shutdown().await;
+    bench.shutdown().await;
 }
 
 /// Item 9: a second gateway on the same data_dir says so in words (no

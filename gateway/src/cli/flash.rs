@@ -154,7 +154,7 @@ pub async fn run(mut a: FlashArgs) -> anyhow::Result<ExitCode> {
     let signal = tokio::spawn({
         let stop = stop.clone();
         async move {
-            let code = wait_for_stop().await;
+            let code = super::stop_signal().await;
             eprintln!("stopping: the plugin ends the transfer (Ctrl-C again is not needed)");
             stop.cancel();
             code
@@ -247,19 +247,6 @@ pub async fn run(mut a: FlashArgs) -> anyhow::Result<ExitCode> {
 
 /// How long the plugin gets to end a transfer after Ctrl-C or SIGTERM.
 const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Wait for Ctrl-C (exit 130) or SIGTERM (exit 143).
-async fn wait_for_stop() -> u8 {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return 130;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => 130,
-        _ = term.recv() => 143,
-    }
-}
 
 /// The exit status of a stopped flash: 128 + the signal.
 async fn stopped_code(signal: tokio::task::JoinHandle<u8>) -> u8 {

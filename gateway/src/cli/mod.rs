@@ -482,3 +482,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Doctor(a) => doctor::run(a).await,
     }
 }
+
+/// Wait for Ctrl-C or SIGTERM; the exit status a stopped command gives:
+/// 130 or 143 (128 + the signal).
+pub(crate) async fn stop_signal() -> u8 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return 130;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => 130,
+        _ = term.recv() => 143,
+    }
+}

@@ -64,7 +64,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            super::stop_signal().await;
             tracing::info!("signal received");
             shutdown.cancel();
         });
@@ -74,21 +74,6 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         Err(e) => {
             eprintln!("error: {e}");
             Ok(ExitCode::FAILURE)
-        }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -349,39 +349,20 @@ impl Core {
     /// keep their running values.
     pub(crate) async fn reload(self: &Arc<Self>, new: Config) {
         let old = lock(&self.config).clone();
+        let differs =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
         let restart: Vec<&str> = [
-            (
-                "[gateway]",
-                format!("{:?}", old.gateway) != format!("{:?}", new.gateway),
-            ),
-            (
-                "[upstream]",
-                format!("{:?}", old.upstream) != format!("{:?}", new.upstream),
-            ),
+            ("[gateway]", differs(&old.gateway, &new.gateway)),
+            ("[upstream]", differs(&old.upstream, &new.upstream)),
             (
                 "[local_broker]",
-                format!("{:?}", old.local_broker) != format!("{:?}", new.local_broker),
+                differs(&old.local_broker, &new.local_broker),
             ),
-            (
-                "[api]",
-                format!("{:?}", old.api) != format!("{:?}", new.api),
-            ),
-            (
-                "[jobs]",
-                format!("{:?}", old.jobs) != format!("{:?}", new.jobs),
-            ),
-            (
-                "[cache]",
-                format!("{:?}", old.cache) != format!("{:?}", new.cache),
-            ),
-            (
-                "[plugins]",
-                format!("{:?}", old.plugins) != format!("{:?}", new.plugins),
-            ),
-            (
-                "[ble]",
-                format!("{:?}", old.ble) != format!("{:?}", new.ble),
-            ),
+            ("[api]", differs(&old.api, &new.api)),
+            ("[jobs]", differs(&old.jobs, &new.jobs)),
+            ("[cache]", differs(&old.cache, &new.cache)),
+            ("[plugins]", differs(&old.plugins, &new.plugins)),
+            ("[ble]", differs(&old.ble, &new.ble)),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))
@@ -439,16 +420,7 @@ impl Core {
                 tracing::error!("reload: cannot subscribe for the added leaves: {e}");
             }
             for l in fresh {
-                match self.table.known_version(l) {
-                    Some(v) => self.inform(l, v).await,
-                    None => {
-                        let key = (l.id.clone(), l.module.clone());
-                        if lock(&self.identifying).insert(key) {
-                            self.tasks
-                                .spawn(runner::identify_unknown(self.clone(), l.clone()));
-                        }
-                    }
-                }
+                self.announce(l).await;
             }
             tracing::info!(
                 devices = devices.all().len(),
@@ -479,23 +451,29 @@ impl Core {
         }
     }
 
+    /// Tell the platform the version `leaf` runs: the one the journal knows,
+    /// else the one read from the leaf (never a guess).
+    async fn announce(self: &Arc<Self>, leaf: &Leaf) {
+        let key = (leaf.id.clone(), leaf.module.clone());
+        match self.table.known_version(leaf) {
+            Some(v) => self.inform(leaf, v).await,
+            // A job under way reports the version it reads back.
+            None if self.table.busy(&key) => {}
+            // Never inform a guess: ask the leaf first (a new or rebuilt
+            // store does not know what it runs).
+            None => {
+                if lock(&self.identifying).insert(key) {
+                    self.tasks
+                        .spawn(runner::identify_unknown(self.clone(), leaf.clone()));
+                }
+            }
+        }
+    }
+
     async fn on_connected(self: &Arc<Self>) {
         let devices = self.devices();
         for leaf in devices.all() {
-            let key = (leaf.id.clone(), leaf.module.clone());
-            match self.table.known_version(leaf) {
-                Some(v) => self.inform(leaf, v).await,
-                // A job under way reports the version it reads back.
-                None if self.table.busy(&key) => {}
-                // Never inform a guess: ask the leaf first (a new or rebuilt
-                // store does not know what it runs).
-                None => {
-                    if lock(&self.identifying).insert(key.clone()) {
-                        self.tasks
-                            .spawn(runner::identify_unknown(self.clone(), leaf.clone()));
-                    }
-                }
-            }
+            self.announce(leaf).await;
         }
         self.inform_plugins().await;
         // Ask for a pending update of every plugin (the gateway may have

@@ -25,15 +25,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sha2::{Digest as _, Sha256};
-
 use super::Core;
 use crate::cache::{Digest, FetchRequest};
 use crate::ota::protocol::{Download, Notice, Progress, Step};
 use crate::ota::topics;
-use crate::plugin::ImageSource;
 use crate::plugin::ledger::{Blocked, Ledger, Phase, Probation, ProbationPolicy, Update, Verdict};
 use crate::plugin::update::{self, Expect};
+use crate::plugin::{ImageSource, file_sha256};
 use crate::upstream::Delivery;
 
 /// The module prefix of plugins on the gateway's own topics.
@@ -434,12 +432,6 @@ async fn download(core: &Core, notice: &Notice) -> Result<Vec<u8>, (Step, String
             format!("reading the cached plugin: {e}"),
         )
     })
-}
-
-fn file_sha256(path: &Path) -> Option<String> {
-    std::fs::read(path)
-        .ok()
-        .map(|b| hex::encode(Sha256::digest(&b)))
 }
 
 /// A job of `family` ended; `sha256` is the plugin it ran on, `fault` the

@@ -23,6 +23,16 @@ pub enum LoadedFrom {
     Cache,
 }
 
+/// A plugin's digest as [`LoadedPlugin::sha256`] holds it.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The digest of the plugin file at `path`; `None` when it cannot be read.
+pub(crate) fn file_sha256(path: &Path) -> Option<String> {
+    std::fs::read(path).ok().map(|b| sha256_hex(&b))
+}
+
 /// What loading a plugins directory did.
 #[derive(Debug, Default)]
 pub struct LoadReport {
@@ -103,7 +113,7 @@ impl PluginHost {
     /// service.
     pub async fn prepare(&self, path: &Path, bytes: &[u8]) -> Result<LoadedPlugin, PluginError> {
         let started = Instant::now();
-        let sha256 = hex::encode(Sha256::digest(bytes));
+        let sha256 = sha256_hex(bytes);
         let (component, loaded_from) = self.component(path, bytes, &sha256).await?;
         let contract = self.check_contract(path, &component)?;
 

@@ -39,6 +39,7 @@ pub use bindings::Contract;
 use bindings::{Family, FamilyPre};
 pub use host::{FileImage, ImageHandle, ImageSource, PluginState};
 use host::{Stop, human_bytes};
+pub(crate) use loader::file_sha256;
 pub use loader::{LoadReport, LoadedFrom};
 pub use otagw_plugin_sdk::schema;
 

@@ -177,9 +177,7 @@ impl PluginHost {
             // What is in service already (put there by a remote update or a
             // rollback, which swap it in themselves): nothing to do.
             if let Some(p) = &current
-                && std::fs::read(path).is_ok_and(|b| {
-                    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&b)) == p.sha256
-                })
+                && super::file_sha256(path).as_deref() == Some(p.sha256.as_str())
             {
                 continue;
             }
