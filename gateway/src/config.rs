@@ -239,6 +239,11 @@ impl Default for CacheConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginLimitsConfig {
+    /// What runs plugin code: "auto" (native code where Cranelift has a
+    /// backend, the Pulley interpreter elsewhere, e.g. armv7), "native" or
+    /// "pulley".
+    #[serde(default = "default_engine")]
+    pub engine: String,
     #[serde(default = "default_plugin_memory")]
     pub memory_mib: usize,
     #[serde(default = "default_plugin_cpu", with = "humantime_serde")]
@@ -305,6 +310,10 @@ fn default_rescan() -> Duration {
     Duration::from_secs(10)
 }
 
+fn default_engine() -> String {
+    "auto".into()
+}
+
 fn default_plugin_memory() -> usize {
     64
 }
@@ -318,6 +327,7 @@ fn default_job_deadline() -> Duration {
 impl Default for PluginLimitsConfig {
     fn default() -> Self {
         Self {
+            engine: default_engine(),
             memory_mib: default_plugin_memory(),
             cpu: default_plugin_cpu(),
             job_deadline: default_job_deadline(),
@@ -347,6 +357,9 @@ impl PluginLimitsConfig {
 
     pub fn limits(&self, max_parallel: usize) -> crate::plugin::Limits {
         crate::plugin::Limits {
+            // Validated.
+            engine: crate::plugin::EngineKind::from_config(&self.engine)
+                .unwrap_or_else(|_| crate::plugin::EngineKind::for_this_target()),
             // Validated: within PLUGIN_MEMORY_MIB, so this fits any usize.
             memory: self.memory_mib.saturating_mul(1 << 20),
             cpu: self.cpu,
@@ -604,6 +617,8 @@ impl Config {
             self.plugins.memory_mib,
             PLUGIN_MEMORY_MIB,
         )?;
+        crate::plugin::EngineKind::from_config(&self.plugins.engine)
+            .map_err(|e| format!("[plugins] {e}"))?;
         if self.plugins.cpu.is_zero() || self.plugins.job_deadline.is_zero() {
             return Err("[plugins] cpu and job_deadline must be longer than 0s".into());
         }
@@ -917,6 +932,23 @@ plugins_dir = "/tmp/p"
     }
 
     #[test]
+    fn the_plugin_engine_is_chosen_per_target_unless_configured() {
+        use crate::plugin::EngineKind;
+        let auto = parse(MINIMAL).unwrap();
+        assert_eq!(auto.plugins.limits(1).engine, EngineKind::for_this_target());
+        let pulley = parse(&format!("{MINIMAL}\n[plugins]\nengine = \"pulley\"\n")).unwrap();
+        assert_eq!(pulley.plugins.limits(1).engine, EngineKind::Pulley);
+        let native = parse(&format!("{MINIMAL}\n[plugins]\nengine = \"native\"\n"));
+        if cfg!(target_pointer_width = "32") {
+            let err = native.unwrap_err().to_string();
+            assert!(err.contains("use engine = \"pulley\""), "{err}");
+            assert_eq!(EngineKind::for_this_target(), EngineKind::Pulley);
+        } else {
+            assert_eq!(native.unwrap().plugins.limits(1).engine, EngineKind::Native);
+        }
+    }
+
+    #[test]
     fn numbers_out_of_range_are_refused_by_name() {
         for (section, key, value, expect) in [
             (
@@ -932,6 +964,12 @@ plugins_dir = "/tmp/p"
             ("plugins", "memory_mib", "0", "memory_mib = 0"),
             ("plugins", "memory_mib", "4096", "within 1..=2048"),
             ("plugins", "cpu", "\"0s\"", "longer than 0s"),
+            (
+                "plugins",
+                "engine",
+                "\"jit\"",
+                "use \"auto\", \"native\" or \"pulley\"",
+            ),
         ] {
             let text = format!("{MINIMAL}\n[{section}]\n{key} = {value}\n");
             let err = parse(&text).unwrap_err().to_string();

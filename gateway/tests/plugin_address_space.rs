@@ -9,6 +9,9 @@
 //! child process: this test binary again, running the `child` test. Its own
 //! test binary, so no other test's engines are counted in `VmSize`.
 
+// The 64-bit pool checks below are compiled out on 32-bit targets.
+#![cfg_attr(target_pointer_width = "32", allow(dead_code, unused_imports))]
+
 use std::process::Command;
 
 use otagw::plugin::{Limits, PluginHost};
@@ -36,6 +39,7 @@ fn vm_size() -> u64 {
     kib * 1024
 }
 
+#[cfg(target_pointer_width = "64")]
 #[test]
 fn a_pool_for_256_jobs_fits_a_39_bit_address_space() {
     let out = Command::new("prlimit")
@@ -59,6 +63,7 @@ fn a_pool_for_256_jobs_fits_a_39_bit_address_space() {
 
 /// Run by the test above under `prlimit --as=512GiB`; passes trivially when
 /// run directly.
+#[cfg(target_pointer_width = "64")]
 #[tokio::test]
 async fn child() {
     if std::env::var_os(CHILD).is_none() {
@@ -95,4 +100,25 @@ async fn child() {
 fn a_roomy_address_space_keeps_the_fast_default() {
     let host = PluginHost::new(limits_for_256_jobs(), None).expect("the engine is created");
     assert!(!host.compact_address_space());
+}
+
+/// A 32-bit gateway (armv7: 3 GiB of address space) holds no pool at all:
+/// a pool for 256 jobs would reserve 512 x 2 slots of the 64 MiB memory
+/// limit. There the host maps each instance's memory when it starts, and a
+/// gateway configured for 256 jobs starts and runs plugins (under qemu-arm,
+/// whose guest has exactly 4 GiB: packaging/qemu-test.sh armhf).
+#[cfg(target_pointer_width = "32")]
+#[tokio::test]
+async fn a_host_for_256_jobs_fits_a_32_bit_address_space() {
+    let host = PluginHost::new(limits_for_256_jobs(), None).expect("the engine is created");
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(otagw_test_artifacts::XMODEM, dir.path().join("xmodem.wasm"))
+        .expect("copy the xmodem plugin");
+    let report = host.load_dir(dir.path()).await.expect("load the plugins");
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    // Sessions at once, each with its own memory.
+    let mut sessions = Vec::new();
+    for _ in 0..16 {
+        sessions.push(host.session("xmodem", None).await.expect("a session"));
+    }
 }

@@ -110,6 +110,11 @@ async fn doctor_says_what_is_wrong_with_a_deployment() {
         out.contains("ok    device a1LeafPK/press:") && out.contains("no problems found"),
         "{out}"
     );
+    let engine = EngineKind::for_this_target().to_string();
+    assert!(
+        out.contains(&format!("ok    plugins run on {engine}")),
+        "{out}"
+    );
 
     let bad = gateway_config(
         data.path(),
@@ -185,6 +190,52 @@ async fn the_service_unit_verifies_and_is_hardened() {
         "exposure above 2.5: {}",
         said.lines().last().unwrap_or_default()
     );
+}
+
+/// Item 4: the package's `/etc/otagw/otagw.toml` is the default
+/// configuration with the installed paths (data and plugins under
+/// /var/lib/otagw, the one tree the unit may write) and no device yet, and it
+/// documents every option the default documents (a new option is not
+/// forgotten there).
+#[test]
+fn the_packaged_config_is_the_default_with_the_installed_paths() {
+    let file = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/otagw.toml"
+    ));
+    let text = std::fs::read_to_string(file).unwrap();
+    let cfg = otagw::config::Config::parse(&text, std::path::Path::new("/etc/otagw/otagw.toml"))
+        .expect("the packaged config parses");
+    assert_eq!(cfg.gateway.data_dir, std::path::Path::new("/var/lib/otagw"));
+    assert_eq!(
+        cfg.gateway.plugins_dir,
+        std::path::Path::new("/var/lib/otagw/plugins")
+    );
+    assert!(
+        cfg.devices.is_empty(),
+        "no device until the operator adds one"
+    );
+    let unit = std::fs::read_to_string(file.with_file_name("otagw.service")).unwrap();
+    assert!(unit.contains("--config /etc/otagw/otagw.toml"));
+
+    // Every `key =` and `[section]` of the default, set or commented out.
+    let options = |t: &str| -> std::collections::BTreeSet<String> {
+        t.lines()
+            .map(|l| l.trim_start_matches(['#', ' ']))
+            .filter_map(|l| {
+                let key = l.split(['=', ' ']).next()?;
+                let is_key = l.contains(" = ")
+                    && !key.is_empty()
+                    && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+                (is_key || l.starts_with('[')).then(|| key.to_string())
+            })
+            .collect()
+    };
+    let missing: Vec<_> = options(otagw::config::DEFAULT)
+        .difference(&options(&text))
+        .cloned()
+        .collect();
+    assert!(missing.is_empty(), "packaging/otagw.toml lacks {missing:?}");
 }
 
 /// Item 5: `[cache] dir` puts the image files elsewhere than data_dir (a

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use otagw::plugin::{Limits, PluginHost};
+pub use otagw::plugin::{EngineKind, Limits, PluginHost};
 pub use otagw_leaf_sim::smp::{SmpFaults, SmpSimConfig};
 pub use otagw_leaf_sim::stm32::{EraseCommand, Stm32Faults, Stm32SimConfig};
 pub use otagw_leaf_sim::transport::{PtySim, TcpSim};
@@ -50,12 +50,22 @@ pub fn test_limits() -> Limits {
         cpu: Duration::from_secs(1),
         job: Duration::from_secs(120),
         max_instances: 32,
+        ..Limits::default()
     }
 }
 
 /// A host with `dir` loaded; panics if any plugin in it is broken.
 pub async fn host_with(dir: &PluginsDir, cache: Option<PathBuf>) -> PluginHost {
-    let host = PluginHost::new(test_limits(), cache).expect("plugin host");
+    host_on(EngineKind::for_this_target(), dir, cache).await
+}
+
+/// [`host_with`] on a given engine (native code or the Pulley interpreter).
+pub async fn host_on(engine: EngineKind, dir: &PluginsDir, cache: Option<PathBuf>) -> PluginHost {
+    let limits = Limits {
+        engine,
+        ..test_limits()
+    };
+    let host = PluginHost::new(limits, cache).expect("plugin host");
     let report = host
         .load_dir(dir.path())
         .await

@@ -19,8 +19,16 @@ fn hostile_meta(mode: &str) -> JobMeta {
 /// 256 KiB XMODEM job to a simulated leaf. Returns the hostile job's error
 /// after checking the good job delivered its image intact.
 async fn hostile_beside_a_good_job(mode: &str, deadline: Option<Duration>) -> PluginError {
+    hostile_beside_a_good_job_on(EngineKind::for_this_target(), mode, deadline).await
+}
+
+async fn hostile_beside_a_good_job_on(
+    engine: EngineKind,
+    mode: &str,
+    deadline: Option<Duration>,
+) -> PluginError {
     let dir = PluginsDir::with(&[artifacts::XMODEM, artifacts::HOSTILE]);
-    let host = host_with(&dir, None).await;
+    let host = host_on(engine, &dir, None).await;
     let sim = PtySim::spawn(XmodemSimConfig::default()).expect("pty simulator");
     let img = image(256 * 1024, 11);
 
@@ -114,6 +122,66 @@ async fn endless_sleeper_hits_the_job_deadline() {
         matches!(err, PluginError::Deadline { call: "verify", limit, .. } if limit == Duration::from_secs(2)),
         "{err:?}"
     );
+}
+
+/// armv7 gateways run every plugin on Pulley, wasmtime's interpreter: the
+/// sandbox holds there as it does in native code (checked here on any
+/// machine; under qemu-user on armv7 by packaging/qemu-test.sh).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pulley_interpreter_keeps_the_same_sandbox() {
+    let err = hostile_beside_a_good_job_on(EngineKind::Pulley, "loop", None).await;
+    assert!(
+        matches!(err, PluginError::Cpu { call: "verify", .. }),
+        "{err:?}"
+    );
+    let err = hostile_beside_a_good_job_on(EngineKind::Pulley, "membomb", None).await;
+    assert!(
+        matches!(&err, PluginError::Memory { wanted, .. } if *wanted > 32 << 20),
+        "{err:?}"
+    );
+    let err = hostile_beside_a_good_job_on(EngineKind::Pulley, "trap", None).await;
+    assert!(err.to_string().contains("panics on purpose"), "{err:?}");
+}
+
+/// Engines never share compiled code: a cache directory used by a native
+/// engine and by Pulley (`[plugins] engine` changed, or a data_dir carried
+/// to another machine) gives each its own entry, named after the engine.
+#[tokio::test]
+async fn a_compile_cache_is_never_loaded_by_another_engine() {
+    let dir = PluginsDir::with(&[artifacts::XMODEM]);
+    let cache = tempfile::tempdir().unwrap();
+    let engines: &[EngineKind] = if EngineKind::native_available() {
+        &[EngineKind::Native, EngineKind::Pulley]
+    } else {
+        &[EngineKind::Pulley]
+    };
+    let loaded_from = |host: &PluginHost| {
+        let p = host.get("xmodem").expect("xmodem loaded");
+        p.loaded_from
+    };
+    for (round, expect) in [("cold", LoadedFrom::Compiled), ("warm", LoadedFrom::Cache)] {
+        for &engine in engines {
+            let host = host_on(engine, &dir, Some(cache.path().to_path_buf())).await;
+            assert_eq!(loaded_from(&host), expect, "{round} start on {engine}");
+            // The code it loaded runs on this engine.
+            let s = host.session("xmodem", None).await.expect("a session");
+            drop(s);
+        }
+    }
+    let mut names: Vec<String> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), engines.len(), "{names:?}");
+    for engine in engines {
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains(&format!("-{}-", engine.label()))),
+            "no cache entry for {engine}: {names:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -54,6 +54,20 @@ async fn one_mebibyte_over_a_pty_arrives_intact() {
     sim.shutdown().await;
 }
 
+/// The same flash with the plugin interpreted (armv7's engine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_mebibyte_over_a_pty_arrives_intact_on_pulley() {
+    let dir = PluginsDir::with(&[artifacts::XMODEM]);
+    let host = host_on(EngineKind::Pulley, &dir, None).await;
+    let sim = PtySim::spawn(XmodemSimConfig::default()).unwrap();
+    let img = image(1 << 20, 2);
+    let out = flash(&host, &sim.url(), &img, &[]).await.expect("flash");
+    let got = sim.handle().next_image().await;
+    assert_padded(&got.data, &img, 0x1a);
+    assert_eq!(out.report.bytes_sent, 1 << 20);
+    sim.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_mebibyte_over_tcp_arrives_intact() {
     let (_dir, host) = xmodem_host().await;

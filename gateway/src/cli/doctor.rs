@@ -78,6 +78,10 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<ExitCode> {
         Ok(problems) => problems.iter().for_each(|p| r.fail(p)),
         Err(e) => r.fail(&format!("plugins: {e}")),
     }
+    r.ok(&format!(
+        "plugins run on {}",
+        cfg.plugins.limits(cfg.jobs.max_parallel).engine
+    ));
 
     for d in &cfg.devices {
         let who = format!("device {}/{}", d.product_key, d.device_name);

@@ -139,16 +139,22 @@ pub struct PluginArgs {
     /// Seconds a whole job may take.
     #[arg(long, default_value_t = 3600)]
     pub job_deadline_secs: u64,
+    /// What runs plugin code: native code where this machine has a compiler
+    /// backend, the Pulley interpreter elsewhere (armv7); or force one.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "native", "pulley"])]
+    pub plugin_engine: String,
 }
 
 impl PluginArgs {
-    pub fn limits(&self) -> Limits {
-        Limits {
+    pub fn limits(&self) -> anyhow::Result<Limits> {
+        Ok(Limits {
+            engine: crate::plugin::EngineKind::from_config(&self.plugin_engine)
+                .map_err(|e| anyhow::anyhow!("--plugin-engine: {e}"))?,
             memory: self.plugin_memory_mib << 20,
             cpu: std::time::Duration::from_secs(self.plugin_cpu_secs),
             job: std::time::Duration::from_secs(self.job_deadline_secs),
             ..Limits::default()
-        }
+        })
     }
 
     /// Build the host and load the plugins directory, reporting broken plugins.
@@ -160,7 +166,7 @@ impl PluginArgs {
                 None
             }
         };
-        let host = PluginHost::new(self.limits(), cache)?;
+        let host = PluginHost::new(self.limits()?, cache)?;
         let report = host.load_dir(&self.plugins_dir).await?;
         for e in &report.failed {
             eprintln!("warning: {e}");

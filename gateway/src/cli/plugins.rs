@@ -27,7 +27,7 @@ pub struct PluginsArgs {
 
 pub async fn run(a: PluginsArgs) -> anyhow::Result<ExitCode> {
     let host =
-        crate::plugin::PluginHost::new(a.plugins.limits(), Some(a.plugins.cache_dir.clone()))?;
+        crate::plugin::PluginHost::new(a.plugins.limits()?, Some(a.plugins.cache_dir.clone()))?;
     let report = host.load_dir(&a.plugins.plugins_dir).await?;
     let loaded: Vec<&LoadedPlugin> = report
         .loaded

@@ -55,6 +55,7 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
         cpu: Duration::from_secs(1),
         job: Duration::from_secs(30),
         max_instances: 8,
+        ..Default::default()
     };
     let sent = Arc::new(Recorder::default());
     let core = Arc::new(Core {

@@ -122,4 +122,30 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         assert!(!dir.path().join(".acme.wasm.part").exists());
     }
+
+    /// The Debian package links its families into the plugins directory
+    /// (`NAME.wasm -> /usr/lib/otagw/plugins/NAME.wasm`, read-only there). An
+    /// update replaces the link, never writes through it; the link is the
+    /// previous version, and rolling back restores it.
+    #[test]
+    fn an_update_replaces_a_packaged_link_and_rolls_back_to_it() {
+        let packaged = tempfile::tempdir().unwrap();
+        let shipped = packaged.path().join("acme.wasm");
+        std::fs::write(&shipped, b"packaged").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acme.wasm");
+        std::os::unix::fs::symlink(&shipped, &path).unwrap();
+
+        install(&path, b"update").unwrap();
+        assert_eq!(std::fs::read(&shipped).unwrap(), b"packaged");
+        assert!(!path.is_symlink());
+        assert_eq!(std::fs::read(&path).unwrap(), b"update");
+        let prev = previous_of(&path);
+        assert!(prev.is_symlink(), "the previous version is the link");
+        assert_eq!(std::fs::read(&prev).unwrap(), b"packaged");
+
+        assert!(roll_back(&path).unwrap());
+        assert_eq!(std::fs::read_link(&path).unwrap(), shipped);
+        assert_eq!(std::fs::read(&path).unwrap(), b"packaged");
+    }
 }

@@ -182,12 +182,18 @@ impl PluginHost {
         Ok((component, LoadedFrom::Compiled))
     }
 
-    /// Cache file name: the wasm's digest and the engine's compatibility hash,
-    /// so a different wasmtime or different settings never load stale code.
-    fn cache_name(&self, sha256: &str) -> String {
+    /// Cache file name: the wasm's digest, the engine (`native-aarch64`,
+    /// `pulley32`) and the engine's compatibility hash (wasmtime's version,
+    /// target and settings), so code for another engine, another wasmtime
+    /// or other settings is never loaded.
+    pub(crate) fn cache_name(&self, sha256: &str) -> String {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.engine().precompile_compatibility_hash().hash(&mut h);
-        format!("{sha256}-{:016x}.cwasm", h.finish())
+        format!(
+            "{sha256}-{}-{:016x}.cwasm",
+            self.limits().engine.label(),
+            h.finish()
+        )
     }
 
     /// Find, before instantiating anything, which supported contract version

@@ -43,9 +43,12 @@ pub(crate) use loader::file_sha256;
 pub use loader::{LoadReport, LoadedFrom};
 pub use otagw_plugin_sdk::schema;
 
-/// Resource bounds of every plugin job. Each has a default fit for a gateway.
+/// How plugin jobs run: the engine and the resource bounds of every job. Each
+/// has a default fit for a gateway.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// What runs plugin code: machine code or the portable interpreter.
+    pub engine: EngineKind,
     /// Linear memory one plugin instance may grow to.
     pub memory: usize,
     /// How long a plugin may compute without calling the host before it is
@@ -60,10 +63,102 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
+            engine: EngineKind::for_this_target(),
             memory: 64 << 20,
             cpu: Duration::from_secs(5),
             job: Duration::from_secs(3600),
             max_instances: 256,
+        }
+    }
+}
+
+/// What runs plugin code. Chosen per target at build time
+/// ([`EngineKind::for_this_target`]) unless `[plugins] engine` says otherwise.
+///
+/// - `Native`: Cranelift compiles each plugin to this machine's code once
+///   (then the compile cache serves it). Cranelift has backends for x86-64,
+///   aarch64, riscv64 and s390x only.
+/// - `Pulley`: Cranelift compiles to Pulley bytecode, which wasmtime's
+///   portable interpreter runs: the only choice on 32-bit ARM (armv7), and a
+///   choice anywhere. Plugins spend their time waiting for a serial line, so
+///   interpretation costs little (BENCHMARKS.md, 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Native,
+    Pulley,
+}
+
+impl EngineKind {
+    /// Native where Cranelift has a backend for this target, Pulley elsewhere.
+    pub const fn for_this_target() -> Self {
+        if Self::native_available() {
+            EngineKind::Native
+        } else {
+            EngineKind::Pulley
+        }
+    }
+
+    /// Whether Cranelift can compile to this machine's code.
+    pub const fn native_available() -> bool {
+        cfg!(any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "riscv64",
+            target_arch = "s390x"
+        ))
+    }
+
+    /// Parse `[plugins] engine`: `auto`, `native` or `pulley`.
+    pub fn from_config(name: &str) -> Result<Self, String> {
+        match name {
+            "auto" => Ok(Self::for_this_target()),
+            "pulley" => Ok(EngineKind::Pulley),
+            "native" if Self::native_available() => Ok(EngineKind::Native),
+            "native" => Err(format!(
+                "engine = \"native\" is not available on {}: Cranelift has no backend for it; \
+                 use engine = \"pulley\" (or \"auto\")",
+                std::env::consts::ARCH
+            )),
+            other => Err(format!(
+                "engine = {other:?} is not an engine: use \"auto\", \"native\" or \"pulley\""
+            )),
+        }
+    }
+
+    /// The compiler's target for this engine: `None` for this machine,
+    /// else the Pulley target of this machine's pointer width and byte order.
+    fn target(self) -> Option<&'static str> {
+        match self {
+            EngineKind::Native => None,
+            EngineKind::Pulley => Some(
+                match (
+                    cfg!(target_pointer_width = "64"),
+                    cfg!(target_endian = "big"),
+                ) {
+                    (true, false) => "pulley64",
+                    (true, true) => "pulley64be",
+                    (false, false) => "pulley32",
+                    (false, true) => "pulley32be",
+                },
+            ),
+        }
+    }
+
+    /// What operators and cache file names see: `native-x86_64`,
+    /// `pulley32`.
+    pub fn label(self) -> String {
+        match self.target() {
+            Some(t) => t.to_string(),
+            None => format!("native-{}", std::env::consts::ARCH),
+        }
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineKind::Native => write!(f, "native code ({})", std::env::consts::ARCH),
+            EngineKind::Pulley => write!(f, "the Pulley interpreter ({})", self.label()),
         }
     }
 }
@@ -338,8 +433,16 @@ pub struct PluginHost {
 /// The engine's configuration: epochs, no component-model async, a pooling
 /// allocator sized for `limits`; `reservation` overrides wasmtime's address
 /// space reservation per linear memory.
-fn engine_config(limits: &Limits, reservation: Option<u64>) -> wasmtime::Config {
+fn engine_config(
+    limits: &Limits,
+    reservation: Option<u64>,
+) -> Result<wasmtime::Config, PluginError> {
     let mut config = wasmtime::Config::new();
+    if let Some(target) = limits.engine.target() {
+        config
+            .target(target)
+            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+    }
     config.epoch_interruption(true);
     // Host calls are ~2.5x cheaper without the component-model-async machinery.
     config.concurrency_support(false);
@@ -353,11 +456,17 @@ fn engine_config(limits: &Limits, reservation: Option<u64>) -> wasmtime::Config 
         .max_tables_per_component(8)
         .max_memory_size(limits.memory)
         .total_stacks(n);
-    config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+    // A 32-bit address space (3 GiB) holds no pool of `max_instances`
+    // slots of `memory` each: there each instance maps its memory when it
+    // starts, with wasmtime's 32-bit defaults (a small reservation, memories
+    // that move as they grow); the store's limiter still bounds them.
+    if cfg!(target_pointer_width = "64") {
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+    }
     if let Some(bytes) = reservation {
         config.memory_reservation(bytes);
     }
-    config
+    Ok(config)
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -386,10 +495,10 @@ impl PluginHost {
         // pool does not fit, reserve only the memory limit per slot; plugin
         // code then checks bounds (~4 % more gateway CPU per job in the
         // fan-out benchmark, BENCHMARKS.md).
-        let (engine, compact) = match Engine::new(&engine_config(&limits, None)) {
+        let (engine, compact) = match Engine::new(&engine_config(&limits, None)?) {
             Ok(engine) => (engine, false),
             Err(first) => {
-                let engine = Engine::new(&engine_config(&limits, Some(limits.memory as u64)))
+                let engine = Engine::new(&engine_config(&limits, Some(limits.memory as u64))?)
                     .map_err(|e| PluginError::Engine(format!("{e:#} (first: {first:#})")))?;
                 tracing::warn!(
                     max_instances = limits.max_instances,
