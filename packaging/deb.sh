@@ -18,6 +18,6 @@ if ! command -v cargo-deb >/dev/null; then
     exit 69
 fi
 # cargo-deb prints the path of the package it wrote.
-deb=$(cargo deb --no-build --no-strip --profile gateway --target "$target" -p otagw \
+deb=$(cargo deb --quiet --no-build --no-strip --profile gateway --target "$target" -p otagw \
     --output target/debian/ | tail -1)
 echo "$deb"

@@ -4,7 +4,7 @@
 #
 #   packaging/install-test.sh target/debian/otagw_0.1.0-1_amd64.deb
 #
-# Debian 12 comes from debootstrap (minbase, plus adduser) into
+# Debian 12 comes from debootstrap (minbase, plus the package's dependencies) into
 # target/install-test/; no container runtime is needed, but root is. In that
 # root the script checks the files, the conffile, the otagw system user in
 # dialout, /var/lib/otagw, the shipped plugins linked into the plugins
@@ -17,7 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 deb=$(realpath "${1:?usage: $0 PACKAGE.deb}")
 root=$(realpath -m target/install-test/root)
-tarball=target/install-test/bookworm-minbase.tgz
+# What Debian's minbase lacks of the package's dependencies.
+include=adduser,ca-certificates
+tarball=target/install-test/bookworm-minbase-$include.tgz
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
 mounted=()
@@ -29,13 +31,13 @@ trap cleanup EXIT
 # A clean root every time, from a tarball kept between runs.
 mkdir -p target/install-test
 if [ ! -f "$tarball" ]; then
-    debootstrap --variant=minbase --include=adduser --make-tarball="$tarball.part" \
+    debootstrap --variant=minbase --include=$include --make-tarball="$tarball.part" \
         bookworm target/install-test/tarball-work http://deb.debian.org/debian >/dev/null
     mv "$tarball.part" "$tarball"
     rm -rf target/install-test/tarball-work
 fi
 rm -rf "$root"
-debootstrap --variant=minbase --include=adduser --unpack-tarball="$(realpath "$tarball")" \
+debootstrap --variant=minbase --include=$include --unpack-tarball="$(realpath "$tarball")" \
     bookworm "$root" http://deb.debian.org/debian >/dev/null
 mount -t proc proc "$root/proc"; mounted+=("$root/proc")
 mount --bind /dev "$root/dev"; mounted+=("$root/dev")
@@ -56,8 +58,11 @@ done
 grep -qx /etc/otagw/otagw.toml "$root/var/lib/dpkg/info/otagw.conffiles" ||
     fail "/etc/otagw/otagw.toml is not a conffile"
 in_root id otagw | grep -q '(dialout)' || fail "the otagw user is not in dialout: $(in_root id otagw)"
-[ "$(stat -c %U:%a "$root/var/lib/otagw")" = otagw:750 ] || fail "/var/lib/otagw: $(stat -c %U:%a "$root/var/lib/otagw")"
-[ "$(stat -c %G:%a "$root/etc/otagw/otagw.toml")" = otagw:640 ] || fail "otagw.toml is readable by others"
+# (stat in the root: the names are the root's own users)
+[ "$(in_root stat -c %U:%a /var/lib/otagw)" = otagw:750 ] ||
+    fail "/var/lib/otagw: $(in_root stat -c %U:%a /var/lib/otagw)"
+[ "$(in_root stat -c %U:%G:%a /etc/otagw/otagw.toml)" = root:otagw:640 ] ||
+    fail "otagw.toml: $(in_root stat -c %U:%G:%a /etc/otagw/otagw.toml)"
 for p in xmodem smp stm32; do
     [ "$(readlink "$root/var/lib/otagw/plugins/$p.wasm")" = "/usr/lib/otagw/plugins/$p.wasm" ] ||
         fail "$p.wasm is not linked into the plugins directory"
@@ -79,18 +84,24 @@ path = "/run/otagw-test/notify"
 s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 s.bind(root + path)
 os.chmod(root + path, 0o666)
-s.settimeout(120)
+s.settimeout(1)
 unit = open(f"{root}/lib/systemd/system/otagw.service").read()
 cmd = next(l for l in unit.splitlines() if l.startswith("ExecStart=")).split("=", 1)[1].split()
 env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="30000000",
            RUST_LOG="warn,otagw=info")
 p = subprocess.Popen(["chroot", root, "setpriv", "--reuid=otagw", "--regid=otagw",
                       "--init-groups", "--"] + cmd, env=env)
-def until(what):
-    while True:
-        got = s.recv(4096).decode()
+def until(what, limit=120):
+    for _ in range(limit):
+        try:
+            got = s.recv(4096).decode()
+        except socket.timeout:
+            if p.poll() is not None:
+                sys.exit(f"otagw run exited {p.returncode} before {what}")
+            continue
         if what in got:
             return got
+    sys.exit(f"no {what} in {limit} s")
 try:
     print("notify:", until("READY=1").strip().replace("\n", " "))
     p.send_signal(signal.SIGTERM)

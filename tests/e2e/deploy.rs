@@ -196,7 +196,7 @@ async fn the_service_unit_verifies_and_is_hardened() {
 /// configuration with the installed paths (data and plugins under
 /// /var/lib/otagw, the one tree the unit may write) and no device yet, and it
 /// documents every option the default documents (a new option is not
-/// forgotten there).
+/// forgotten there); the unit's MemoryMax holds what it allows at once.
 #[test]
 fn the_packaged_config_is_the_default_with_the_installed_paths() {
     let file = std::path::Path::new(concat!(
@@ -217,6 +217,14 @@ fn the_packaged_config_is_the_default_with_the_installed_paths() {
     );
     let unit = std::fs::read_to_string(file.with_file_name("otagw.service")).unwrap();
     assert!(unit.contains("--config /etc/otagw/otagw.toml"));
+    // The unit lets the gateway use what its configuration allows.
+    let memory_max: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("MemoryMax="))
+        .and_then(|v| v.strip_suffix('M'))
+        .and_then(|v| v.parse().ok())
+        .expect("MemoryMax=<n>M in the unit");
+    assert_eq!(cfg.memory_limit_warning(Some(memory_max << 20)), None);
 
     // Every `key =` and `[section]` of the default, set or commented out.
     let options = |t: &str| -> std::collections::BTreeSet<String> {
@@ -293,5 +301,65 @@ async fn images_go_to_the_configured_cache_dir() {
         !default_dir.exists() || std::fs::read_dir(&default_dir).unwrap().next().is_none(),
         "nothing in data_dir/images"
     );
+    sim.shutdown().await;
+}
+
+/// A gateway on a root file system without CA certificates (a minimal
+/// Debian has none until `ca-certificates` is installed) still starts: it
+/// says at start what is missing and what to install, and HTTP downloads
+/// work. (It used to refuse to start with "HTTP client: builder error", found
+/// by packaging/install-test.sh.) The platform verifier reads the system's
+/// certificates from SSL_CERT_FILE and SSL_CERT_DIR when set: here, from
+/// nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_without_ca_certificates_starts_and_says_what_to_install() {
+    let sim = PtySim::spawn(xmodem_device()).unwrap();
+    let broker = Mosquitto::start().await;
+    let probe = MqttProbe::connect(broker.port(), "#").await;
+    let files = FileServer::start().await;
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let no_certs = data.path().join("no-certs");
+    std::fs::create_dir(&no_certs).unwrap();
+    let config = gateway_config(
+        data.path(),
+        plugins.path(),
+        Some(&broker.url()),
+        &[LeafSpec::xmodem("press", &sim.url())],
+    );
+    let path = data.path().join("otagw.toml");
+    let gw = GatewayProcess::start_logged(
+        GATEWAY_BIN,
+        &config,
+        &path,
+        &[],
+        &[
+            ("SSL_CERT_FILE", no_certs.join("none.pem").to_str().unwrap()),
+            ("SSL_CERT_DIR", no_certs.to_str().unwrap()),
+        ],
+    )
+    .await;
+    let line = gw.wait_log(LIMIT, "no usable CA certificates").await;
+    assert!(line.contains("apt-get install ca-certificates"), "{line}");
+
+    let img = versioned_image(20_000, "2.0.0");
+    let url = files.add("fw.bin", img.clone());
+    let inform = format!("/ota/device/inform/{LEAF_PK}/press");
+    probe
+        .wait_until(LIMIT, "online", |m| has_inform(m, &inform, "1.0.0"))
+        .await;
+    probe
+        .publish(
+            &format!("/ota/device/upgrade/{LEAF_PK}/press"),
+            notice(1, "2.0.0", &url, &img),
+        )
+        .await;
+    probe
+        .wait_until(LIMIT, "press runs 2.0.0", |m| {
+            has_inform(m, &inform, "2.0.0")
+        })
+        .await;
+    gw.terminate().await;
+    assert!(gw.exited(LIMIT).await.success());
     sim.shutdown().await;
 }

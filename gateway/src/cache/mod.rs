@@ -195,11 +195,29 @@ impl Cache {
     ) -> Result<Cache, CacheError> {
         assert!(opts.chunk_size > 0, "chunk_size must not be 0");
         crate::tls::init();
-        let client = reqwest::Client::builder()
-            .connect_timeout(opts.connect_timeout)
-            .read_timeout(opts.read_timeout)
-            .build()
-            .map_err(|e| CacheError::Client(Arc::new(e)))?;
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(opts.connect_timeout)
+                .read_timeout(opts.read_timeout)
+        };
+        // The system's CA certificates are read here. A gateway without them
+        // (a minimal root file system) still starts: plain HTTP works, and
+        // each HTTPS download fails -2 with the certificate error.
+        let client = match builder().build() {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::error!(
+                    "no usable CA certificates on this machine ({}): HTTPS image downloads \
+                     will fail until they are installed (Debian: apt-get install \
+                     ca-certificates); HTTP downloads work",
+                    error_chain(&e)
+                );
+                builder()
+                    .tls_certs_only([])
+                    .build()
+                    .map_err(|e| CacheError::Client(Arc::new(e)))?
+            }
+        };
         let db = Db::open(store, opts.dir.as_deref())?;
         let all = db.all()?;
         let last = all.iter().map(|(_, m)| m.last_use).max().unwrap_or(0);
@@ -489,4 +507,17 @@ impl Inner {
 /// critical section is a few map operations).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An error and its sources, one after the other ("builder error" alone says
+/// nothing).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

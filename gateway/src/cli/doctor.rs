@@ -82,6 +82,13 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<ExitCode> {
         "plugins run on {}",
         cfg.plugins.limits(cfg.jobs.max_parallel).engine
     ));
+    match cfg.memory_limit_warning(crate::config::own_memory_limit()) {
+        Some(w) => r.warn(&w),
+        None => r.ok(&format!(
+            "memory: up to {} MiB at once (the unit's MemoryMax must allow it)",
+            cfg.memory_budget_mib()
+        )),
+    }
 
     for d in &cfg.devices {
         let who = format!("device {}/{}", d.product_key, d.device_name);

@@ -619,6 +619,9 @@ impl Gateway {
         for w in cfg.warnings() {
             tracing::warn!("{w}");
         }
+        if let Some(w) = cfg.memory_limit_warning(crate::config::own_memory_limit()) {
+            tracing::warn!("{w}");
+        }
         let data = cfg.gateway.data_dir.clone();
         std::fs::create_dir_all(&data).map_err(|source| DaemonError::DataDir {
             path: data.clone(),
