@@ -84,10 +84,10 @@ async fn run() -> Result<(), String> {
         machine()
     );
     println!(
-        "| {:<44} | {:>14} | {:>14} | {:>10} |",
+        "| {:<48} | {:>14} | {:>14} | {:>15} |",
         "measure", "native", "pulley", "pulley / native"
     );
-    println!("|{:-<46}|{:-<16}|{:-<16}|{:-<17}|", "", "", "", "");
+    println!("|{:-<50}|{:-<16}|{:-<16}|{:-<17}|", "", "", "", "");
     let pulley = results
         .iter()
         .find(|(e, _)| *e == EngineKind::Pulley)
@@ -107,7 +107,7 @@ async fn run() -> Result<(), String> {
             _ => "-".into(),
         };
         println!(
-            "| {:<44} | {:>14} | {:>14} | {:>15} |",
+            "| {:<48} | {:>14} | {:>14} | {:>15} |",
             what,
             show(n),
             show(p),

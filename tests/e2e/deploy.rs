@@ -10,6 +10,28 @@ use otagw_e2e::*;
 const LIMIT: Duration = Duration::from_secs(60);
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_otagw-e2e-gateway");
 
+/// Once the leaf `press` is online on 1.0.0, push it a notice for 2.0.0
+/// served over HTTP by `files`; wait until it runs 2.0.0.
+async fn upgrade_press_to_2(probe: &MqttProbe, files: &FileServer) {
+    let img = versioned_image(20_000, "2.0.0");
+    let url = files.add("fw.bin", img.clone());
+    let inform = format!("/ota/device/inform/{LEAF_PK}/press");
+    probe
+        .wait_until(LIMIT, "online", |m| has_inform(m, &inform, "1.0.0"))
+        .await;
+    probe
+        .publish(
+            &format!("/ota/device/upgrade/{LEAF_PK}/press"),
+            notice(1, "2.0.0", &url, &img),
+        )
+        .await;
+    probe
+        .wait_until(LIMIT, "press runs 2.0.0", |m| {
+            has_inform(m, &inform, "2.0.0")
+        })
+        .await;
+}
+
 /// The next notification, as text.
 async fn next(socket: &tokio::net::UnixDatagram) -> String {
     let mut buf = vec![0u8; 4096];
@@ -75,6 +97,34 @@ async fn the_daemon_speaks_systemds_notify_protocol() {
     until(&socket, "STOPPING=1").await;
     assert!(gw.exited(LIMIT).await.success());
     sim.shutdown().await;
+}
+
+/// systemd may stop (or reload) a service the moment it said READY=1: the
+/// gateway catches SIGTERM and SIGHUP before it says so, and a stop right
+/// after READY is a clean stop, never the signal's default (the process
+/// killed at once). Found by packaging/install-test.sh, where the signal
+/// handlers were installed by tasks that had not run yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_right_after_ready_is_a_clean_stop() {
+    let plugins = PluginsDir::with(&[artifacts::XMODEM]);
+    let data = tempfile::tempdir().unwrap();
+    let config = gateway_config(data.path(), plugins.path(), None, &[]);
+    let sock_path = data.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let path = data.path().join("otagw.toml");
+    let gw = GatewayProcess::start_logged(
+        GATEWAY_BIN,
+        &config,
+        &path,
+        &[],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    )
+    .await;
+    until(&socket, "READY=1").await;
+    gw.terminate().await;
+    until(&socket, "STOPPING=1").await;
+    let status = gw.exited(LIMIT).await;
+    assert!(status.success(), "{status:?}");
 }
 
 /// Item 6: `otagw doctor` checks a deployment. With every device reachable it
@@ -272,23 +322,7 @@ async fn images_go_to_the_configured_cache_dir() {
         ),
     );
     let gw = Daemon::start(&config).await;
-    let img = versioned_image(20_000, "2.0.0");
-    let url = files.add("fw.bin", img.clone());
-    let inform = format!("/ota/device/inform/{LEAF_PK}/press");
-    probe
-        .wait_until(LIMIT, "online", |m| has_inform(m, &inform, "1.0.0"))
-        .await;
-    probe
-        .publish(
-            &format!("/ota/device/upgrade/{LEAF_PK}/press"),
-            notice(1, "2.0.0", &url, &img),
-        )
-        .await;
-    probe
-        .wait_until(LIMIT, "press runs 2.0.0", |m| {
-            has_inform(m, &inform, "2.0.0")
-        })
-        .await;
+    upgrade_press_to_2(&probe, &files).await;
     gw.stop().await;
     let kept: Vec<_> = std::fs::read_dir(elsewhere.path())
         .unwrap()
@@ -342,23 +376,7 @@ async fn a_gateway_without_ca_certificates_starts_and_says_what_to_install() {
     let line = gw.wait_log(LIMIT, "no usable CA certificates").await;
     assert!(line.contains("apt-get install ca-certificates"), "{line}");
 
-    let img = versioned_image(20_000, "2.0.0");
-    let url = files.add("fw.bin", img.clone());
-    let inform = format!("/ota/device/inform/{LEAF_PK}/press");
-    probe
-        .wait_until(LIMIT, "online", |m| has_inform(m, &inform, "1.0.0"))
-        .await;
-    probe
-        .publish(
-            &format!("/ota/device/upgrade/{LEAF_PK}/press"),
-            notice(1, "2.0.0", &url, &img),
-        )
-        .await;
-    probe
-        .wait_until(LIMIT, "press runs 2.0.0", |m| {
-            has_inform(m, &inform, "2.0.0")
-        })
-        .await;
+    upgrade_press_to_2(&probe, &files).await;
     gw.terminate().await;
     assert!(gw.exited(LIMIT).await.success());
     sim.shutdown().await;

@@ -151,10 +151,11 @@ pub async fn run(mut a: FlashArgs) -> anyhow::Result<ExitCode> {
     // transfer its protocol's way (XMODEM sends CAN CAN) and returns; if it
     // does not within STOP_WAIT, otagw exits anyway.
     let stop = tokio_util::sync::CancellationToken::new();
+    let caught = super::StopSignal::catch();
     let signal = tokio::spawn({
         let stop = stop.clone();
         async move {
-            let code = super::stop_signal().await;
+            let code = caught.wait().await;
             eprintln!("stopping: the plugin ends the transfer (Ctrl-C again is not needed)");
             stop.cancel();
             code

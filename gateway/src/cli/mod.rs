@@ -489,16 +489,58 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     }
 }
 
-/// Wait for Ctrl-C or SIGTERM; the exit status a stopped command gives:
-/// 130 or 143 (128 + the signal).
-pub(crate) async fn stop_signal() -> u8 {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return 130;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => 130,
-        _ = term.recv() => 143,
+/// Ctrl-C (SIGINT) and SIGTERM, caught from the moment this is made: a stop
+/// that comes before anything waits for it is kept, never the default action
+/// (which ends the process at once). Make it before telling anyone (systemd's
+/// READY) that the process runs.
+pub(crate) struct StopSignal {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignal {
+    pub(crate) fn catch() -> StopSignal {
+        use tokio::signal::unix::{SignalKind, signal};
+        StopSignal {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    /// Wait for either; the exit status a stopped command gives: 130 or 143
+    /// (128 + the signal).
+    pub(crate) async fn wait(mut self) -> u8 {
+        async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = next(&mut self.int) => 130,
+            _ = next(&mut self.term) => 143,
+        }
+    }
+}
+
+#[cfg(test)]
+mod signal_tests {
+    use super::StopSignal;
+
+    /// A SIGTERM that comes after `catch` but before anything waits is kept
+    /// for the wait; without the handler in place it would end this test
+    /// process at once (the default action), failing the whole run.
+    #[tokio::test]
+    async fn a_stop_before_anyone_waits_is_kept() {
+        let caught = StopSignal::catch();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &std::process::id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(kill.success());
+        let code = tokio::time::timeout(std::time::Duration::from_secs(10), caught.wait()).await;
+        assert_eq!(code, Ok(143));
     }
 }

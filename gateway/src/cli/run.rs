@@ -43,9 +43,10 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     {
         let reloader = gw.reloader();
         let path = a.config.clone();
+        // Caught from here on, before READY: SIGHUP's default ends the process.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            let Ok(mut hup) = hup else {
                 return;
             };
             while hup.recv().await.is_some() {
@@ -63,8 +64,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     {
         let shutdown = shutdown.clone();
+        let caught = super::StopSignal::catch();
         tokio::spawn(async move {
-            super::stop_signal().await;
+            caught.wait().await;
             tracing::info!("signal received");
             shutdown.cancel();
         });
