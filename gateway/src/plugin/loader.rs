@@ -80,7 +80,7 @@ impl PluginHost {
                         version = %p.info.version,
                         path = %p.path.display(),
                         from = ?p.loaded_from,
-                        ms = p.load_time.as_secs_f64() * 1e3,
+                        ms = (p.load_time.as_secs_f64() * 1e4).round() / 10.0,
                         "plugin loaded"
                     );
                     self.set_broken(&path, None);
