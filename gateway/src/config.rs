@@ -504,8 +504,6 @@ impl Config {
         Ok(cfg)
     }
 
-    /// What is allowed but probably not meant: listeners beyond loopback
-    /// with no authentication.
     /// The most memory the gateway may need at once, in MiB: every job's
     /// plugin at its memory limit, plus the gateway itself
     /// ([`GATEWAY_MEMORY_MIB`]).
@@ -532,6 +530,8 @@ impl Config {
         })
     }
 
+    /// What is allowed but probably not meant: listeners beyond loopback
+    /// with no authentication.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(a) = self.api.listen

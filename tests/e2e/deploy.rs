@@ -32,6 +32,22 @@ async fn upgrade_press_to_2(probe: &MqttProbe, files: &FileServer) {
         .await;
 }
 
+/// The gateway as a process with `config` in `dir`, given a notify socket as
+/// systemd gives one (`NOTIFY_SOCKET`, bound here) and `env` besides.
+async fn start_notifying(
+    dir: &std::path::Path,
+    config: &str,
+    env: &[(&str, &str)],
+) -> (GatewayProcess, tokio::net::UnixDatagram) {
+    let sock_path = dir.join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let mut env = env.to_vec();
+    env.push(("NOTIFY_SOCKET", sock_path.to_str().unwrap()));
+    let gw =
+        GatewayProcess::start_logged(GATEWAY_BIN, config, &dir.join("otagw.toml"), &[], &env).await;
+    (gw, socket)
+}
+
 /// The next notification, as text.
 async fn next(socket: &tokio::net::UnixDatagram) -> String {
     let mut buf = vec![0u8; 4096];
@@ -67,20 +83,7 @@ async fn the_daemon_speaks_systemds_notify_protocol() {
         None,
         &[LeafSpec::xmodem("press", &sim.url())],
     );
-    let sock_path = data.path().join("notify.sock");
-    let socket = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
-    let path = data.path().join("otagw.toml");
-    let gw = GatewayProcess::start_logged(
-        GATEWAY_BIN,
-        &config,
-        &path,
-        &[],
-        &[
-            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "400000"),
-        ],
-    )
-    .await;
+    let (gw, socket) = start_notifying(data.path(), &config, &[("WATCHDOG_USEC", "400000")]).await;
     let ready = next(&socket).await;
     assert!(
         ready.contains("READY=1") && ready.contains("STATUS=serving 1 leaves"),
@@ -109,17 +112,7 @@ async fn a_stop_right_after_ready_is_a_clean_stop() {
     let plugins = PluginsDir::with(&[artifacts::XMODEM]);
     let data = tempfile::tempdir().unwrap();
     let config = gateway_config(data.path(), plugins.path(), None, &[]);
-    let sock_path = data.path().join("notify.sock");
-    let socket = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
-    let path = data.path().join("otagw.toml");
-    let gw = GatewayProcess::start_logged(
-        GATEWAY_BIN,
-        &config,
-        &path,
-        &[],
-        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
-    )
-    .await;
+    let (gw, socket) = start_notifying(data.path(), &config, &[]).await;
     until(&socket, "READY=1").await;
     gw.terminate().await;
     until(&socket, "STOPPING=1").await;

@@ -207,10 +207,10 @@ impl Cache {
             Ok(client) => client,
             Err(e) => {
                 tracing::error!(
-                    "no usable CA certificates on this machine ({}): HTTPS image downloads \
+                    "no usable CA certificates on this machine ({:#}): HTTPS image downloads \
                      will fail until they are installed (Debian: apt-get install \
                      ca-certificates); HTTP downloads work",
-                    error_chain(&e)
+                    anyhow::Error::new(e)
                 );
                 builder()
                     .tls_certs_only([])
@@ -507,17 +507,4 @@ impl Inner {
 /// critical section is a few map operations).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// An error and its sources, one after the other ("builder error" alone says
-/// nothing).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -186,7 +186,7 @@ impl PluginHost {
     /// `pulley32`) and the engine's compatibility hash (wasmtime's version,
     /// target and settings), so code for another engine, another wasmtime
     /// or other settings is never loaded.
-    pub(crate) fn cache_name(&self, sha256: &str) -> String {
+    fn cache_name(&self, sha256: &str) -> String {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.engine().precompile_compatibility_hash().hash(&mut h);
         format!(

@@ -430,9 +430,10 @@ pub struct PluginHost {
     compact: bool,
 }
 
-/// The engine's configuration: epochs, no component-model async, a pooling
-/// allocator sized for `limits`; `reservation` overrides wasmtime's address
-/// space reservation per linear memory.
+/// The engine's configuration: the target of `limits.engine`, epochs, no
+/// component-model async, on 64-bit targets a pooling allocator sized for
+/// `limits`; `reservation` overrides wasmtime's address space reservation per
+/// linear memory.
 fn engine_config(
     limits: &Limits,
     reservation: Option<u64>,
