@@ -73,6 +73,23 @@ pub struct Config {
     pub ble: BleConfig,
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
+    /// Buses several leaves share (`[[bus]]`), named by `[[device]] bus`.
+    #[serde(default, rename = "bus")]
+    pub buses: Vec<BusConfig>,
+}
+
+/// `[[bus]]`: a bus several leaves share (RS-485 multidrop, a serial device
+/// server's port): at most `max_parallel` of its leaves are upgraded at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusConfig {
+    pub name: String,
+    #[serde(default = "one")]
+    pub max_parallel: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -143,13 +160,31 @@ impl Default for LocalBrokerConfig {
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     pub listen: Option<SocketAddr>,
+    /// The token that changing requests (campaigns) must carry; made at the
+    /// first start when missing (default: `<data_dir>/api-token`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            token_file: None,
         }
+    }
+}
+
+/// The file name of the API token in the data directory, by default.
+pub const API_TOKEN_FILE: &str = "api-token";
+
+impl Config {
+    /// Where the API token is read from (and made at the first start).
+    pub fn api_token_path(&self) -> PathBuf {
+        self.api
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.gateway.data_dir.join(API_TOKEN_FILE))
     }
 }
 
@@ -162,6 +197,92 @@ pub struct JobsConfig {
     /// is being flashed that its job survives; one more fails it with -4.
     #[serde(default = "default_flash_restarts")]
     pub flash_restarts: u32,
+    /// What an upgrade notice from the platform does: `immediate` (a job
+    /// at once) or `plan` (it joins a campaign run by `[jobs.plan]`).
+    #[serde(default)]
+    pub policy: Policy,
+    /// The plan of campaigns made from platform notices (`policy = "plan"`).
+    #[serde(default)]
+    pub plan: PlanConfig,
+}
+
+/// What an upgrade notice from the platform does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// A job starts at once (bounded by max_parallel and the buses).
+    #[default]
+    Immediate,
+    /// Notices for one package collect into a campaign that runs the plan.
+    Plan,
+}
+
+/// `[jobs.plan]`: canary first, then waves, with thresholds.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    /// The canary group: a count ("2") or a share ("10%"); "0": none.
+    #[serde(default = "default_canary")]
+    pub canary: String,
+    /// The waves after it, each a count or a share of the leaves after the
+    /// canary; the last repeats until every leaf has a group.
+    #[serde(default = "default_waves")]
+    pub waves: Vec<String>,
+    /// The share of a group that must succeed before the next one starts;
+    /// a group that ends below it waits for `otagw campaign approve`.
+    #[serde(default = "default_success")]
+    pub success_threshold: u8,
+    /// Pause the campaign when device or plugin failures exceed this share
+    /// of a group ...
+    #[serde(default = "default_error")]
+    pub error_threshold: u8,
+    /// ... once at least this many of the group have finished.
+    #[serde(default = "one_u32")]
+    pub min_executed: u32,
+    /// Wait for `otagw campaign approve` before every group after the first.
+    #[serde(default)]
+    pub approve: bool,
+    /// At most this many starts per minute (none: no limit).
+    #[serde(default)]
+    pub rate_per_minute: Option<u32>,
+    /// How long notices for one package are collected into its campaign
+    /// before the plan is drawn up; later ones join its last group.
+    #[serde(default = "default_collect", with = "humantime_serde")]
+    pub collect: Duration,
+}
+
+fn default_canary() -> String {
+    "1".into()
+}
+fn default_waves() -> Vec<String> {
+    vec!["50%".into()]
+}
+fn default_success() -> u8 {
+    100
+}
+fn default_error() -> u8 {
+    50
+}
+fn one_u32() -> u32 {
+    1
+}
+fn default_collect() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        Self {
+            canary: default_canary(),
+            waves: default_waves(),
+            success_threshold: default_success(),
+            error_threshold: default_error(),
+            min_executed: one_u32(),
+            approve: false,
+            rate_per_minute: None,
+            collect: default_collect(),
+        }
+    }
 }
 
 fn default_parallel() -> usize {
@@ -183,6 +304,8 @@ impl Default for JobsConfig {
         Self {
             max_parallel: default_parallel(),
             flash_restarts: default_flash_restarts(),
+            policy: Policy::default(),
+            plan: PlanConfig::default(),
         }
     }
 }
@@ -412,6 +535,12 @@ pub struct DeviceConfig {
     /// (`retries = 5`, `erase = true`); the family's schema checks them.
     #[serde(default, deserialize_with = "option_values")]
     pub options: BTreeMap<String, String>,
+    /// Labels to select leaves by in a rollout (`otagw upgrade --tag`).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The `[[bus]]` this leaf shares with others; none: its link is a bus
+    /// of its own (one job at a time).
+    pub bus: Option<String>,
 }
 
 /// Device option values as text, whichever TOML scalar they were written as.
@@ -571,6 +700,9 @@ impl Config {
         at(&mut self.gateway.plugins_dir);
         if let Some(d) = self.cache.dir.as_mut() {
             at(d);
+        }
+        if let Some(t) = self.api.token_file.as_mut() {
+            at(t);
         }
         self.plugins.trusted_keys.iter_mut().for_each(at);
         if let Some(u) = self.upstream.as_mut()
@@ -741,7 +873,89 @@ impl Config {
                 return Err(format!("device {who}: family must not be empty"));
             }
         }
+        self.validate_buses()?;
+        crate::rollout::plan::PlanSpec::from_config(&self.jobs.plan)
+            .map_err(|e| format!("[jobs.plan] {e}"))?;
         Ok(())
+    }
+
+    /// `[[bus]]` entries, the buses devices name, and tags.
+    fn validate_buses(&self) -> Result<(), String> {
+        let mut declared = BTreeMap::new();
+        for b in &self.buses {
+            if b.name.trim().is_empty() {
+                return Err("[[bus]] name must not be empty".into());
+            }
+            if b.name == crate::devices::BLE_BUS {
+                return Err(format!(
+                    "[[bus]] name {:?} is the BLE adapter's own bus: its limit is [ble] \
+                     max_connections",
+                    b.name
+                ));
+            }
+            within(
+                &format!("[[bus]] {:?} max_parallel", b.name),
+                b.max_parallel,
+                MAX_PARALLEL,
+            )?;
+            if declared.insert(b.name.as_str(), b.max_parallel).is_some() {
+                return Err(format!("[[bus]] {:?} is declared twice", b.name));
+            }
+        }
+        // One physical link is on one bus.
+        let mut links: BTreeMap<String, (String, Option<&str>)> = BTreeMap::new();
+        for d in &self.devices {
+            let who = format!("{}/{}", d.product_key, d.device_name);
+            if d.tags.iter().any(|t| t.trim().is_empty()) {
+                return Err(format!("device {who}: a tag must not be empty"));
+            }
+            if let Some(b) = &d.bus {
+                if d.link.starts_with("ble://") {
+                    return Err(format!(
+                        "device {who}: a BLE device is on the adapter's bus ([ble] \
+                         max_connections); remove bus = {b:?}"
+                    ));
+                }
+                if !declared.contains_key(b.as_str()) {
+                    let known: Vec<&str> = declared.keys().copied().collect();
+                    return Err(format!(
+                        "device {who}: bus = {b:?} is not declared; add [[bus]] name = {b:?} \
+                         (declared: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ));
+                }
+            }
+            let key = crate::devices::link_key(&d.link);
+            match links.get(&key) {
+                Some((other, bus)) if *bus != d.bus.as_deref() => {
+                    return Err(format!(
+                        "devices {other} and {who} share the link {} but not the bus: give \
+                         both the same bus (one port is one bus)",
+                        d.link
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    links.insert(key, (who, d.bus.as_deref()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How many leaves of `bus` may be upgraded at once.
+    pub fn bus_capacity(&self, bus: &str) -> usize {
+        if bus == crate::devices::BLE_BUS {
+            return self.ble.max_connections;
+        }
+        self.buses
+            .iter()
+            .find(|b| b.name == bus)
+            .map_or(1, |b| b.max_parallel)
     }
 }
 

@@ -16,17 +16,41 @@ pub struct Leaf {
     pub options: Vec<(String, String)>,
     pub device_secret: Option<String>,
     pub configured_version: String,
+    /// `[[device]] tags`, for selecting it in a rollout.
+    pub tags: Vec<String>,
+    /// The bus it shares with others ([`bus_of`]).
+    pub bus: String,
+}
+
+/// The bus every `ble://` leaf shares: the adapter, `[ble] max_connections`
+/// links at once.
+pub const BLE_BUS: &str = "ble";
+
+/// The bus of a leaf on `link`: its `[[device]] bus`, the BLE adapter's, or
+/// its physical link alone.
+pub fn bus_of(link: &str, bus: Option<&str>) -> String {
+    match bus {
+        Some(b) => b.to_string(),
+        None if link.starts_with("ble://") => BLE_BUS.to_string(),
+        None => link_key(link),
+    }
+}
+
+/// What identifies a physical link: leaves on one serial port (RS-485
+/// multidrop behind one adapter) never run jobs at the same time.
+pub fn link_key(link: &str) -> String {
+    match LinkUrl::parse(link) {
+        Ok(LinkUrl::Serial { path, .. }) => format!("serial:{path}"),
+        Ok(LinkUrl::Tcp { host, port }) => format!("tcp:{host}:{port}"),
+        Err(_) => link.to_string(),
+    }
 }
 
 impl Leaf {
     /// What identifies the physical link: two leaves on one RS-485 bus or one
     /// serial port never run jobs at the same time.
     pub fn link_key(&self) -> String {
-        match LinkUrl::parse(&self.link) {
-            Ok(LinkUrl::Serial { path, .. }) => format!("serial:{path}"),
-            Ok(LinkUrl::Tcp { host, port }) => format!("tcp:{host}:{port}"),
-            Err(_) => self.link.clone(),
-        }
+        link_key(&self.link)
     }
 }
 
@@ -48,6 +72,8 @@ impl Devices {
                 options: d.options_vec(),
                 device_secret: d.device_secret.clone(),
                 configured_version: d.version.clone(),
+                tags: d.tags.clone(),
+                bus: bus_of(&d.link, d.bus.as_deref()),
             })
             .collect();
         Devices { leaves }

@@ -45,6 +45,7 @@ pub mod link;
 pub mod ota;
 pub mod plugin;
 pub mod progress;
+pub mod rollout;
 pub mod store;
 pub mod tls;
 pub mod upstream;

@@ -32,6 +32,12 @@ use super::{CachedImage, FetchRequest, FlightState, Inner};
 pub(super) fn check_url(req: &FetchRequest) -> Result<(), CacheError> {
     match url::Url::parse(&req.url) {
         Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
+        Ok(u) if u.scheme() == super::UPLOADED_SCHEME => Err(CacheError::BadRequest {
+            url: req.url.clone(),
+            reason: "the uploaded image is no longer in the gateway's cache: upload it again \
+                     (otagw upgrade --image FILE)"
+                .into(),
+        }),
         Ok(u) => Err(CacheError::BadRequest {
             url: req.url.clone(),
             reason: format!("unsupported scheme {:?}", u.scheme()),

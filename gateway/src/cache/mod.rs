@@ -100,6 +100,10 @@ impl Default for CacheOptions {
     }
 }
 
+/// The URL scheme of images uploaded to the cache (`Cache::add`): such an
+/// image is never downloaded, only found by its digest.
+pub const UPLOADED_SCHEME: &str = "otagw-upload";
+
 /// What to fetch: the notice's `url`, `size` and digest (`signMethod`+`sign`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchRequest {
@@ -307,6 +311,62 @@ impl Cache {
     /// The complete image of `digest`, if the cache has it (no download).
     pub fn get(&self, digest: &Digest) -> Result<Option<CachedImage>, CacheError> {
         self.inner.pin(digest)
+    }
+
+    /// Put `bytes` (an image uploaded by an operator, `POST /api/images`)
+    /// into the cache as a complete image under its SHA-256, named `origin`
+    /// in the listing; pinned for the caller. An image already there is
+    /// just pinned.
+    pub async fn add(&self, bytes: bytes::Bytes, origin: &str) -> Result<CachedImage, CacheError> {
+        use std::io::Write;
+        if self.inner.shutdown.is_cancelled() {
+            return Err(CacheError::ShutDown);
+        }
+        let digest = {
+            let mut h = digest::Hasher::new(DigestMethod::Sha256);
+            h.update(&bytes);
+            h.finish()
+        };
+        if let Some(image) = self.inner.pin(&digest)? {
+            return Ok(image);
+        }
+        let inner = Arc::clone(&self.inner);
+        let origin = origin.to_string();
+        let d = digest.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), CacheError> {
+            let size = bytes.len() as u64;
+            // The meta first, partial: a crash leaves an orphan the next
+            // open adopts (its bytes hash to its name) or deletes.
+            let mut meta = Meta {
+                size,
+                chunk_size: inner.opts.chunk_size as u64,
+                md5: None,
+                sha256: Some(d.hex().to_string()),
+                url: origin,
+                state: ImageState::Partial { received: 0 },
+                last_use: inner.tick(),
+            };
+            inner.db.put_meta(&d, &meta)?;
+            let path = inner.db.path(&d);
+            let mut file = inner.db.open_for_write(&d)?;
+            file.set_len(0)
+                .and_then(|_| file.write_all(&bytes))
+                .and_then(|_| file.sync_all())
+                .map_err(db::file_error("write an image file", &path))?;
+            meta.state = ImageState::Complete;
+            inner.db.put_meta(&d, &meta)
+        })
+        .await
+        .map_err(|e| CacheError::Corrupt {
+            digest: digest.clone(),
+            reason: format!("the upload task failed: {e}"),
+        })??;
+        self.inner.db.flush().await?;
+        tracing::info!(%digest, "image uploaded into the cache");
+        self.inner.pin(&digest)?.ok_or_else(|| CacheError::Corrupt {
+            digest,
+            reason: "vanished after the upload".into(),
+        })
     }
 
     /// `(bytes, images)` of complete images.

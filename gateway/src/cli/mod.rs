@@ -1,6 +1,7 @@
 //! The `otagw` command line: one file per subcommand (CONVENTIONS 14).
 
 pub mod ble;
+pub mod campaign;
 pub mod config;
 pub mod doctor;
 pub mod flash;
@@ -111,6 +112,15 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Bluetooth LE: find devices near the adapter (`otagw ble scan`).
     Ble(ble::BleArgs),
+    /// Upgrade leaves through the running gateway: a campaign of a
+    /// selection (family, tags, bus, devices, version), canary first, then
+    /// waves, pausing on failures (`--follow` shows it to its end).
+    Upgrade(campaign::UpgradeArgs),
+    /// List the campaigns, or show one with every leaf (`otagw campaigns ID`).
+    Campaigns(campaign::CampaignsArgs),
+    /// Steer a campaign: pause, resume, stop, approve (the next group),
+    /// retry (the failed leaves).
+    Campaign(campaign::CampaignArgs),
     /// List this machine's serial ports (USB adapter, serial number, the
     /// stable /dev/serial/by-id name) to find a leaf's link.
     Ports(ports::PortsArgs),
@@ -483,6 +493,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Status(a) => status::run(a).await,
         Command::Ble(a) => ble::run(a).await,
         Command::Ports(a) => ports::run(a),
+        Command::Upgrade(a) => campaign::upgrade(a).await,
+        Command::Campaigns(a) => campaign::campaigns(a).await,
+        Command::Campaign(a) => campaign::campaign(a).await,
         Command::Config(a) => config::run(a).await,
         Command::Check(a) => config::check(a).await,
         Command::Doctor(a) => doctor::run(a).await,

@@ -131,6 +131,9 @@ mod tests {
             target_version: Some("2.0.0".into()),
             last_error: Some("device timeout".into()),
             platform: None,
+            model: None,
+            bus: "serial:/dev/pts/3".into(),
+            tags: vec![],
         };
         let t = table(&[d]);
         let lines: Vec<&str> = t.lines().collect();
@@ -169,6 +172,9 @@ mod tests {
                 parked: true,
                 held: 2,
             }),
+            model: None,
+            bus: "serial:/dev/pts/3".into(),
+            tags: vec![],
         };
         let t = table(&[d]);
         let row = t.lines().nth(1).unwrap();

@@ -9,6 +9,7 @@
 //! `ota::job`; [`runner`] performs its actions. Every job is persisted before
 //! its actions run, so a restart resumes it or fails it with a reason.
 
+mod campaigns;
 mod plugin_update;
 mod ports;
 mod runner;
@@ -62,6 +63,14 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Campaigns(#[from] crate::rollout::CampaignStoreError),
+    #[error("cannot read or make the API token {path}: {source} (check the file's owner and mode)")]
+    Token {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create {path}: {source}")]
     DataDir {
         path: std::path::PathBuf,
@@ -91,6 +100,8 @@ pub(crate) struct Core {
     pub plugins_rescan: Arc<tokio::sync::Notify>,
     /// Every job, the queue of notices and their persistence.
     pub table: JobTable,
+    /// Rollouts: campaigns of leaves upgraded group by group.
+    pub(crate) campaigns: campaigns::Campaigns,
     /// Firmware images, downloaded once each.
     pub cache: Cache,
     /// Device-family plugins.
@@ -108,8 +119,12 @@ pub(crate) struct Core {
     pub limits: IntakeLimits,
     /// The global limit of jobs holding a link at once (`[jobs] max_parallel`).
     pub permits: Arc<Semaphore>,
-    /// One lock per physical link (`Leaf::link_key`): one job per bus.
+    /// One lock per physical link (`Leaf::link_key`): one job per port.
     links: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One semaphore per bus (`Leaf::bus`): `[[bus]] max_parallel` jobs
+    /// at once on it (1 for a link of its own, `[ble] max_connections` for
+    /// the BLE adapter).
+    buses: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Leaves being asked for their version (unknown to the journal), so a
     /// reconnect does not ask twice.
     identifying: Mutex<std::collections::HashSet<JobKey>>,
@@ -166,6 +181,47 @@ impl Core {
             .entry(leaf.link_key())
             .or_default()
             .clone()
+    }
+
+    /// How many leaves of `bus` may be upgraded at once.
+    pub(crate) fn bus_capacity(&self, bus: &str) -> usize {
+        lock(&self.config).bus_capacity(bus)
+    }
+
+    /// The semaphore of `leaf`'s bus.
+    fn bus(&self, leaf: &Leaf) -> Arc<Semaphore> {
+        let cap = self.bus_capacity(&leaf.bus);
+        lock(&self.buses)
+            .entry(leaf.bus.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(cap)))
+            .clone()
+    }
+
+    /// Wait until `leaf` may use its link: a slot of its bus, its physical
+    /// link, then a global slot (`[jobs] max_parallel`), in this order, so
+    /// a job waiting for its bus holds no global slot. `None` when the
+    /// daemon stops first.
+    pub(crate) async fn hold(&self, leaf: &Leaf) -> Option<Held> {
+        let stop = self.shutdown.clone();
+        let bus = self.bus(leaf);
+        let bus = tokio::select! {
+            _ = stop.cancelled() => return None,
+            p = bus.acquire_owned() => p.ok()?,
+        };
+        let link_lock = self.link_lock(leaf);
+        let link = tokio::select! {
+            _ = stop.cancelled() => return None,
+            g = link_lock.lock_owned() => g,
+        };
+        let slot = tokio::select! {
+            _ = stop.cancelled() => return None,
+            p = self.permits.clone().acquire_owned() => p.ok()?,
+        };
+        Some(Held {
+            _bus: bus,
+            _link: link,
+            _slot: slot,
+        })
     }
 
     /// Publish, logging (not failing) when upstream cannot take it: durable
@@ -266,6 +322,9 @@ impl Core {
             return self.reject(&id, &module, step, desc).await;
         }
         tracing::info!(device = %id, module, version = %notice.version, size = notice.size, "upgrade notice");
+        if self.campaigns.planned() {
+            return self.plan_notice(id, notice).await;
+        }
         let version = notice.version.clone();
         let intake = self.table.offer(&id, notice).await;
         if let Intake::Refused(desc) = &intake {
@@ -363,6 +422,7 @@ impl Core {
             ("[cache]", differs(&old.cache, &new.cache)),
             ("[plugins]", differs(&old.plugins, &new.plugins)),
             ("[ble]", differs(&old.ble, &new.ble)),
+            ("[[bus]]", differs(&old.buses, &new.buses)),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))
@@ -573,9 +633,17 @@ impl Core {
                 "jobs": counts,
                 "bytesDownloaded": self.bytes_downloaded.load(Ordering::Relaxed),
                 "etaSeconds": eta_ms / 1000,
+                "campaigns": campaigns::summary(self),
             }
         })
     }
+}
+
+/// A leaf's bus slot, link and global slot, released on drop.
+pub(crate) struct Held {
+    _bus: tokio::sync::OwnedSemaphorePermit,
+    _link: tokio::sync::OwnedMutexGuard<()>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Hands a new configuration to a running gateway (SIGHUP).
@@ -596,6 +664,8 @@ pub struct Gateway {
     reloads: (mpsc::Sender<Config>, mpsc::Receiver<Config>),
     api: Option<tokio::net::TcpListener>,
     api_addr: Option<SocketAddr>,
+    /// What changing API requests must carry.
+    api_token: String,
     broker: Option<EmbeddedBroker>,
     /// What to do with the journal's jobs once running.
     resume: Vec<Resume>,
@@ -642,6 +712,7 @@ impl Gateway {
             },
         )?;
         let journal = Journal::open(&store)?;
+        let campaigns = campaigns::Campaigns::open(&store, &cfg)?;
         let devices = Devices::new(&cfg.devices);
         let clean = journal.begin_run().await?;
         if !clean {
@@ -749,6 +820,15 @@ impl Gateway {
             upstream_stop.clone(),
         )?;
 
+        let token_path = cfg.api_token_path();
+        let (api_token, made) =
+            crate::api::load_or_create_token(&token_path).map_err(|source| DaemonError::Token {
+                path: token_path.clone(),
+                source,
+            })?;
+        if made {
+            tracing::info!(path = %token_path.display(), "API token made: changing requests (otagw upgrade, otagw campaign) carry it");
+        }
         let (api, api_addr) = match cfg.api.listen {
             Some(addr) => {
                 let l = tokio::net::TcpListener::bind(addr)
@@ -772,6 +852,7 @@ impl Gateway {
             config: Mutex::new(cfg.clone()),
             plugins_rescan: Arc::new(tokio::sync::Notify::new()),
             table,
+            campaigns,
             cache,
             plugins,
             updates: plugin_update::PluginUpdates::open(
@@ -801,6 +882,7 @@ impl Gateway {
             },
             permits: Arc::new(Semaphore::new(cfg.jobs.max_parallel)),
             links: Mutex::new(HashMap::new()),
+            buses: Mutex::new(HashMap::new()),
             identifying: Mutex::new(Default::default()),
             next_id,
             tasks: TaskTracker::new(),
@@ -816,6 +898,7 @@ impl Gateway {
             reloads: mpsc::channel(4),
             api,
             api_addr,
+            api_token,
             broker,
             resume,
             upstream_stopped,
@@ -849,8 +932,9 @@ impl Gateway {
         if let Some(l) = self.api.take() {
             let src: Arc<dyn crate::api::StatusSource> = Arc::new(status::Status(core.clone()));
             let stop = core.shutdown.clone();
+            let token = Some(self.api_token.clone());
             core.tasks.spawn(async move {
-                if let Err(e) = crate::api::serve(l, src, stop).await {
+                if let Err(e) = crate::api::serve(l, src, token, stop).await {
                     tracing::error!("status API stopped: {e}");
                 }
             });
@@ -872,6 +956,11 @@ impl Gateway {
         {
             let core = core.clone();
             core.tasks.clone().spawn(summary_loop(core));
+        }
+        campaigns::pin_images(&core);
+        {
+            let core = core.clone();
+            core.tasks.clone().spawn(campaigns::drive(core));
         }
         {
             // Without `watch`, the directory is looked at only on SIGHUP.

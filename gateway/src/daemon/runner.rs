@@ -68,12 +68,17 @@ pub(super) async fn supervise(core: Arc<Core>, ticket: Ticket, first: Option<Eve
     if let Some(what) = failure {
         crashed(&core, &ticket, what).await;
     }
-    if let Some(r) = core.table.record(&ticket)
-        && r.job.is_terminal()
-    {
-        core.table.remember_end(&r);
+    let ended = core.table.record(&ticket).filter(|r| r.job.is_terminal());
+    if let Some(r) = &ended {
+        core.table.remember_end(r);
     }
-    match core.table.end(&ticket).await {
+    let next = core.table.end(&ticket).await;
+    // Its campaign (if one started it) learns the end now; a crash before
+    // this is reconciled from the journal.
+    if let Some(r) = &ended {
+        core.campaign_job_ended(r).await;
+    }
+    match next {
         Ok(Some(next)) => {
             let (id, module) = ticket.key;
             core.start(next, &id, &module).await;
@@ -90,7 +95,10 @@ async fn crashed(core: &Core, ticket: &Ticket, what: String) {
         return;
     };
     let phase = before.job.state().name();
-    let desc = format!("the gateway failed while the job was {phase}: {what}");
+    let desc = format!(
+        "{} the job was {phase}: {what}",
+        crate::ota::job::CRASH_PREFIX
+    );
     tracing::error!("job failed inside the gateway: {desc}");
     if let Err(e) = core.table.apply(ticket, Event::Crashed { desc }).await {
         tracing::error!("{e}");
@@ -155,18 +163,8 @@ async fn run(core: Arc<Core>, ticket: Ticket, first: Option<Event>) -> Result<Ou
     let Some(leaf) = core.devices().find(id, module).cloned() else {
         return Err(RunError::Unconfigured(format!("{id} module {module}")));
     };
-    let link_lock = core.link_lock(&leaf);
-    let stop = core.shutdown.clone();
-    let _link_guard = tokio::select! {
-        _ = stop.cancelled() => return Ok(Outcome::Stopped),
-        g = link_lock.lock_owned() => g,
-    };
-    let _permit = tokio::select! {
-        _ = stop.cancelled() => return Ok(Outcome::Stopped),
-        p = core.permits.clone().acquire_owned() => match p {
-            Ok(p) => p,
-            Err(_) => return Ok(Outcome::Stopped),
-        },
+    let Some(_held) = core.hold(&leaf).await else {
+        return Ok(Outcome::Stopped);
     };
     if !core.table.begin(&ticket) {
         return Ok(Outcome::Superseded);
@@ -544,7 +542,12 @@ impl Ctx {
             self.observe(e);
         }
         match r {
-            Ok(d) => Event::Identified { version: d.version },
+            Ok(d) => {
+                if let Some(m) = d.hardware_id.or(d.model) {
+                    self.core.table.record_model(&self.leaf, &m);
+                }
+                Event::Identified { version: d.version }
+            }
             Err(PluginError::Failed {
                 error: FlashError::Unsupported(_),
                 ..
@@ -589,26 +592,18 @@ pub(super) async fn identify_unknown(core: Arc<Core>, leaf: Leaf) {
     }
 }
 
-/// Identify `leaf` holding its link and a slot; `None` on shutdown.
+/// Identify `leaf` holding its bus, link and a slot; `None` on shutdown.
 async fn read_version(core: &Core, leaf: &Leaf) -> Option<Result<String, PluginError>> {
-    let stop = core.shutdown.clone();
-    let link_lock = core.link_lock(leaf);
-    let _link_guard = tokio::select! {
-        _ = stop.cancelled() => return None,
-        g = link_lock.lock_owned() => g,
-    };
-    let _permit = tokio::select! {
-        _ = stop.cancelled() => return None,
-        p = core.permits.clone().acquire_owned() => p.ok()?,
-    };
+    let _held = core.hold(leaf).await?;
     let work = async {
         let link = core.open_link(leaf).await?;
         let mut session = core.plugins.session(&leaf.family, None).await?;
-        session
-            .identify(link, &leaf.options)
-            .await
-            .1
-            .map(|d| d.version)
+        session.identify(link, &leaf.options).await.1.map(|d| {
+            if let Some(m) = d.hardware_id.or(d.model) {
+                core.table.record_model(leaf, &m);
+            }
+            d.version
+        })
     };
     tokio::select! {
         _ = core.abort.cancelled() => None,

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use super::Core;
+use super::campaigns::RolloutError;
 use super::table::JobTable;
-use crate::api::{DevicePlatform, DeviceStatus, JobStatus, StatusSource};
+use crate::api::{ApiError, DevicePlatform, DeviceStatus, JobStatus, Reply, StatusSource};
 use crate::ota::job::State;
 
 pub(super) struct Status(pub Arc<Core>);
@@ -14,6 +15,17 @@ fn step_desc(state: &State) -> (Option<i32>, Option<String>) {
         State::Failed { step, desc } => (Some(step.code()), Some(desc.clone())),
         _ => (None, None),
     }
+}
+
+fn api_error(e: RolloutError) -> ApiError {
+    use axum::http::StatusCode;
+    let status = match &e {
+        RolloutError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        RolloutError::NotFound(_) => StatusCode::NOT_FOUND,
+        RolloutError::Conflict(_) => StatusCode::CONFLICT,
+        RolloutError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, e.to_string())
 }
 
 impl StatusSource for Status {
@@ -100,6 +112,9 @@ impl StatusSource for Status {
                     last_error: job
                         .and_then(|j| step_desc(j.state()).1)
                         .or_else(|| live.and_then(|l| l.last_error.clone())),
+                    model: core.table.model(leaf),
+                    bus: leaf.bus.clone(),
+                    tags: leaf.tags.clone(),
                     platform: platform.as_ref().and_then(|all| {
                         all.iter()
                             .find(|p| {
@@ -116,6 +131,51 @@ impl StatusSource for Status {
                 }
             })
             .collect()
+    }
+
+    fn campaigns(&self) -> Vec<crate::rollout::CampaignView> {
+        let core = &self.0;
+        core.campaigns
+            .all()
+            .iter()
+            .map(|c| core.campaign_view(c))
+            .collect()
+    }
+
+    fn campaign(&self, id: &str) -> Option<crate::rollout::CampaignView> {
+        let core = &self.0;
+        core.campaigns.get(id).map(|c| core.campaign_view(&c))
+    }
+
+    fn create_campaign(
+        &self,
+        req: crate::rollout::CampaignRequest,
+    ) -> Reply<crate::rollout::CampaignView> {
+        let core = self.0.clone();
+        Box::pin(async move { core.create_campaign(req).await.map_err(api_error) })
+    }
+
+    fn campaign_verb(
+        &self,
+        id: String,
+        verb: crate::rollout::Verb,
+        reason: Option<String>,
+    ) -> Reply<crate::rollout::CampaignView> {
+        let core = self.0.clone();
+        Box::pin(async move {
+            core.campaign_verb(&id, verb, reason)
+                .await
+                .map_err(api_error)
+        })
+    }
+
+    fn upload_image(&self, bytes: bytes::Bytes) -> Reply<crate::rollout::UploadedImage> {
+        let core = self.0.clone();
+        Box::pin(async move { core.upload_image(bytes).await.map_err(api_error) })
+    }
+
+    fn max_upload(&self) -> usize {
+        usize::try_from(self.0.limits.max_image_bytes).unwrap_or(usize::MAX)
     }
 
     fn jobs(&self) -> Vec<JobStatus> {

@@ -414,6 +414,39 @@ impl JobTable {
         }
     }
 
+    /// Remember the hardware id or model `identify` read from `leaf`.
+    pub fn record_model(&self, leaf: &Leaf, model: &str) {
+        if let Err(e) = self.journal.set_model(&leaf.id, &leaf.module, model) {
+            tracing::warn!(device = %leaf.id, module = %leaf.module, "{e}");
+        }
+    }
+
+    /// The hardware id or model last read from `leaf`, if any.
+    pub fn model(&self, leaf: &Leaf) -> Option<String> {
+        self.journal
+            .model(&leaf.id, &leaf.module)
+            .unwrap_or_else(|e| {
+                tracing::warn!(device = %leaf.id, module = %leaf.module, "{e}");
+                None
+            })
+    }
+
+    /// The job of `key` as the table holds it now (running or the last ended).
+    pub fn job(&self, key: &JobKey) -> Option<JobRecord> {
+        self.lock().jobs.get(key).map(|l| l.record.clone())
+    }
+
+    /// Whether `key`'s job waits for a fresh notice of the package of
+    /// `notice` (its URL expired): the notice is that refresh.
+    pub fn awaits(&self, key: &JobKey, notice: &Notice) -> bool {
+        self.lock().jobs.get(key).is_some_and(|l| {
+            let r = &l.record;
+            r.job.awaiting_notice()
+                && r.notice.version == notice.version
+                && r.notice.sign == notice.sign
+        })
+    }
+
     /// Remember the version read back from `leaf` outside a job.
     pub async fn record_version(&self, leaf: &Leaf, version: &str) -> Result<(), JournalError> {
         self.journal
@@ -671,6 +704,8 @@ mod tests {
             options: vec![],
             device_secret: None,
             configured_version: "1.0".into(),
+            tags: vec![],
+            bus: "tcp:127.0.0.1:1".into(),
         };
         assert_eq!(t.version(&leaf_cfg), "1.0");
         let ticket = run(t.offer(&leaf(), notice("2.0")).await);

@@ -30,6 +30,8 @@ fn device(dn: &str) -> DeviceConfig {
         version: "1.0.0".into(),
         module: "default".into(),
         options: BTreeMap::new(),
+        tags: vec![],
+        bus: None,
     }
 }
 
@@ -58,18 +60,19 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
         ..Default::default()
     };
     let sent = Arc::new(Recorder::default());
+    let config = crate::config::Config::parse(
+        "[gateway]\nproduct_key = \"gwpk\"\ndevice_name = \"gw\"\ndata_dir = \"/tmp/x\"\nplugins_dir = \"/tmp/p\"\n",
+        std::path::Path::new("/t.toml"),
+    )
+    .unwrap();
+    let campaigns = super::campaigns::Campaigns::open(&store, &config).unwrap();
     let core = Arc::new(Core {
         gw: DeviceId::new(GW.0, GW.1),
         devices: std::sync::RwLock::new(Arc::new(Devices::new(devices))),
-        config: Mutex::new(
-            crate::config::Config::parse(
-                "[gateway]\nproduct_key = \"gwpk\"\ndevice_name = \"gw\"\ndata_dir = \"/tmp/x\"\nplugins_dir = \"/tmp/p\"\n",
-                std::path::Path::new("/t.toml"),
-            )
-            .unwrap(),
-        ),
+        config: Mutex::new(config),
         plugins_rescan: Arc::new(tokio::sync::Notify::new()),
         table,
+        campaigns,
         cache,
         plugins: PluginHost::new(limits, None).unwrap(),
         updates: super::plugin_update::PluginUpdates::open(dir.path(), Default::default(), false),
@@ -82,6 +85,7 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
         },
         permits: Arc::new(Semaphore::new(4)),
         links: Mutex::new(HashMap::new()),
+        buses: Mutex::new(HashMap::new()),
         identifying: Mutex::new(Default::default()),
         next_id: AtomicU64::new(1),
         tasks: TaskTracker::new(),

@@ -180,6 +180,9 @@ pub enum Event {
     },
 }
 
+/// How the desc of a job the gateway itself failed begins (`Event::Crashed`).
+pub const CRASH_PREFIX: &str = "the gateway failed while";
+
 /// What the driver must do after an event, in this order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {

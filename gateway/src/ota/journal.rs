@@ -1,5 +1,5 @@
 //! The job journal: what the gateway must remember about its jobs and leaves
-//! across a crash, in five sled trees that only this file touches:
+//! across a crash, in six sled trees that only this file touches:
 //!
 //! | tree | key | value |
 //! |---|---|---|
@@ -8,6 +8,7 @@
 //! | `reported` | leaf, module | which terminal record's reports are in the outbox |
 //! | `lifecycle` | `run` | whether the last run stopped cleanly |
 //! | `history` | leaf, module | the last [`HISTORY_LEN`] ended jobs and refused notices |
+//! | `models` | leaf, module | the hardware id (else model) `identify` last read |
 //!
 //! A terminal record and the leaf's version are written in **one sled
 //! transaction** ([`Journal::put`]): after a crash at the moment of success the
@@ -32,6 +33,7 @@ const VERSIONS: &str = "devices";
 const REPORTED: &str = "reported";
 const LIFECYCLE: &str = "lifecycle";
 const HISTORY: &str = "history";
+const MODELS: &str = "models";
 
 /// How many entries a leaf's history keeps (the oldest go first).
 pub const HISTORY_LEN: usize = 20;
@@ -131,6 +133,7 @@ pub struct Journal {
     reported: sled::Tree,
     lifecycle: sled::Tree,
     history: sled::Tree,
+    models: sled::Tree,
 }
 
 /// The key of a leaf's module: the JSON array `[pk, dn, module]`, unambiguous
@@ -166,7 +169,32 @@ impl Journal {
             reported: store.tree(REPORTED)?,
             lifecycle: store.tree(LIFECYCLE)?,
             history: store.tree(HISTORY)?,
+            models: store.tree(MODELS)?,
         })
+    }
+
+    /// Remember the hardware id (else the model) `identify` read from
+    /// `leaf`/`module`. Not flushed on its own (rollouts select by it; the
+    /// next durable write takes it along, the next identify writes it again).
+    pub fn set_model(
+        &self,
+        leaf: &DeviceId,
+        module: &str,
+        model: &str,
+    ) -> Result<(), JournalError> {
+        self.models
+            .insert(key(leaf, module), model.as_bytes())
+            .map_err(Self::store_error("write the model of", label(leaf, module)))?;
+        Ok(())
+    }
+
+    /// The model last read from `leaf`/`module`, if any.
+    pub fn model(&self, leaf: &DeviceId, module: &str) -> Result<Option<String>, JournalError> {
+        let got = self
+            .models
+            .get(key(leaf, module))
+            .map_err(Self::store_error("read the model of", label(leaf, module)))?;
+        Ok(got.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// Add `entry` to the history of `leaf`/`module` (the last
