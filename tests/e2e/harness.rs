@@ -147,6 +147,8 @@ pub struct LeafSpec {
     pub link: String,
     pub version: String,
     pub options: Vec<(String, String)>,
+    /// More TOML lines of its `[[device]]` (`bus = "rs485-1"`, `tags = [...]`).
+    pub extra: String,
 }
 
 /// The product key of every test leaf.
@@ -167,6 +169,7 @@ impl LeafSpec {
                 ("enter_command", "update\\r"),
                 ("version_command", "version\\r"),
             ]),
+            extra: String::new(),
         }
     }
 
@@ -178,6 +181,7 @@ impl LeafSpec {
             link: sim_url.into(),
             version: "1.0.0".into(),
             options: opts(options),
+            extra: String::new(),
         }
     }
 }
@@ -222,7 +226,9 @@ pub fn gateway_config(
             .iter()
             .map(|(k, v)| format!("{k} = {v:?}"))
             .collect();
-        c.push_str(&format!("options = {{ {} }}\n\n", o.join(", ")));
+        c.push_str(&format!("options = {{ {} }}\n", o.join(", ")));
+        c.push_str(&l.extra);
+        c.push('\n');
     }
     c
 }
@@ -295,6 +301,42 @@ pub async fn http_get_json(addr: std::net::SocketAddr, path: &str) -> serde_json
     let text = String::from_utf8_lossy(&resp);
     let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
     serde_json::from_str(body).unwrap_or_else(|e| panic!("API {path} answered {text:?}: {e}"))
+}
+
+/// A minimal HTTP/1.1 request with an optional bearer token and JSON body:
+/// the status and the JSON answer.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the API");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("send");
+    s.write_all(body).await.expect("send the body");
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.expect("read");
+    let text = String::from_utf8_lossy(&resp);
+    let status: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (status, json)
 }
 
 /// The md5 of an image, lowercase hex (the notice's `sign`).

@@ -12,6 +12,7 @@ mod plugin_host;
 mod plugin_update;
 mod reload;
 mod resilience;
+mod rollout;
 mod signing;
 mod smp;
 mod stm32;

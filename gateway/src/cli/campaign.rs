@@ -120,7 +120,11 @@ impl Client {
                 .ok()
                 .and_then(|v| v.get("error")?.as_str().map(str::to_string))
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            anyhow::bail!("the gateway refused ({status}): {msg}");
+            return Err(super::Refused {
+                status: status.as_u16(),
+                message: msg,
+            }
+            .into());
         }
         serde_json::from_slice(&body).with_context(|| format!("{url} answered something else"))
     }
@@ -246,7 +250,7 @@ pub struct CampaignArgs {
 }
 
 fn size(what: &str, s: &str) -> anyhow::Result<Size> {
-    Size::parse(s).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+    Size::parse(s).map_err(|e| super::Usage(format!("{what}: {e}")).into())
 }
 
 /// The image's SHA-256 and size, reading it once.
@@ -291,7 +295,7 @@ pub async fn upgrade(a: UpgradeArgs) -> anyhow::Result<ExitCode> {
         approve: a.approve,
         rate_per_minute: a.rate,
     };
-    plan.check().map_err(|e| anyhow::anyhow!("{e}"))?;
+    plan.check().map_err(super::Usage)?;
     let selection = Selection {
         module: Some(a.module.clone()),
         family: a.family.clone(),
@@ -301,7 +305,7 @@ pub async fn upgrade(a: UpgradeArgs) -> anyhow::Result<ExitCode> {
         tags: a.tags.clone(),
         bus: a.bus.clone(),
     };
-    selection.check().map_err(|e| anyhow::anyhow!("{e}"))?;
+    selection.check().map_err(super::Usage)?;
     let image = if a.image.starts_with("http://") || a.image.starts_with("https://") {
         let (sha256, size) = match &a.sha256 {
             Some(s) => {
@@ -313,7 +317,16 @@ pub async fn upgrade(a: UpgradeArgs) -> anyhow::Result<ExitCode> {
                     .await
                     .ok()
                     .filter(|r| r.status().is_success())
-                    .and_then(|r| r.content_length());
+                    // The header itself: a HEAD answer has no body to size.
+                    .and_then(|r| {
+                        r.headers()
+                            .get(reqwest::header::CONTENT_LENGTH)?
+                            .to_str()
+                            .ok()?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .filter(|n| *n > 0);
                 match len {
                     Some(n) => (s.to_ascii_lowercase(), n),
                     None => hash_url(&client.http, &a.image).await?,

@@ -28,6 +28,8 @@ pub mod exit {
     pub const NO_INPUT: u8 = 66;
     /// The gateway (its API) cannot be reached.
     pub const UNAVAILABLE: u8 = 69;
+    /// The gateway refused the API token (missing or wrong).
+    pub const NO_PERMISSION: u8 = 77;
     /// Anything else that went wrong inside otagw.
     pub const SOFTWARE: u8 = 70;
     /// The configuration is invalid.
@@ -39,10 +41,26 @@ pub mod exit {
 #[error("{0}")]
 pub struct Unavailable(pub String);
 
+/// The command line asks for something wrong (exit status 64).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// The gateway's API refused a request: 401/403 exit 77, another 4xx
+/// (the request was wrong, or the campaign's state does not allow it) 64,
+/// anything else 70.
+#[derive(Debug, thiserror::Error)]
+#[error("the gateway refused ({status}): {message}")]
+pub struct Refused {
+    pub status: u16,
+    pub message: String,
+}
+
 const EXIT_HELP: &str = "Exit status: 0 done; 1 the work failed (a flash, a device in `status`, \
-a broken plugin); 64 the command line is wrong; 66 an input file does not exist; 69 the gateway \
-cannot be reached; 70 an error inside otagw; 78 the configuration is invalid; 130/143 stopped by \
-Ctrl-C / SIGTERM.";
+a broken plugin, a leaf of a campaign); 64 the command line is wrong (or the gateway refused it); \
+66 an input file does not exist; 69 the gateway cannot be reached; 70 an error inside otagw; 77 \
+the gateway refused the API token; 78 the configuration is invalid; 130/143 stopped by Ctrl-C / \
+SIGTERM.";
 
 /// otagw: OTA edge gateway for leaf devices behind serial, TCP and BLE links.
 #[derive(Debug, Parser)]
@@ -452,6 +470,16 @@ pub fn exit_status(e: &anyhow::Error) -> u8 {
         }
         if cause.is::<Unavailable>() {
             return exit::UNAVAILABLE;
+        }
+        if cause.is::<Usage>() {
+            return exit::USAGE;
+        }
+        if let Some(r) = cause.downcast_ref::<Refused>() {
+            return match r.status {
+                401 | 403 => exit::NO_PERMISSION,
+                400..=499 => exit::USAGE,
+                _ => exit::SOFTWARE,
+            };
         }
         if let Some(io) = cause.downcast_ref::<std::io::Error>()
             && io.kind() == std::io::ErrorKind::NotFound

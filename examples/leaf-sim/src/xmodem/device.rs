@@ -312,6 +312,9 @@ where
                 _ => {} // line noise between blocks, or a lone CAN
             }
         };
+        if !self.started {
+            self.device.transfer_started();
+        }
         self.started = true;
         let need = 2 + len + if self.crc { 2 } else { 1 };
         let mut lose = match (expect, cfg.faults.drop_bytes) {

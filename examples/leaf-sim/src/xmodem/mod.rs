@@ -12,7 +12,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -266,6 +266,9 @@ struct Shared {
     released: tokio::sync::watch::Sender<bool>,
     /// True while a block's ACK is held.
     holding: tokio::sync::watch::Sender<bool>,
+    /// Every transfer: when its first data block came, and when it ended
+    /// (booted or aborted).
+    transfers: Mutex<Vec<(Instant, Option<Instant>)>>,
 }
 
 /// Which one-shot faults have fired.
@@ -298,6 +301,7 @@ impl SimHandle {
                 fired: Mutex::new(Fired::default()),
                 released: tokio::sync::watch::Sender::new(false),
                 holding: tokio::sync::watch::Sender::new(false),
+                transfers: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -377,6 +381,38 @@ impl SimHandle {
             .clone()
     }
 
+    /// Every transfer this device took part in, by its own clock: from the
+    /// first data block to the boot or abort (`None`: still under way).
+    /// Two devices on one bus must never overlap.
+    pub fn transfers(&self) -> Vec<(Instant, Option<Instant>)> {
+        self.inner
+            .transfers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn transfer_started(&self) {
+        self.inner
+            .transfers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((Instant::now(), None));
+    }
+
+    fn transfer_ended(&self) {
+        let mut t = self
+            .inner
+            .transfers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(last) = t.last_mut()
+            && last.1.is_none()
+        {
+            last.1 = Some(Instant::now());
+        }
+    }
+
     /// "Boots" a received image (takes its `FWVER:` version) and publishes it.
     pub(crate) fn boot(&self, image: Received) {
         if let Some(version) = frame::find_version(&image.data) {
@@ -387,6 +423,7 @@ impl SimHandle {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = version;
         }
+        self.transfer_ended();
         self.inner.images.fetch_add(1, Ordering::Relaxed);
         // The receiver lives in `Shared`, so this cannot fail.
         let _ = self.inner.images_tx.send(image);
@@ -394,6 +431,7 @@ impl SimHandle {
 
     pub(crate) fn record_abort(&self, reason: String) {
         tracing::warn!(%reason, "transfer aborted");
+        self.transfer_ended();
         self.inner.aborts.fetch_add(1, Ordering::Relaxed);
         *self
             .inner
