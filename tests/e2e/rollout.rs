@@ -579,7 +579,9 @@ async fn bad_campaign_requests_are_refused_and_start_nothing() {
         .unwrap()
     };
     let ok = request(serde_json::json!({}), serde_json::json!({}));
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+    // What, the token, the body, the status, what the message says.
+    type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "a bad selection",
             Some(&token),
