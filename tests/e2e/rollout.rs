@@ -750,3 +750,143 @@ async fn upgrade_follow_on_a_terminal_shows_a_bar_per_leaf() {
     }
     gw.stop().await;
 }
+
+/// Item 2: without a campaign, platform notices for three leaves of one
+/// bus (`[[bus]] max_parallel = 1`, each leaf on a port of its own) run
+/// one after the other, while `[jobs] max_parallel` would allow all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_notices_for_one_bus_take_turns() {
+    let f = floor(3, |_, _| {}).await;
+    let config = f
+        .config()
+        .replace("bus = \"rs485-1\"", "bus = \"rs485-0\"")
+        .replace("bus = \"rs485-2\"", "bus = \"rs485-0\"");
+    let gw = Daemon::start(&config).await;
+    let img = versioned_image(8_192, "2.0.0");
+    let url = f.files.add("fw-2.0.0.bin", img.clone());
+    for i in 0..3 {
+        f.probe
+            .publish(
+                &topic("upgrade", &name(i)),
+                notice(10 + i as u64, "2.0.0", &url, &img),
+            )
+            .await;
+    }
+    f.probe
+        .wait_until(LIMIT, "informs of 2.0.0", |m| {
+            (0..3).all(|i| has_inform(m, &topic("inform", &name(i)), "2.0.0"))
+        })
+        .await;
+    let mut spans: Vec<(Instant, Instant)> = f
+        .sims
+        .iter()
+        .flat_map(|s| s.handle().transfers())
+        .map(|(a, b)| (a, b.unwrap()))
+        .collect();
+    spans.sort();
+    assert_eq!(spans.len(), 3);
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "two leaves of rs485-0 flashed at once");
+    }
+    let devices = gw.api_get("/api/devices").await;
+    assert!(
+        devices
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["bus"] == "rs485-0"),
+        "{devices:#}"
+    );
+    gw.stop().await;
+}
+
+/// Acceptance 3, the narrowest window: the gateway dies right after a
+/// member's job end is persisted, before the campaign hears of it (the
+/// `job-ended-unpublished` fault point aborts the process there). After
+/// the restart the campaign takes the end from the journal: the leaf is
+/// not flashed again, and its group's account is what the job said (here a
+/// canary whose bootloader refused the image: the campaign waits for an
+/// approval before the rest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_a_job_end_and_its_campaign_runs_nothing_twice() {
+    let f = floor(3, |i, c| c.refuse_image = i == 0).await;
+    let cfg_path = f.data.path().join("otagw.toml");
+    let gw = GatewayProcess::start_with_env(
+        GATEWAY_BIN,
+        &f.config(),
+        &cfg_path,
+        &[("FAILPOINTS", "job-ended-unpublished=1*return")],
+    )
+    .await;
+    let (url, sha) = f.image();
+    let (code, out, err) = f
+        .cli(
+            gw.api,
+            &[
+                "upgrade",
+                "--image",
+                &url,
+                "--sha256",
+                &sha,
+                "--version",
+                "2.0.0",
+                "--canary",
+                "1",
+            ],
+        )
+        .await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let id = out.trim().to_string();
+    let status = gw.exited(LIMIT).await;
+    assert!(
+        !status.success(),
+        "the fault point ends the gateway: {status}"
+    );
+    let tries = f.sims[0].handle().transfers().len();
+    assert!(tries > 0, "the canary was tried");
+
+    let gw = GatewayProcess::start(GATEWAY_BIN, &f.config(), &cfg_path).await;
+    let c = campaign_until(gw.api, &id, "the approval pause", |c| {
+        c["state"] == "paused"
+    })
+    .await;
+    let canary = member(&c, &name(0));
+    assert_eq!(canary["state"], "failed", "{c:#}");
+    assert_eq!(canary["attempts"], 1, "{c:#}");
+    assert_eq!(
+        f.sims[0].handle().transfers().len(),
+        tries,
+        "the canary ran twice"
+    );
+    assert!(
+        c["pause_reason"]
+            .as_str()
+            .unwrap()
+            .contains("below its success threshold"),
+        "{c:#}"
+    );
+    for i in 1..3 {
+        assert_eq!(member(&c, &name(i))["state"], "pending");
+        assert!(f.sims[i].handle().transfers().is_empty());
+    }
+    // The platform heard the canary's failure (published again after the
+    // restart).
+    f.probe
+        .wait_until(LIMIT, "the canary's -4", |m| {
+            has_step(m, &topic("progress", &name(0)), "-4")
+        })
+        .await;
+    let (code, out, err) = f.cli(gw.api, &["campaign", "approve", &id]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = f.cli(gw.api, &["campaigns", &id, "--follow"]).await;
+    assert_eq!(code, Some(1), "not every leaf succeeded: {out}\n{err}");
+    assert!(out.contains("2 of 3 succeeded, 1 failed"), "{out}");
+    assert!(
+        out.contains(&format!("{LEAF_PK}/leaf-00 failed: ")),
+        "{out}"
+    );
+    for i in 1..3 {
+        assert_eq!(f.sims[i].handle().version(), "2.0.0");
+    }
+    gw.terminate().await;
+}
