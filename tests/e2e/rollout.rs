@@ -890,3 +890,85 @@ async fn a_crash_between_a_job_end_and_its_campaign_runs_nothing_twice() {
     }
     gw.terminate().await;
 }
+
+/// Item 3: under `[jobs] policy = "plan"`, the platform's notices for one
+/// package collect into a campaign that runs the configured plan (a canary,
+/// then an approval before the rest). Held leaves tell the platform nothing
+/// until they start; then each reports its own progress and version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_notices_under_a_plan_wait_for_the_canary_and_an_approval() {
+    let f = floor(4, |_, _| {}).await;
+    let config = format!(
+        "{}[jobs]\npolicy = \"plan\"\n\n[jobs.plan]\ncanary = \"1\"\nwaves = [\"100%\"]\n\
+         approve = true\ncollect = \"1s\"\n",
+        f.config()
+    );
+    let gw = Daemon::start(&config).await;
+    let img = versioned_image(8_192, "2.0.0");
+    let url = f.files.add("fw-2.0.0.bin", img.clone());
+    for i in 0..4 {
+        f.probe
+            .publish(
+                &topic("upgrade", &name(i)),
+                notice(20 + i as u64, "2.0.0", &url, &img),
+            )
+            .await;
+    }
+    // A redelivery of one of them joins nothing twice.
+    f.probe
+        .publish(&topic("upgrade", &name(1)), notice(21, "2.0.0", &url, &img))
+        .await;
+    let deadline = Instant::now() + LIMIT;
+    let c = loop {
+        let all = gw.api_get("/api/campaigns").await;
+        if let Some(c) = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["state"] == "paused")
+        {
+            break c.clone();
+        }
+        assert!(Instant::now() < deadline, "no paused campaign: {all:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let id = c["id"].as_str().unwrap().to_string();
+    assert_eq!(c["origin"], "platform");
+    assert_eq!(c["counts"]["total"], 4, "{c:#}");
+    assert!(
+        c["pause_reason"].as_str().unwrap().contains("approve"),
+        "{c:#}"
+    );
+    let canary = &c["groups"][0]["members"][0];
+    assert_eq!(canary["state"], "succeeded", "{c:#}");
+    let canary_dn = canary["device"].as_str().unwrap()[LEAF_PK.len() + 1..].to_string();
+    f.probe
+        .wait_until(LIMIT, "the canary's inform of 2.0.0", |m| {
+            has_inform(m, &topic("inform", &canary_dn), "2.0.0")
+        })
+        .await;
+    for i in (0..4).filter(|i| name(*i) != canary_dn) {
+        assert!(f.sims[i].handle().transfers().is_empty(), "{}", name(i));
+        assert!(
+            f.probe.on(&topic("progress", &name(i))).is_empty(),
+            "{} reported before it started",
+            name(i)
+        );
+    }
+    let (code, out, err) = f.cli(gw.api, &["campaign", "approve", &id]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = f.cli(gw.api, &["campaigns", &id, "--follow"]).await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    f.probe
+        .wait_until(LIMIT, "every leaf's progress and inform", |m| {
+            (0..4).all(|i| {
+                has_step(m, &topic("progress", &name(i)), "100")
+                    && has_inform(m, &topic("inform", &name(i)), "2.0.0")
+            })
+        })
+        .await;
+    for sim in &f.sims {
+        assert_eq!(sim.handle().images_received(), 1);
+    }
+    gw.stop().await;
+}
