@@ -667,9 +667,10 @@ impl Config {
             && !a.ip().is_loopback()
         {
             out.push(format!(
-                "[api] listen = \"{a}\" is reachable beyond this machine and the API has no \
-                 authentication: anyone on that network sees every device and job (listen on \
-                 127.0.0.1 unless a firewall or proxy guards it)"
+                "[api] listen = \"{a}\" is reachable beyond this machine and the API's reads \
+                 need no token: anyone on that network sees every device, job and campaign \
+                 (changes need the API token; listen on 127.0.0.1 unless a firewall or proxy \
+                 guards it)"
             ));
         }
         if let Some(b) = self.local_broker.listen
@@ -986,6 +987,109 @@ plugins_dir = "/tmp/p"
         assert_eq!(cfg.devices.len(), 1);
         assert_eq!(cfg.devices[0].options["enter_command"], "update\r");
         assert_eq!(cfg.plugins.cpu, Duration::from_secs(5));
+    }
+
+    fn leaf(dn: &str, link: &str, extra: &str) -> String {
+        format!(
+            "\n[[device]]\nproduct_key = \"p\"\ndevice_name = \"{dn}\"\nfamily = \"xmodem\"\n\
+             link = \"{link}\"\nversion = \"1\"\n{extra}\n"
+        )
+    }
+
+    #[test]
+    fn buses_are_declared_shared_by_whole_links_and_bounded() {
+        let bus = "\n[[bus]]\nname = \"rs485-1\"\nmax_parallel = 2\n";
+        let ok = format!(
+            "{MINIMAL}{bus}{}{}{}",
+            leaf(
+                "a",
+                "serial:///dev/ttyS1",
+                "bus = \"rs485-1\"\ntags = [\"press\"]"
+            ),
+            leaf("b", "serial:///dev/ttyS2", "bus = \"rs485-1\""),
+            leaf("c", "tcp://h:1", ""),
+        );
+        let cfg = parse(&ok).unwrap();
+        assert_eq!(cfg.bus_capacity("rs485-1"), 2);
+        assert_eq!(cfg.bus_capacity("tcp:h:1"), 1, "a link alone: one job");
+        assert_eq!(
+            cfg.bus_capacity(crate::devices::BLE_BUS),
+            cfg.ble.max_connections
+        );
+        let leaves = crate::devices::Devices::new(&cfg.devices);
+        let buses: Vec<&str> = leaves.all().iter().map(|l| l.bus.as_str()).collect();
+        assert_eq!(buses, ["rs485-1", "rs485-1", "tcp:h:1"]);
+        assert_eq!(leaves.all()[0].tags, ["press"]);
+        let refused = |text: String, says: &str| {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(says), "{err:?} does not say {says:?}");
+        };
+        refused(
+            format!("{MINIMAL}{}", leaf("a", "tcp://h:1", "bus = \"rs485-9\"")),
+            "bus = \"rs485-9\" is not declared; add [[bus]]",
+        );
+        refused(
+            format!(
+                "{MINIMAL}{bus}{}{}",
+                leaf("a", "serial:///dev/ttyS1?baud=9600", "bus = \"rs485-1\""),
+                leaf("b", "serial:///dev/ttyS1?baud=9600", ""),
+            ),
+            "share the link serial:///dev/ttyS1?baud=9600 but not the bus",
+        );
+        refused(format!("{MINIMAL}{bus}{bus}"), "declared twice");
+        refused(
+            format!("{MINIMAL}\n[[bus]]\nname = \"x\"\nmax_parallel = 0\n"),
+            "max_parallel = 0 is out of range",
+        );
+        refused(
+            format!("{MINIMAL}\n[[bus]]\nname = \"ble\"\n"),
+            "the BLE adapter's own bus",
+        );
+        refused(
+            format!("{MINIMAL}{}", leaf("a", "tcp://h:1", "tags = [\"\"]")),
+            "a tag must not be empty",
+        );
+    }
+
+    #[test]
+    fn the_plan_of_platform_notices_is_checked() {
+        let cfg = parse(&format!("{MINIMAL}\n[jobs]\npolicy = \"plan\"\n\n[jobs.plan]\ncanary = \"10%\"\nwaves = [\"2\", \"50%\"]\ncollect = \"5s\"\n")).unwrap();
+        assert_eq!(cfg.jobs.policy, Policy::Plan);
+        let plan = crate::rollout::PlanSpec::from_config(&cfg.jobs.plan).unwrap();
+        assert_eq!(plan.canary, Some(crate::rollout::Size::Percent(10)));
+        assert_eq!(plan.waves.len(), 2);
+        assert_eq!(cfg.jobs.plan.collect, Duration::from_secs(5));
+        let no_canary = parse(&format!("{MINIMAL}\n[jobs.plan]\ncanary = \"0\"\n")).unwrap();
+        assert_eq!(
+            crate::rollout::PlanSpec::from_config(&no_canary.jobs.plan)
+                .unwrap()
+                .canary,
+            None
+        );
+        for (bad, says) in [
+            ("waves = [\"0%\"]", "[jobs.plan] waves"),
+            ("canary = \"half\"", "[jobs.plan] canary"),
+            ("success_threshold = 0", "success_threshold"),
+            ("min_executed = 0", "min_executed"),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n[jobs.plan]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        assert_eq!(parse(MINIMAL).unwrap().jobs.policy, Policy::Immediate);
+    }
+
+    #[test]
+    fn the_api_token_lives_in_data_dir_unless_configured() {
+        let cfg = parse(MINIMAL).unwrap();
+        assert_eq!(cfg.api_token_path(), Path::new("/tmp/x/api-token"));
+        let cfg = Config::parse(
+            &format!("{MINIMAL}\n[api]\nlisten = \"127.0.0.1:1\"\ntoken_file = \"secret/token\"\n"),
+            Path::new("/etc/otagw/otagw.toml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.api_token_path(), Path::new("/etc/otagw/secret/token"));
     }
 
     #[test]
