@@ -613,3 +613,96 @@ async fn follow(client: &Client, id: &str) -> anyhow::Result<ExitCode> {
         ExitCode::from(super::exit::FAILED)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_and_token_come_from_the_configuration_unless_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("otagw.toml");
+        std::fs::write(
+            &cfg,
+            "[gateway]\nproduct_key = \"g\"\ndevice_name = \"g\"\ndata_dir = \"state\"\n\
+             plugins_dir = \"p\"\n\n[api]\nlisten = \"0.0.0.0:8181\"\n",
+        )
+        .unwrap();
+        let args = |api: Option<&str>, token: Option<&str>| ApiArgs {
+            config: Some(cfg.clone()),
+            api: api.map(str::to_string),
+            token_file: token.map(PathBuf::from),
+        };
+        let c = args(None, None).client().unwrap();
+        assert_eq!(
+            c.base, "http://127.0.0.1:8181",
+            "a wildcard listen is reached on loopback"
+        );
+        assert_eq!(c.token_file, dir.path().join("state/api-token"));
+        let c = args(Some("10.0.0.2:9000/"), Some("/run/t"))
+            .client()
+            .unwrap();
+        assert_eq!(c.base, "http://10.0.0.2:9000");
+        assert_eq!(c.token_file, PathBuf::from("/run/t"));
+        let bare = ApiArgs {
+            config: None,
+            api: None,
+            token_file: None,
+        }
+        .client()
+        .unwrap();
+        assert_eq!(bare.base, "http://127.0.0.1:8080");
+        assert_eq!(bare.token_file, PathBuf::from(PACKAGED_TOKEN));
+        // A token file that cannot be read says what to do.
+        let err = format!("{:#}", c.token().unwrap_err());
+        assert!(err.contains("--token-file"), "{err}");
+    }
+
+    #[test]
+    fn a_campaign_renders_as_a_list_and_in_detail() {
+        let json = serde_json::json!({
+            "id": "c1", "origin": "local", "version": "2.0.0", "module": "default",
+            "image": {"sign_method": "sha256", "sign": "ab", "size": 1},
+            "state": "paused", "pause_reason": "error threshold: 2 of 4", "current_group": 1,
+            "counts": {"total": 2, "pending": 0, "running": 0, "succeeded": 1, "failed": 1,
+                       "failed_counted": 1, "not_started": 0},
+            "groups": [
+                {"name": "canary", "approved": false,
+                 "counts": {"total": 1, "pending": 0, "running": 0, "succeeded": 1, "failed": 0,
+                            "failed_counted": 0, "not_started": 0},
+                 "members": [{"device": "pk/a", "module": "default", "bus": "rs485-1",
+                              "from_version": "1.0", "state": "succeeded", "progress": 100,
+                              "version": "2.0.0", "counted": false, "attempts": 1}]},
+                {"name": "wave 1", "approved": false,
+                 "counts": {"total": 1, "pending": 0, "running": 0, "succeeded": 0, "failed": 1,
+                            "failed_counted": 1, "not_started": 0},
+                 "members": [{"device": "pk/b", "module": "default", "bus": "rs485-1",
+                              "from_version": "1.0", "state": "failed",
+                              "reason": "-4: refused", "counted": true, "attempts": 1}]}],
+            "selection": {}, "plan": {"waves": [], "success_threshold": 100, "min_executed": 1,
+                                      "approve": false},
+            "created_ms": 1, "transitions": []
+        });
+        let c: CampaignView = serde_json::from_value(json).unwrap();
+        let l = list(std::slice::from_ref(&c));
+        let row = l.lines().nth(1).unwrap();
+        assert!(
+            row.starts_with("c1")
+                && row.contains("wave 1")
+                && row.ends_with("error threshold: 2 of 4"),
+            "{l}"
+        );
+        let d = detail(&c);
+        assert!(d.contains("paused: error threshold"), "{d}");
+        assert!(
+            d.lines()
+                .any(|l| l.starts_with("canary") && l.ends_with("runs 2.0.0")),
+            "{d}"
+        );
+        assert!(
+            d.lines()
+                .any(|l| l.starts_with("wave 1") && l.ends_with("-4: refused")),
+            "{d}"
+        );
+    }
+}
