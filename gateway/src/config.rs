@@ -164,6 +164,12 @@ pub struct ApiConfig {
     /// first start when missing (default: `<data_dir>/api-token`).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM) ...
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// ... and its private key (PEM).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -171,6 +177,8 @@ impl Default for ApiConfig {
         Self {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             token_file: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -702,8 +710,15 @@ impl Config {
         if let Some(d) = self.cache.dir.as_mut() {
             at(d);
         }
-        if let Some(t) = self.api.token_file.as_mut() {
-            at(t);
+        for p in [
+            &mut self.api.token_file,
+            &mut self.api.tls_cert,
+            &mut self.api.tls_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            at(p);
         }
         self.plugins.trusted_keys.iter_mut().for_each(at);
         if let Some(u) = self.upstream.as_mut()
@@ -873,6 +888,11 @@ impl Config {
             if d.family.is_empty() {
                 return Err(format!("device {who}: family must not be empty"));
             }
+        }
+        if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
+            return Err(
+                "[api] tls_cert and tls_key go together: give both (PEM files) or neither".into(),
+            );
         }
         self.validate_buses()?;
         crate::rollout::plan::PlanSpec::from_config(&self.jobs.plan)
@@ -1090,6 +1110,12 @@ plugins_dir = "/tmp/p"
         )
         .unwrap();
         assert_eq!(cfg.api_token_path(), Path::new("/etc/otagw/secret/token"));
+        let err = parse(&format!(
+            "{MINIMAL}\n[api]\nlisten = \"127.0.0.1:1\"\ntls_cert = \"a.pem\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tls_cert and tls_key go together"), "{err}");
     }
 
     #[test]

@@ -972,3 +972,157 @@ async fn platform_notices_under_a_plan_wait_for_the_canary_and_an_approval() {
     }
     gw.stop().await;
 }
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with `openssl`:
+/// `ca.pem`, `server.pem`, `server.key` in `dir`.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=otagw test CA",
+        ],
+        &["-addext", "basicConstraints=critical,CA:TRUE"],
+        &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+/// Item 5: the API over HTTPS (`[api] tls_cert`, `tls_key`): `otagw
+/// upgrade` runs a campaign through it with the CA given; without the CA,
+/// or over plain HTTP, nothing gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_over_https_runs_a_campaign_and_refuses_what_it_cannot_trust() {
+    let f = floor(2, |_, _| {}).await;
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let c = |n: &str| certs.path().join(n).display().to_string();
+    let config = f.config().replace(
+        "[api]\nlisten = \"127.0.0.1:0\"\n",
+        &format!(
+            "[api]\nlisten = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}\n",
+            c("server.pem"),
+            c("server.key")
+        ),
+    );
+    assert!(config.contains("tls_cert"), "{config}");
+    let gw = Daemon::start(&config).await;
+    let (url, sha) = f.image();
+    let https = format!("https://{}", gw.api);
+    let otagw = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(GATEWAY_BIN);
+        cmd.args(args)
+            .arg("--token-file")
+            .arg(f.token_file())
+            .env_remove("RUST_LOG");
+        cmd
+    };
+    let out = otagw(&[
+        "upgrade",
+        "--api",
+        &https,
+        "--ca-file",
+        &c("ca.pem"),
+        "--image",
+        &url,
+        "--sha256",
+        &sha,
+        "--version",
+        "2.0.0",
+        "--follow",
+    ])
+    .output()
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("2 of 2 succeeded"), "{text}");
+    // Without the CA the certificate is not trusted; plain HTTP is no API.
+    for args in [
+        vec!["campaigns", "--api", &https],
+        vec!["campaigns", "--api", &format!("http://{}", gw.api)],
+    ] {
+        let out = otagw(&args).output().await.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{args:?}: {err}");
+        assert!(err.contains("cannot reach the gateway"), "{err}");
+    }
+    // `otagw status` reaches it too.
+    let out = tokio::process::Command::new(GATEWAY_BIN)
+        .args(["status", "--api", &https, "--ca-file", &c("ca.pem")])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("leaf-00") && table.contains("2.0.0"),
+        "{table}"
+    );
+    gw.stop().await;
+}

@@ -28,6 +28,8 @@
 //! It binds nothing itself (the caller hands it a listener, so tests use
 //! port 0).
 
+pub mod tls;
+
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -460,16 +462,31 @@ async fn plugins(State(api): State<Api>) -> Json<PluginsStatus> {
     Json(api.source.plugins())
 }
 
-/// Serve the API on `listener` until `shutdown` is cancelled.
+/// Serve the API on `listener` (over TLS with `tls`) until `shutdown` is
+/// cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     source: Arc<dyn StatusSource>,
     token: Option<String>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(source, token))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let app = router(source, token);
+    let stop = shutdown.clone();
+    let stopped = async move { stop.cancelled().await };
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config, shutdown)?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+    }
 }
 
 /// The API token in `path`, trimmed.

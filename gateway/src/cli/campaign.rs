@@ -31,6 +31,27 @@ pub struct ApiArgs {
     /// token_file, else /var/lib/otagw/api-token, the package's).
     #[arg(long, env = "OTAGW_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) of an API served over HTTPS with a
+    /// certificate of its own ([api] tls_cert); the system's roots besides.
+    #[arg(long, env = "OTAGW_API_CA")]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// An HTTP client for the gateway's API, trusting `ca_file` besides the
+/// system's roots.
+pub(crate) fn http_client(ca_file: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+    crate::tls::init();
+    let mut b = reqwest::Client::builder();
+    if let Some(ca) = ca_file {
+        let pem =
+            std::fs::read(ca).with_context(|| format!("cannot read --ca-file {}", ca.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("--ca-file {}: not PEM certificates", ca.display()))?;
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    Ok(b.build()?)
 }
 
 /// The package's data directory, where the token is without a configuration.
@@ -52,10 +73,18 @@ impl ApiArgs {
         let base = match (&self.api, &cfg) {
             (Some(a), _) => a.clone(),
             (None, Some(c)) => match c.api.listen {
-                Some(addr) if addr.ip().is_unspecified() => {
-                    format!("http://127.0.0.1:{}", addr.port())
+                Some(addr) => {
+                    let scheme = if c.api.tls_cert.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    if addr.ip().is_unspecified() {
+                        format!("{scheme}://127.0.0.1:{}", addr.port())
+                    } else {
+                        format!("{scheme}://{addr}")
+                    }
                 }
-                Some(addr) => format!("http://{addr}"),
                 None => anyhow::bail!(
                     "the configuration has no [api] listen: the gateway has no API to talk to"
                 ),
@@ -73,11 +102,10 @@ impl ApiArgs {
             (None, Some(c)) => c.api_token_path(),
             (None, None) => PACKAGED_TOKEN.into(),
         };
-        crate::tls::init();
         Ok(Client {
             base,
             token_file,
-            http: reqwest::Client::new(),
+            http: http_client(self.ca_file.as_deref())?,
         })
     }
 }
@@ -632,6 +660,7 @@ mod tests {
             config: Some(cfg.clone()),
             api: api.map(str::to_string),
             token_file: token.map(PathBuf::from),
+            ca_file: None,
         };
         let c = args(None, None).client().unwrap();
         assert_eq!(
@@ -648,6 +677,7 @@ mod tests {
             config: None,
             api: None,
             token_file: None,
+            ca_file: None,
         }
         .client()
         .unwrap();

@@ -16,6 +16,10 @@ pub struct StatusArgs {
     /// Print the device list as JSON (the API's `/api/devices`).
     #[arg(long)]
     pub json: bool,
+    /// The CA certificate (PEM) of an API served over HTTPS with a
+    /// certificate of its own ([api] tls_cert).
+    #[arg(long, env = "OTAGW_API_CA")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// The API's base URL from what the operator typed.
@@ -30,9 +34,9 @@ fn base_url(api: &str) -> String {
 
 /// Exit status 1 when any device's last job failed.
 pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
-    crate::tls::init();
+    let http = super::campaign::http_client(a.ca_file.as_deref())?;
     let url = format!("{}/api/devices", base_url(&a.api));
-    let answer = reqwest::get(&url).await.map_err(|e| {
+    let answer = http.get(&url).send().await.map_err(|e| {
         let why = if e.is_connect() {
             "nothing answers there".to_string()
         } else if e.is_builder() {

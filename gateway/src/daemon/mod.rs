@@ -65,6 +65,8 @@ pub enum DaemonError {
     },
     #[error("{0}")]
     Campaigns(#[from] crate::rollout::CampaignStoreError),
+    #[error("{0}")]
+    ApiTls(String),
     #[error("cannot read or make the API token {path}: {source} (check the file's owner and mode)")]
     Token {
         path: std::path::PathBuf,
@@ -666,6 +668,8 @@ pub struct Gateway {
     api_addr: Option<SocketAddr>,
     /// What changing API requests must carry.
     api_token: String,
+    /// HTTPS for the API (`[api] tls_cert`).
+    api_tls: Option<Arc<rustls::ServerConfig>>,
     broker: Option<EmbeddedBroker>,
     /// What to do with the journal's jobs once running.
     resume: Vec<Resume>,
@@ -829,6 +833,12 @@ impl Gateway {
         if made {
             tracing::info!(path = %token_path.display(), "API token made: changing requests (otagw upgrade, otagw campaign) carry it");
         }
+        let api_tls = match (&cfg.api.tls_cert, &cfg.api.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(crate::api::tls::server_config(cert, key).map_err(DaemonError::ApiTls)?)
+            }
+            _ => None,
+        };
         let (api, api_addr) = match cfg.api.listen {
             Some(addr) => {
                 let l = tokio::net::TcpListener::bind(addr)
@@ -899,6 +909,7 @@ impl Gateway {
             api,
             api_addr,
             api_token,
+            api_tls,
             broker,
             resume,
             upstream_stopped,
@@ -933,8 +944,9 @@ impl Gateway {
             let src: Arc<dyn crate::api::StatusSource> = Arc::new(status::Status(core.clone()));
             let stop = core.shutdown.clone();
             let token = Some(self.api_token.clone());
+            let tls = self.api_tls.clone();
             core.tasks.spawn(async move {
-                if let Err(e) = crate::api::serve(l, src, token, stop).await {
+                if let Err(e) = crate::api::serve(l, src, token, tls, stop).await {
                     tracing::error!("status API stopped: {e}");
                 }
             });
