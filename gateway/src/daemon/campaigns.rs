@@ -34,7 +34,8 @@ use crate::ota::queue::{Duplicate, Offer};
 use crate::ota::topics::DeviceId;
 use crate::rollout::plan::{self, At, Campaign, CampaignState, Candidate, MemberState, Origin};
 use crate::rollout::{
-    CampaignRequest, CampaignStore, CampaignStoreError, CampaignView, UploadedImage, Verb,
+    CampaignRequest, CampaignStore, CampaignStoreError, CampaignView, KEEP_ENDED, UploadedImage,
+    Verb,
 };
 
 /// Why a campaign request was refused: the API's status and message.
@@ -115,6 +116,27 @@ impl Campaigns {
     /// Whether platform notices go through campaigns.
     pub fn planned(&self) -> bool {
         self.policy == Policy::Plan
+    }
+
+    /// Forget the oldest campaigns that are over beyond [`KEEP_ENDED`] (a
+    /// new one is about to be written, which makes it durable).
+    fn prune(&self) {
+        let mut all = lock(&self.state);
+        let mut ended: Vec<(u64, String)> = all
+            .values()
+            .filter(|c| c.is_over())
+            .map(|c| (c.created_ms, c.id.clone()))
+            .collect();
+        ended.sort();
+        let excess = ended.len().saturating_sub(KEEP_ENDED);
+        for (_, id) in ended.into_iter().take(excess) {
+            match self.store.remove(&id) {
+                Ok(()) => {
+                    all.remove(&id);
+                }
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
     }
 
     fn next_id(&self) -> String {
@@ -344,6 +366,7 @@ impl Core {
             .groups(&todo)
             .map_err(|e| bad(format!("plan: {e}")))?;
         let _w = self.campaigns.write.lock().await;
+        self.campaigns.prune();
         let id = self.campaigns.next_id();
         let now = self.table.now_ms();
         let mut c = Campaign::new(
@@ -547,6 +570,7 @@ impl Core {
                 }
                 None => {
                     drop(all);
+                    self.campaigns.prune();
                     let cid = self.campaigns.next_id();
                     let mut c = Campaign::new(
                         cid.clone(),
@@ -606,8 +630,23 @@ impl Core {
         let mut offers: Vec<(String, At, DeviceId, Notice)> = Vec::new();
         let changed: Vec<Campaign> = {
             let mut all = lock(&self.campaigns.state);
+            // Nothing to do for campaigns over with nothing running (the
+            // usual state of a gateway between rollouts).
+            let idle = all
+                .values()
+                .all(|c| c.is_over() && c.members().all(|(_, m)| m.state != MemberState::Running));
+            if idle {
+                return;
+            }
             let mut changed = BTreeSet::new();
-            let cands = self.candidates();
+            let drawing = all.values().any(|c| {
+                c.state == CampaignState::Collecting && c.collect_until_ms.is_some_and(|t| now >= t)
+            });
+            let cands = if drawing {
+                self.candidates()
+            } else {
+                Vec::new()
+            };
             for c in all.values_mut() {
                 if self.reconcile(c, now) {
                     changed.insert(c.id.clone());

@@ -16,6 +16,7 @@ const GW: (&str, &str) = ("gwpk", "gw");
 struct Fixture {
     core: Arc<Core>,
     sent: Arc<Recorder>,
+    store: Store,
     _dir: tempfile::TempDir,
 }
 
@@ -98,6 +99,7 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
     Fixture {
         core,
         sent,
+        store,
         _dir: dir,
     }
 }
@@ -406,4 +408,62 @@ async fn a_leaf_of_unknown_version_is_not_informed_a_guess() {
         lock(&f.core.identifying).is_empty(),
         "asked again next time"
     );
+}
+
+/// A campaign request for every leaf, by URL (nothing is downloaded until a
+/// member starts, and no driver runs here).
+fn campaign_request() -> crate::rollout::CampaignRequest {
+    serde_json::from_value(serde_json::json!({
+        "version": "2.0.0",
+        "image": {"url": "http://127.0.0.1:1/fw.bin", "sha256": "ab".repeat(32), "size": 10},
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn campaigns_that_are_over_are_kept_up_to_a_bound_and_a_leaf_is_in_one_at_a_time() {
+    let f = fixture(&[device("leaf-1"), device("leaf-2")]).await;
+    let core = &f.core;
+    let first = core.create_campaign(campaign_request()).await.unwrap();
+    assert_eq!(first.counts.total, 2);
+    // The same leaves again while the first is not over: refused.
+    let err = core.create_campaign(campaign_request()).await.unwrap_err();
+    assert!(
+        matches!(&err, campaigns::RolloutError::Conflict(m) if m.contains(&first.id)),
+        "{err:?}"
+    );
+    core.campaign_verb(&first.id, crate::rollout::Verb::Stop, None)
+        .await
+        .unwrap();
+    for _ in 0..crate::rollout::KEEP_ENDED + 3 {
+        let c = core.create_campaign(campaign_request()).await.unwrap();
+        core.campaign_verb(&c.id, crate::rollout::Verb::Stop, None)
+            .await
+            .unwrap();
+    }
+    let all = core.campaigns.all();
+    assert_eq!(
+        all.len(),
+        crate::rollout::KEEP_ENDED + 1,
+        "the newest are kept"
+    );
+    assert!(
+        all.iter().all(|c| c.id != first.id),
+        "the oldest ended one went"
+    );
+    // What is kept is what is stored.
+    let stored = crate::rollout::CampaignStore::open(&f.store).unwrap().all();
+    assert_eq!(stored.len(), all.len());
+    // An unknown campaign is a 404, a verb its state refuses a 409.
+    let last = all.last().unwrap().id.clone();
+    assert!(matches!(
+        core.campaign_verb("c999", crate::rollout::Verb::Pause, None)
+            .await,
+        Err(campaigns::RolloutError::NotFound(_))
+    ));
+    assert!(matches!(
+        core.campaign_verb(&last, crate::rollout::Verb::Resume, None)
+            .await,
+        Err(campaigns::RolloutError::Conflict(_))
+    ));
 }

@@ -24,6 +24,10 @@ use crate::store::{Store, StoreError};
 /// The sled tree of campaigns.
 const TREE: &str = "campaigns";
 
+/// Campaigns that are over kept for the record (`otagw campaigns`); older
+/// ones are forgotten when a new one starts.
+pub const KEEP_ENDED: usize = 50;
+
 /// Campaigns as persisted.
 #[derive(Debug, Clone)]
 pub struct CampaignStore {
@@ -68,6 +72,18 @@ impl CampaignStore {
         }
         out.sort_by_key(|c| (c.created_ms, c.id.clone()));
         out
+    }
+
+    /// Forget campaign `id` (flushed with the next write).
+    pub fn remove(&self, id: &str) -> Result<(), CampaignStoreError> {
+        self.tree
+            .remove(id.as_bytes())
+            .map(|_| ())
+            .map_err(|source| CampaignStoreError::Sled {
+                op: "remove",
+                id: id.to_string(),
+                source,
+            })
     }
 
     /// Write `c` and make it durable.

@@ -1012,7 +1012,9 @@ impl Campaign {
     fn unpause(&mut self, now: u64, reason: String) {
         self.pause = None;
         self.pause_reason = None;
-        let to = if self.collect_until_ms.is_some() && self.groups.is_empty() {
+        // A platform campaign still collecting (drawn up, it has no end of
+        // collection any more) goes back to collecting.
+        let to = if self.collect_until_ms.is_some() {
             CampaignState::Collecting
         } else {
             CampaignState::Running

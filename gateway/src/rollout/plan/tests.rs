@@ -414,3 +414,18 @@ fn a_job_end_counts_by_the_phase_it_failed_in() {
     ])));
     assert_eq!(run(vec![Event::Start]), None, "not ended");
 }
+
+#[test]
+fn a_paused_collection_goes_back_to_collecting() {
+    let mut c = campaign(PlanSpec::default(), &floor()[..2]);
+    c.state = CampaignState::Collecting;
+    c.collect_until_ms = Some(5_000);
+    c.pause(2_000, "wait").unwrap();
+    assert!(c.due(2_100, &mut free(1)).is_empty());
+    c.resume(2_200, "go").unwrap();
+    assert_eq!(c.state, CampaignState::Collecting);
+    assert!(
+        c.due(2_300, &mut free(1)).is_empty(),
+        "nothing starts while collecting"
+    );
+}
