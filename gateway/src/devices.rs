@@ -103,3 +103,24 @@ impl Devices {
         ids
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leaf_is_on_its_named_bus_the_ble_adapter_or_its_port() {
+        assert_eq!(
+            bus_of("serial:///dev/ttyS1?baud=9600", Some("rs485-1")),
+            "rs485-1"
+        );
+        assert_eq!(bus_of("ble://AA:BB:CC:DD:EE:FF", None), BLE_BUS);
+        // Two devices on one port (told apart by an address option) are
+        // one bus, whatever their line settings say.
+        assert_eq!(
+            bus_of("serial:///dev/ttyS1?baud=9600", None),
+            bus_of("serial:///dev/ttyS1?baud=115200", None)
+        );
+        assert_eq!(bus_of("tcp://10.0.0.5:4001", None), "tcp:10.0.0.5:4001");
+    }
+}
