@@ -137,6 +137,38 @@ impl Floor {
     }
 }
 
+impl Floor {
+    /// `otagw upgrade` of the served 2.0.0 image with `plan` (and any other
+    /// arguments): exit code, stdout, stderr.
+    async fn upgrade(
+        &self,
+        api: std::net::SocketAddr,
+        plan: &[&str],
+    ) -> (Option<i32>, String, String) {
+        let (url, sha) = self.image();
+        let mut args = vec![
+            "upgrade",
+            "--image",
+            &url,
+            "--sha256",
+            &sha,
+            "--version",
+            "2.0.0",
+        ];
+        args.extend_from_slice(plan);
+        self.cli(api, &args).await
+    }
+
+    /// [`Floor::upgrade`] without `--follow`: the campaign's id it prints.
+    async fn start_campaign(&self, api: std::net::SocketAddr, plan: &[&str]) -> String {
+        let (code, out, err) = self.upgrade(api, plan).await;
+        assert_eq!(code, Some(0), "{out}\n{err}");
+        let id = out.trim().to_string();
+        assert!(id.starts_with('c'), "prints the campaign id: {out}");
+        id
+    }
+}
+
 /// GET a campaign until `done` holds for it (at most `LIMIT`): each answer
 /// is a new state of the campaign, not a timer.
 async fn campaign_until(
@@ -200,25 +232,11 @@ fn assert_one_at_a_time_per_bus(sims: &[PtySim]) {
 async fn a_canary_then_waves_upgrade_24_leaves_one_at_a_time_per_bus() {
     let f = floor(24, |_, _| {}).await;
     let gw = Daemon::start(&f.config()).await;
-    let (url, sha) = f.image();
     let (code, out, err) = f
-        .cli(
+        .upgrade(
             gw.api,
             &[
-                "upgrade",
-                "--image",
-                &url,
-                "--sha256",
-                &sha,
-                "--version",
-                "2.0.0",
-                "--tag",
-                "line-3",
-                "--canary",
-                "2",
-                "--wave",
-                "50%",
-                "--follow",
+                "--tag", "line-3", "--canary", "2", "--wave", "50%", "--follow",
             ],
         )
         .await;
@@ -322,18 +340,10 @@ async fn failures_pause_at_the_error_threshold_and_a_stop_leaves_the_rest_not_st
     // 0 and 1): their bootloaders refuse the image.
     let f = floor(24, |i, c| c.refuse_image = (2..=4).contains(&i)).await;
     let gw = Daemon::start(&f.config()).await;
-    let (url, sha) = f.image();
-    let (code, out, err) = f
-        .cli(
+    let id = f
+        .start_campaign(
             gw.api,
             &[
-                "upgrade",
-                "--image",
-                &url,
-                "--sha256",
-                &sha,
-                "--version",
-                "2.0.0",
                 "--canary",
                 "2",
                 "--wave",
@@ -345,9 +355,6 @@ async fn failures_pause_at_the_error_threshold_and_a_stop_leaves_the_rest_not_st
             ],
         )
         .await;
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    let id = out.trim().to_string();
-    assert!(id.starts_with('c'), "prints the campaign id: {out}");
     // Paused, and what had started before the pause has ended.
     let c = campaign_until(gw.api, &id, "the pause", |c| {
         c["state"] == "paused" && c["counts"]["running"] == 0
@@ -483,27 +490,9 @@ async fn a_killed_gateway_resumes_its_campaign_where_it_was() {
     .await;
     let cfg_path = f.data.path().join("otagw.toml");
     let gw = GatewayProcess::start(GATEWAY_BIN, &f.config(), &cfg_path).await;
-    let (url, sha) = f.image();
-    let (code, out, err) = f
-        .cli(
-            gw.api,
-            &[
-                "upgrade",
-                "--image",
-                &url,
-                "--sha256",
-                &sha,
-                "--version",
-                "2.0.0",
-                "--canary",
-                "1",
-                "--wave",
-                "50%",
-            ],
-        )
+    let id = f
+        .start_campaign(gw.api, &["--canary", "1", "--wave", "50%"])
         .await;
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    let id = out.trim().to_string();
     f.sims[3].handle().holding().await;
     let before = campaign_until(gw.api, &id, "leaf-01 and leaf-02 done", |c| {
         c["counts"]["succeeded"] == 3
@@ -818,25 +807,7 @@ async fn a_crash_between_a_job_end_and_its_campaign_runs_nothing_twice() {
         &[("FAILPOINTS", "job-ended-unpublished=1*return")],
     )
     .await;
-    let (url, sha) = f.image();
-    let (code, out, err) = f
-        .cli(
-            gw.api,
-            &[
-                "upgrade",
-                "--image",
-                &url,
-                "--sha256",
-                &sha,
-                "--version",
-                "2.0.0",
-                "--canary",
-                "1",
-            ],
-        )
-        .await;
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    let id = out.trim().to_string();
+    let id = f.start_campaign(gw.api, &["--canary", "1"]).await;
     let status = gw.exited(LIMIT).await;
     assert!(
         !status.success(),
@@ -973,82 +944,6 @@ async fn platform_notices_under_a_plan_wait_for_the_canary_and_an_approval() {
     gw.stop().await;
 }
 
-/// A CA and a certificate for 127.0.0.1 signed by it, made with `openssl`:
-/// `ca.pem`, `server.pem`, `server.key` in `dir`.
-fn make_certs(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=otagw test CA",
-        ],
-        &["-addext", "basicConstraints=critical,CA:TRUE"],
-        &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-    ]
-    .concat());
-    run(&[
-        &["req"][..],
-        &ec,
-        &[
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-    ]
-    .concat());
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-}
-
 /// Item 5: the API over HTTPS (`[api] tls_cert`, `tls_key`): `otagw
 /// upgrade` runs a campaign through it with the CA given; without the CA,
 /// or over plain HTTP, nothing gets through.
@@ -1056,7 +951,7 @@ fn make_certs(dir: &std::path::Path) {
 async fn the_api_over_https_runs_a_campaign_and_refuses_what_it_cannot_trust() {
     let f = floor(2, |_, _| {}).await;
     let certs = tempfile::tempdir().unwrap();
-    make_certs(certs.path());
+    otagw_testkit::make_certs(certs.path());
     let c = |n: &str| certs.path().join(n).display().to_string();
     let config = f.config().replace(
         "[api]\nlisten = \"127.0.0.1:0\"\n",

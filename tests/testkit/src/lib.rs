@@ -13,11 +13,13 @@ mod files;
 mod mosquitto;
 pub mod platform;
 mod probe;
+mod tls;
 
 pub use files::{Fault, FileServer, Request};
 pub use mosquitto::Mosquitto;
 pub use platform::{AliyunPlatform, Identity, PlatformEvent, PlatformOptions, Violation};
 pub use probe::{Message, MqttProbe};
+pub use tls::make_certs;
 
 /// A free TCP port on 127.0.0.1 (bound and released; programs that cannot
 /// report the port they bound, like mosquitto, get it this way).
