@@ -2,8 +2,9 @@
 # The otagw demo, on a fresh machine: build the gateway, the xmodem plugin,
 # the leaf simulator and the demo driver; then run a standalone gateway that
 # upgrades three simulated leaves (XMODEM bootloaders behind pseudo-terminals)
-# from 1.0.0 to 2.0.0, served over local HTTP, with live progress. Exits
-# non-zero unless every leaf ends up reporting 2.0.0.
+# from 1.0.0 to 2.0.0, served over local HTTP, with live progress, then rolls
+# 2.1.0 out with `otagw upgrade --canary 1 --follow`. Exits non-zero unless
+# every leaf ends up reporting 2.0.0 and then running 2.1.0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -6,9 +6,11 @@
 //! - an HTTP server with firmware 2.0.0.
 //!
 //! Then it pushes an upgrade notice for every leaf, shows the progress the
-//! gateway reports, prints `otagw status`, and exits 0 only when every leaf
-//! reports 2.0.0 on `inform`. Run it through `examples/demo.sh`, which builds
-//! what it needs.
+//! gateway reports and prints `otagw status`. Second, it rolls 2.1.0 out from
+//! the gateway itself, as an operator would (`otagw upgrade --canary 1
+//! --follow`: one leaf first, the others once it succeeded). It exits 0 only
+//! when every leaf reports 2.0.0 on `inform` and then runs 2.1.0. Run it
+//! through `examples/demo.sh`, which builds what it needs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,8 @@ use tokio::process::{Child, Command};
 const LEAVES: [&str; 3] = ["press-01", "press-02", "conveyor-01"];
 const PK: &str = "a1LeafPK";
 const VERSION: &str = "2.0.0";
+/// What the rollout of the second act installs.
+const ROLLOUT: &str = "2.1.0";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -60,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // Firmware over HTTP.
-    let image = firmware(256 * 1024);
+    let image = firmware(256 * 1024, VERSION);
     let md5 = hex::encode(Md5::digest(&image));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let http = listener.local_addr()?;
@@ -174,25 +178,70 @@ async fn main() -> anyhow::Result<()> {
         .args(["status", "--api", &format!("http://{api}")])
         .status()
         .await;
+    let first = match outcome {
+        Err(_) => Err(anyhow::anyhow!(
+            "not every leaf reported {VERSION} within 180 s"
+        )),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(())) if upgraded.values().all(|ok| *ok) => status
+            .map(|_| println!("OK: every leaf runs {VERSION}"))
+            .map_err(Into::into),
+        Ok(Ok(())) => Err(anyhow::anyhow!("some leaves failed")),
+    };
+    let result = match first {
+        Ok(()) => rollout(&bin, &api, work.path()).await,
+        Err(e) => Err(e),
+    };
     for mut c in children {
         let _ = c.kill().await;
     }
-    match outcome {
-        Err(_) => bail!("not every leaf reported {VERSION} within 180 s"),
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(())) => {}
+    result
+}
+
+/// The second act: the operator rolls 2.1.0 out from the gateway itself, a
+/// canary first, following it to the end.
+async fn rollout(bin: &Path, api: &str, work: &Path) -> anyhow::Result<()> {
+    println!("\n== rolling {ROLLOUT} out from the gateway: one canary leaf first, then the rest");
+    let file = work.join(format!("fw-{ROLLOUT}.bin"));
+    std::fs::write(&file, firmware(64 * 1024, ROLLOUT))?;
+    let api = format!("http://{api}");
+    let token = work.join("data").join("api-token");
+    let args = [
+        "upgrade".as_ref(),
+        "--api".as_ref(),
+        api.as_ref(),
+        "--token-file".as_ref(),
+        token.as_os_str(),
+        "--image".as_ref(),
+        file.as_os_str(),
+        "--version".as_ref(),
+        ROLLOUT.as_ref(),
+        "--canary".as_ref(),
+        "1".as_ref(),
+        "--follow".as_ref(),
+    ];
+    println!(
+        "$ otagw {}",
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let done = tokio::time::timeout(
+        Duration::from_secs(180),
+        Command::new(bin.join("otagw")).args(args).status(),
+    )
+    .await
+    .context("the rollout did not end within 180 s")??;
+    if !done.success() {
+        bail!("the rollout of {ROLLOUT} did not succeed on every leaf ({done})");
     }
-    status?;
-    if upgraded.values().all(|ok| *ok) {
-        println!("OK: every leaf runs {VERSION}");
-        Ok(())
-    } else {
-        bail!("some leaves failed")
-    }
+    println!("OK: every leaf runs {ROLLOUT}");
+    Ok(())
 }
 
 /// A firmware image that tells the simulated leaf its version when it boots.
-fn firmware(size: usize) -> Vec<u8> {
+fn firmware(size: usize, version: &str) -> Vec<u8> {
     let mut x: u32 = 0x2545_f491;
     let mut img: Vec<u8> = (0..size)
         .map(|_| {
@@ -202,7 +251,7 @@ fn firmware(size: usize) -> Vec<u8> {
             x as u8
         })
         .collect();
-    let marker = format!("FWVER:{VERSION}\0");
+    let marker = format!("FWVER:{version}\0");
     img[64..64 + marker.len()].copy_from_slice(marker.as_bytes());
     img
 }
