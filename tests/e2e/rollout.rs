@@ -65,6 +65,14 @@ async fn floor(n: usize, tweak: impl Fn(usize, &mut XmodemSimConfig)) -> Floor {
 
 impl Floor {
     fn config(&self) -> String {
+        self.config_holding(true)
+    }
+
+    /// The config; with `holding` false a held simulator's leaf gets no long
+    /// block timeout (after a release: a restarted gateway meets a receiver
+    /// still in the killed one's session and must give up on it as a real
+    /// sender would, not wait ten minutes for an answer).
+    fn config_holding(&self, holding: bool) -> String {
         let leaves: Vec<LeafSpec> = self
             .sims
             .iter()
@@ -72,7 +80,7 @@ impl Floor {
             .map(|(i, sim)| {
                 let mut leaf = LeafSpec::xmodem(&name(i), &sim.url());
                 // A held transfer must outlast the test's wait for the kill.
-                if sim.handle().config().hold_after.is_some() {
+                if holding && sim.handle().config().hold_after.is_some() {
                     leaf.options
                         .push(("block_timeout_ms".into(), "600000".into()));
                 }
@@ -126,8 +134,12 @@ impl Floor {
             .arg(&token)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
-            .output()
+            .kill_on_drop(true)
+            .output();
+        // A follow that never ends is a failure, not a hung test.
+        let out = tokio::time::timeout(LIMIT, out)
             .await
+            .unwrap_or_else(|_| panic!("otagw {args:?} did not end within {LIMIT:?}"))
             .expect("run otagw");
         (
             out.status.code(),
@@ -502,7 +514,7 @@ async fn a_killed_gateway_resumes_its_campaign_where_it_was() {
     gw.kill().await;
     f.sims[3].handle().release();
 
-    let gw = GatewayProcess::start(GATEWAY_BIN, &f.config(), &cfg_path).await;
+    let gw = GatewayProcess::start(GATEWAY_BIN, &f.config_holding(false), &cfg_path).await;
     let (code, out, err) = f.cli(gw.api, &["campaigns", &id, "--follow"]).await;
     assert_eq!(code, Some(0), "{out}\n{err}");
     let after = http_get_json(gw.api, &format!("/api/campaigns/{id}")).await;
@@ -1019,5 +1031,124 @@ async fn the_api_over_https_runs_a_campaign_and_refuses_what_it_cannot_trust() {
         table.contains("leaf-00") && table.contains("2.0.0"),
         "{table}"
     );
+    gw.stop().await;
+}
+
+/// Bad input: a local campaign's image URL that answers 403 fails its
+/// leaves -2 (download trouble, not counted against the error threshold)
+/// instead of waiting for a fresh URL no platform will send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_image_url_fails_the_leaves_instead_of_waiting() {
+    let f = floor(2, |_, _| {}).await;
+    let gw = Daemon::start(&f.config()).await;
+    // A signed URL that expired: the server refuses it from the start. The
+    // campaign is made through the API with the digest and size known, as
+    // `otagw upgrade --sha256` would when the server answered HEAD.
+    let (url, sha) = f.image();
+    f.files.fault("fw-2.0.0.bin", Fault::Status(403));
+    let body = serde_json::to_vec(&serde_json::json!({
+        "version": "2.0.0",
+        "image": { "url": url, "sha256": sha, "size": 8192 },
+        "selection": {},
+        "plan": { "error_threshold": 0 },
+    }))
+    .unwrap();
+    let (status, answer) =
+        http_request(gw.api, "POST", "/api/campaigns", Some(&f.token()), &body).await;
+    assert_eq!(status, 201, "{answer}");
+    let id = answer["id"].as_str().unwrap().to_string();
+    let (code, out, err) = f.cli(gw.api, &["campaigns", &id, "--follow"]).await;
+    assert_eq!(code, Some(1), "not every leaf succeeded: {out}\n{err}");
+    assert!(out.contains("0 of 2 succeeded, 2 failed"), "{out}");
+    let c = http_get_json(gw.api, &format!("/api/campaigns/{id}")).await;
+    assert_eq!(
+        c["state"], "finished",
+        "no error pause for download trouble: {c:#}"
+    );
+    for m in members(&c) {
+        assert_eq!(m["counted"], false, "{m}");
+        assert!(m["reason"].as_str().unwrap().starts_with("-2"), "{m}");
+    }
+    for i in 0..2 {
+        f.probe
+            .wait_until(LIMIT, "-2 reported", |m| {
+                has_step(m, &topic("progress", &name(i)), "-2")
+            })
+            .await;
+    }
+    gw.stop().await;
+}
+
+/// A platform campaign stopped by the operator: the leaves it never started
+/// stay untouched, and the platform hears, once each, that the gateway
+/// declined them (-1 saying so), so its tasks end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_platform_campaign_tells_the_platform_which_leaves_were_not_started() {
+    let f = floor(3, |_, _| {}).await;
+    let config = format!(
+        "{}[jobs]\npolicy = \"plan\"\n\n[jobs.plan]\ncanary = \"1\"\napprove = true\n\
+         collect = \"1s\"\n",
+        f.config()
+    );
+    let gw = Daemon::start(&config).await;
+    let img = versioned_image(8_192, "2.0.0");
+    let url = f.files.add("fw-2.0.0.bin", img.clone());
+    for i in 0..3 {
+        f.probe
+            .publish(
+                &topic("upgrade", &name(i)),
+                notice(30 + i as u64, "2.0.0", &url, &img),
+            )
+            .await;
+    }
+    let deadline = Instant::now() + LIMIT;
+    let id = loop {
+        let all = gw.api_get("/api/campaigns").await;
+        if let Some(c) = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["state"] == "paused")
+        {
+            break c["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no paused campaign: {all:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (code, out, err) = f
+        .cli(
+            gw.api,
+            &["campaign", "stop", &id, "--reason", "wrong batch"],
+        )
+        .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let c = http_get_json(gw.api, &format!("/api/campaigns/{id}")).await;
+    let held: Vec<String> = members(&c)
+        .into_iter()
+        .filter(|m| m["state"] == "not_started")
+        .map(|m| m["device"].as_str().unwrap()[LEAF_PK.len() + 1..].to_string())
+        .collect();
+    assert_eq!(held.len(), 2, "{c:#}");
+    for dn in &held {
+        f.probe
+            .wait_until(LIMIT, "the decline", |m| {
+                m.iter().any(|x| {
+                    x.topic == topic("progress", dn)
+                        && serde_json::from_slice::<serde_json::Value>(&x.payload).is_ok_and(|v| {
+                            v["params"]["step"] == "-1"
+                                && v["params"]["desc"].as_str().is_some_and(|d| {
+                                    d.contains("not started") && d.contains("wrong batch")
+                                })
+                        })
+                })
+            })
+            .await;
+        let i: usize = dn[5..].parse().unwrap();
+        assert!(
+            f.sims[i].handle().transfers().is_empty(),
+            "{dn} was touched"
+        );
+        assert_eq!(f.probe.on(&topic("progress", dn)).len(), 1, "once: {dn}");
+    }
     gw.stop().await;
 }

@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 
+/// Handshakes under way at most; more connections wait to be accepted.
+const HANDSHAKES: usize = 64;
+
 /// The server side of TLS from a certificate chain and its key (PEM).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
     crate::tls::init();
@@ -55,8 +58,16 @@ impl TlsListener {
         let addr = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(16);
         let acceptor = TlsAcceptor::from(config);
+        let slots = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
         tokio::spawn(async move {
             loop {
+                let slot = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    s = slots.clone().acquire_owned() => match s {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    },
+                };
                 let (stream, peer) = tokio::select! {
                     _ = stop.cancelled() => return,
                     r = tcp.accept() => match r {
@@ -71,6 +82,7 @@ impl TlsListener {
                 };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     match tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;

@@ -355,9 +355,20 @@ pub async fn upgrade(a: UpgradeArgs) -> anyhow::Result<ExitCode> {
                             .ok()
                     })
                     .filter(|n| *n > 0);
+                let given = s.trim().to_ascii_lowercase();
                 match len {
-                    Some(n) => (s.to_ascii_lowercase(), n),
-                    None => hash_url(&client.http, &a.image).await?,
+                    Some(n) => (given, n),
+                    None => {
+                        let (got, n) = hash_url(&client.http, &a.image).await?;
+                        if got != given {
+                            return Err(super::Usage(format!(
+                                "{} has SHA-256 {got}, not the {given} given with --sha256",
+                                a.image
+                            ))
+                            .into());
+                        }
+                        (got, n)
+                    }
                 }
             }
             None => hash_url(&client.http, &a.image).await?,
@@ -561,8 +572,28 @@ async fn follow(client: &Client, id: &str) -> anyhow::Result<ExitCode> {
     let mut last: BTreeMap<String, String> = BTreeMap::new();
     let mut transitions = 0;
     let path = format!("/api/campaigns/{id}");
+    // The gateway may restart meanwhile (campaigns resume): keep asking for
+    // a minute before giving up.
+    let mut unreachable_since: Option<std::time::Instant> = None;
     let c = loop {
-        let c: CampaignView = client.get(&path).await?;
+        let c: CampaignView = match client.get(&path).await {
+            Ok(c) => {
+                unreachable_since = None;
+                c
+            }
+            Err(e) if e.is::<super::Unavailable>() => {
+                let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > Duration::from_secs(60) {
+                    return Err(e);
+                }
+                tokio::select! {
+                    code = &mut stopped => return Ok(ExitCode::from(code)),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         for t in &c.transitions[transitions.min(c.transitions.len())..] {
             let line = format!("campaign {}: {} ({})", c.id, t.reason, t.to.name());
             if tty {
@@ -576,6 +607,11 @@ async fn follow(client: &Client, id: &str) -> anyhow::Result<ExitCode> {
             let key = format!("{} {}", m.device, m.module);
             let now = shown(m);
             if tty {
+                let ended = m.state != "pending" && m.state != "running";
+                // A leaf run again (retry) gets a fresh bar.
+                if !ended && bars.get(&key).is_some_and(|b| b.is_finished()) {
+                    bars.remove(&key);
+                }
                 let bar = bars.entry(key.clone()).or_insert_with(|| {
                     let b = multi.add(indicatif::ProgressBar::new(100));
                     b.set_style(style.clone());
@@ -589,7 +625,7 @@ async fn follow(client: &Client, id: &str) -> anyhow::Result<ExitCode> {
                     _ => now.clone(),
                 };
                 bar.set_message(detail);
-                if m.state != "pending" && m.state != "running" && !bar.is_finished() {
+                if ended && !bar.is_finished() {
                     bar.abandon();
                 }
             } else if last.get(&key) != Some(&now) {

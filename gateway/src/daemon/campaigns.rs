@@ -170,15 +170,47 @@ impl Core {
         Some(r)
     }
 
-    async fn persist(&self, c: &Campaign) {
-        if let Err(e) = self.campaigns.store.put(c).await {
-            tracing::error!(campaign = %c.id, "{e}");
-        }
-        if c.is_over() {
-            lock(&self.campaigns.pins).remove(&c.id);
-        }
+    async fn persist(&self, c: &Campaign) -> bool {
+        let saved = match self.campaigns.store.put(c).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(campaign = %c.id, "{e}");
+                false
+            }
+        };
+        self.keep_pin(c);
         self.table.changed().notify_one();
         self.campaigns.kick.notify_one();
+        saved
+    }
+
+    /// Keep an uploaded image of `c` from eviction while any of its leaves
+    /// may still need it (pending or running), and let it go after.
+    fn keep_pin(&self, c: &Campaign) {
+        if c.image.url.is_some() {
+            return;
+        }
+        let needed = c
+            .members()
+            .any(|(_, m)| matches!(m.state, MemberState::Pending | MemberState::Running));
+        let mut pins = lock(&self.campaigns.pins);
+        if !needed {
+            pins.remove(&c.id);
+            return;
+        }
+        if pins.contains_key(&c.id) {
+            return;
+        }
+        match digest_of(&c.image).map(|d| self.cache.get(&d)) {
+            Ok(Ok(Some(img))) => {
+                pins.insert(c.id.clone(), img);
+            }
+            _ => tracing::error!(
+                campaign = %c.id,
+                "the campaign's uploaded image is no longer in the cache: its next leaves fail -2 \
+                 until it is uploaded again (otagw upgrade --image FILE, then retry)"
+            ),
+        }
     }
 
     /// Every configured leaf as a selection sees it.
@@ -339,6 +371,9 @@ impl Core {
                     .join(", ")
             )));
         }
+        // From here to the insert, under the write lock: two requests at
+        // once cannot both take a leaf.
+        let _w = self.campaigns.write.lock().await;
         let busy: Vec<String> = {
             let state = lock(&self.campaigns.state);
             todo.iter()
@@ -365,7 +400,6 @@ impl Core {
             .plan
             .groups(&todo)
             .map_err(|e| bad(format!("plan: {e}")))?;
-        let _w = self.campaigns.write.lock().await;
         self.campaigns.prune();
         let id = self.campaigns.next_id();
         let now = self.table.now_ms();
@@ -453,8 +487,44 @@ impl Core {
             Some((Err(e), _)) => Err(RolloutError::Conflict(e.0)),
             Some((Ok(()), c)) => {
                 tracing::info!(campaign = %id, state = c.state.name(), "campaign {}: {why}", verb.name());
+                if verb == Verb::Stop && c.origin == Origin::Platform {
+                    self.decline_not_started(&c, &why).await;
+                }
                 Ok(self.campaign_view(&c))
             }
+        }
+    }
+
+    /// The platform ordered the leaves of stopped platform campaign `c` that
+    /// never started: tell it, once, that the gateway declined (its only
+    /// terminal word is a failure, -1, whose desc says the leaf is
+    /// untouched), so its task ends instead of coming back at every connect.
+    async fn decline_not_started(&self, c: &Campaign, why: &str) {
+        for (_, m) in c.members() {
+            let Some(notice) = &m.notice else { continue };
+            if m.state != MemberState::NotStarted {
+                continue;
+            }
+            let id = DeviceId::new(&m.product_key, &m.device_name);
+            let desc = format!(
+                "not started: campaign {} was stopped on the gateway ({why}); the leaf still \
+                 runs {}",
+                c.id, m.from_version
+            );
+            self.table.remember_refusal(
+                &id,
+                &m.module,
+                &notice.version,
+                crate::ota::protocol::Step::UpgradeFailed.code(),
+                &desc,
+            );
+            self.reject(
+                &id,
+                &m.module,
+                crate::ota::protocol::Step::UpgradeFailed,
+                desc,
+            )
+            .await;
         }
     }
 
@@ -546,12 +616,11 @@ impl Core {
                 for at in ats {
                     c.ended(
                         at,
-                        MemberState::Failed {
+                        MemberState::Superseded {
                             reason: format!(
                                 "replaced by a newer notice ({}) before it started",
                                 notice.version
                             ),
-                            counted: false,
                         },
                         now,
                     );
@@ -674,19 +743,22 @@ impl Core {
                         .saturating_sub(used.get(&l.bus).copied().unwrap_or(0))
                 });
             }
+            // And in all, no more than [jobs] max_parallel running members:
+            // what waits does so here, where a pause still holds it back.
+            let running: usize = used.values().sum();
+            let mut global = self.max_parallel().saturating_sub(running);
             let mut order: Vec<&mut Campaign> = all.values_mut().collect();
             order.sort_by_key(|c| (c.created_ms, c.id.clone()));
             for c in order {
-                for at in c.due(now, &mut free) {
+                for at in c.due(now, &mut free, &mut global) {
                     let m = c.member(at).clone();
                     let id = DeviceId::new(&m.product_key, &m.device_name);
                     let key: JobKey = (id.clone(), m.module.clone());
                     if devices.find(&id, &m.module).is_none() {
                         c.ended(
                             at,
-                            MemberState::Failed {
+                            MemberState::Superseded {
                                 reason: "no longer in the configuration".into(),
-                                counted: false,
                             },
                             now,
                         );
@@ -697,6 +769,7 @@ impl Core {
                     // again: the next step looks once more).
                     if self.table.busy(&key) {
                         *free.entry(m.bus.clone()).or_default() += 1;
+                        global += 1;
                         continue;
                     }
                     let notice = match &m.notice {
@@ -727,15 +800,17 @@ impl Core {
                 .filter_map(|id| all.get(&id).cloned())
                 .collect()
         };
-        // Persisted before the jobs exist.
+        // Persisted before the jobs exist; a campaign that could not be
+        // saved starts nothing (its members would run again after a restart).
+        let mut unsaved = BTreeSet::new();
         for c in &changed {
             if let Err(e) = self.campaigns.store.put(c).await {
-                tracing::error!(campaign = %c.id, "{e}");
+                tracing::error!(campaign = %c.id, "{e}: its leaves do not start until it can be saved");
+                unsaved.insert(c.id.clone());
             }
-            if c.is_over() {
-                lock(&self.campaigns.pins).remove(&c.id);
-            }
+            self.keep_pin(c);
         }
+        offers.retain(|(cid, ..)| !unsaved.contains(cid));
         drop(w);
         if !changed.is_empty() {
             self.table.changed().notify_one();
@@ -808,17 +883,30 @@ impl Core {
                         changed = true;
                     }
                 }
+                // The campaign's package under another message id: the
+                // platform's fresh URL for a held member's job. It is ours.
+                Some(r)
+                    if r.notice.version == c.version
+                        && r.notice.sign == c.image.sign
+                        && r.job.history().first().map_or(0, |t| t.at_ms)
+                            >= m.started_ms.unwrap_or(0) =>
+                {
+                    c.member_mut(at).notice_id = Some(r.notice.id);
+                    if let Some(out) = plan::outcome(&r.job) {
+                        c.ended(at, out, now);
+                    }
+                    changed = true;
+                }
                 Some(r) => {
                     let queued = r.job.history().first().map_or(0, |t| t.at_ms);
                     if queued >= m.started_ms.unwrap_or(0) {
                         c.ended(
                             at,
-                            MemberState::Failed {
+                            MemberState::Superseded {
                                 reason: format!(
                                     "replaced by another notice for the leaf (version {})",
                                     r.notice.version
                                 ),
-                                counted: false,
                             },
                             now,
                         );
@@ -856,8 +944,21 @@ fn campaign_notice(c: &Campaign, id: u64) -> Result<Notice, String> {
         sign: c.image.sign.clone(),
         module: c.module.clone(),
         is_diff: false,
-        ext_data: None,
+        // Marks the job as the gateway's own: no platform can refresh its
+        // URL, so a 403 fails it (-2) instead of waiting for a fresh notice.
+        ext_data: Some(serde_json::json!({ CAMPAIGN_MARK: c.id })),
     })
+}
+
+/// The `extData` key of the notices local campaigns make.
+pub(crate) const CAMPAIGN_MARK: &str = "otagwCampaign";
+
+/// Whether `notice` was made by a local campaign (not the platform's).
+pub(crate) fn from_local_campaign(notice: &Notice) -> bool {
+    notice
+        .ext_data
+        .as_ref()
+        .is_some_and(|e| e.get(CAMPAIGN_MARK).is_some())
 }
 
 /// The collection of platform campaign `c` is over: cut its members into
@@ -962,21 +1063,9 @@ pub(super) fn summary(core: &Core) -> serde_json::Value {
     )
 }
 
-/// Pin the uploaded images of campaigns not over (after a restart).
+/// Pin the uploaded images campaigns still need (after a restart).
 pub(super) fn pin_images(core: &Core) {
     for c in core.campaigns.all() {
-        if c.is_over() || c.image.url.is_some() {
-            continue;
-        }
-        match digest_of(&c.image).map(|d| core.cache.get(&d)) {
-            Ok(Ok(Some(img))) => {
-                lock(&core.campaigns.pins).insert(c.id.clone(), img);
-            }
-            _ => tracing::error!(
-                campaign = %c.id,
-                "the campaign's uploaded image is no longer in the cache: its next leaves fail -2 \
-                 until it is uploaded again (otagw upgrade --image FILE, then retry)"
-            ),
-        }
+        core.keep_pin(&c);
     }
 }

@@ -185,6 +185,11 @@ impl Core {
             .clone()
     }
 
+    /// `[jobs] max_parallel`.
+    pub(crate) fn max_parallel(&self) -> usize {
+        lock(&self.config).jobs.max_parallel
+    }
+
     /// How many leaves of `bus` may be upgraded at once.
     pub(crate) fn bus_capacity(&self, bus: &str) -> usize {
         lock(&self.config).bus_capacity(bus)

@@ -343,7 +343,16 @@ impl Ctx {
                 self.image = Some(img);
                 Event::Downloaded
             }
-            Err(e) if e.url_expired() => Event::UrlExpired,
+            // A local campaign's URL cannot be refreshed by the platform:
+            // its 403 is a download failure, not a wait for a fresh notice.
+            Err(e)
+                if e.url_expired()
+                    && !self
+                        .record()
+                        .is_some_and(|r| super::campaigns::from_local_campaign(&r.notice)) =>
+            {
+                Event::UrlExpired
+            }
             Err(e) if e.step_code() == -3 => Event::ImageRejected {
                 desc: e.to_string(),
             },

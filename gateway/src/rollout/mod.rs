@@ -145,8 +145,9 @@ pub enum Verb {
     Resume,
     /// Nothing new starts, ever; leaves not started stay as they are.
     Stop,
-    /// Start the next group (after an approval pause, or before a group's
-    /// success threshold is reached).
+    /// Let the next group start: at once when the campaign waits for an
+    /// approval (or stopped at the error threshold), else as soon as the
+    /// current group ends, whatever its success.
     Approve,
     /// Run the failed leaves again.
     Retry,
@@ -191,7 +192,7 @@ pub struct MemberView {
     pub module: String,
     pub bus: String,
     pub from_version: String,
-    /// pending, running, succeeded, failed, not_started.
+    /// pending, running, succeeded, failed, not_started, superseded.
     pub state: String,
     /// The job's phase while running (queued, downloading, ..., flashing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -278,6 +279,9 @@ impl CampaignView {
                             MemberState::Failed { reason, counted } => {
                                 (None, Some(reason.clone()), *counted)
                             }
+                            MemberState::Superseded { reason } => {
+                                (None, Some(reason.clone()), false)
+                            }
                             _ => (None, None, false),
                         };
                         MemberView {
@@ -299,12 +303,20 @@ impl CampaignView {
                     .collect(),
             })
             .collect();
+        // A platform URL is signed (a credential for a day): the view shows
+        // where it points, not its query.
+        let mut image = c.image.clone();
+        if let Some(u) = &mut image.url
+            && let Some((bare, _)) = u.split_once('?')
+        {
+            *u = format!("{bare}?…");
+        }
         CampaignView {
             id: c.id.clone(),
             origin: c.origin,
             version: c.version.clone(),
             module: c.module.clone(),
-            image: c.image.clone(),
+            image,
             state: c.state.name().into(),
             pause_reason: c.pause_reason.clone(),
             current_group: c.current_group,

@@ -510,6 +510,12 @@ pub enum MemberState {
     },
     /// The campaign was stopped before it started: the leaf is untouched.
     NotStarted,
+    /// Another notice for the leaf took its place (a newer package from the
+    /// platform), or the leaf left the configuration: neither a success nor
+    /// a failure of this campaign, and never retried by it.
+    Superseded {
+        reason: String,
+    },
 }
 
 impl MemberState {
@@ -520,6 +526,7 @@ impl MemberState {
             MemberState::Succeeded { .. } => "succeeded",
             MemberState::Failed { .. } => "failed",
             MemberState::NotStarted => "not_started",
+            MemberState::Superseded { .. } => "superseded",
         }
     }
 
@@ -586,10 +593,11 @@ pub struct Group {
     /// The operator approved starting this group.
     #[serde(default)]
     pub approved: bool,
-    /// The operator went on past this group's error threshold: it does not
-    /// pause the campaign again.
+    /// The counted failures the operator went on past (resume or approve
+    /// after the error threshold): only failures beyond these pause the
+    /// campaign again.
     #[serde(default)]
-    pub errors_acknowledged: bool,
+    pub errors_acknowledged: usize,
 }
 
 /// A group's account.
@@ -603,6 +611,8 @@ pub struct Counts {
     /// Failures that count against the error threshold.
     pub failed_counted: usize,
     pub not_started: usize,
+    #[serde(default)]
+    pub superseded: usize,
 }
 
 impl Counts {
@@ -619,7 +629,14 @@ impl Counts {
                 }
             }
             MemberState::NotStarted => self.not_started += 1,
+            MemberState::Superseded { .. } => self.superseded += 1,
         }
+    }
+
+    /// The members the group's shares are taken of: all but those another
+    /// notice took over.
+    pub fn counted_total(&self) -> usize {
+        self.total - self.superseded
     }
 
     /// Members that finished (succeeded or failed).
@@ -715,7 +732,7 @@ impl Campaign {
                 },
                 members: g.iter().map(Member::of).collect(),
                 approved: false,
-                errors_acknowledged: false,
+                errors_acknowledged: 0,
             })
             .collect();
         let mut c = Campaign {
@@ -776,7 +793,7 @@ impl Campaign {
         &self.groups[at.0].members[at.1]
     }
 
-    fn member_mut(&mut self, at: At) -> &mut Member {
+    pub(crate) fn member_mut(&mut self, at: At) -> &mut Member {
         &mut self.groups[at.0].members[at.1]
     }
 
@@ -794,9 +811,15 @@ impl Campaign {
         matches!(self.state, CampaignState::Stopped | CampaignState::Finished)
     }
 
-    /// The members that may start now, at most `free[bus]` per bus (taken
-    /// from it), oldest group first, within the rate limit.
-    pub fn due(&mut self, now: u64, free: &mut BTreeMap<String, usize>) -> Vec<At> {
+    /// The members that may start now: at most `free[bus]` per bus and
+    /// `global` in all (both taken from), oldest group first, within the
+    /// rate limit.
+    pub fn due(
+        &mut self,
+        now: u64,
+        free: &mut BTreeMap<String, usize>,
+        global: &mut usize,
+    ) -> Vec<At> {
         if self.state != CampaignState::Running {
             return Vec::new();
         }
@@ -814,7 +837,7 @@ impl Campaign {
         let mut out = Vec::new();
         for g in 0..=self.current_group.min(self.groups.len().saturating_sub(1)) {
             for (i, m) in self.groups[g].members.iter().enumerate() {
-                if budget == 0 {
+                if budget == 0 || *global == 0 {
                     return out;
                 }
                 if m.state != MemberState::Pending {
@@ -825,6 +848,7 @@ impl Campaign {
                     continue;
                 }
                 *slots -= 1;
+                *global -= 1;
                 budget -= 1;
                 out.push((g, i));
             }
@@ -879,7 +903,47 @@ impl Campaign {
         self.advance(now);
     }
 
-    /// Apply the thresholds: pause on errors, open the next group on
+    /// The open groups.
+    fn open_groups(&self) -> std::ops::RangeInclusive<usize> {
+        0..=self.current_group.min(self.groups.len().saturating_sub(1))
+    }
+
+    /// Why the error threshold is crossed, if it is: in an open group, more
+    /// counted failures than the operator went on past, and more than
+    /// `error_threshold` percent of the group, once `min_executed` finished.
+    fn error_breach(&self) -> Option<String> {
+        let limit = self.plan.error_threshold?;
+        for g in self.open_groups() {
+            let grp = &self.groups[g];
+            let c = grp.counts();
+            if c.failed_counted <= grp.errors_acknowledged
+                || c.executed() < self.plan.min_executed as usize
+                || c.failed_counted * 100 <= limit as usize * c.counted_total()
+            {
+                continue;
+            }
+            return Some(format!(
+                "error threshold: {} of {} leaves in {} failed on the device or plugin (more \
+                 than {limit}%; {} finished); look at the failures, then `otagw campaign \
+                 resume` or `stop`",
+                c.failed_counted,
+                c.counted_total(),
+                grp.name,
+                c.executed()
+            ));
+        }
+        None
+    }
+
+    /// The failures so far are seen: only more of them pause again.
+    fn acknowledge_errors(&mut self) {
+        for g in self.open_groups() {
+            self.groups[g].errors_acknowledged = self.groups[g].counts().failed_counted;
+        }
+    }
+
+    /// Apply the thresholds: pause on errors (also while waiting for an
+    /// approval: the error pause replaces it), open the next group on
     /// success, finish when everything ended.
     pub fn advance(&mut self, now: u64) {
         if self.groups.is_empty() {
@@ -889,32 +953,17 @@ impl Campaign {
             return;
         }
         loop {
-            if self.state != CampaignState::Running {
+            let awaiting_approval =
+                self.state == CampaignState::Paused && self.pause == Some(PauseKind::Approval);
+            if self.state != CampaignState::Running && !awaiting_approval {
                 return;
             }
-            // Error threshold of every open group.
-            if let Some(limit) = self.plan.error_threshold {
-                for g in 0..=self.current_group {
-                    let grp = &self.groups[g];
-                    let c = grp.counts();
-                    if grp.errors_acknowledged
-                        || c.executed() < self.plan.min_executed as usize
-                        || c.failed_counted * 100 <= limit as usize * c.total
-                    {
-                        continue;
-                    }
-                    let reason = format!(
-                        "error threshold: {} of {} leaves in {} failed on the device or plugin \
-                         (more than {limit}%; {} finished); look at the failures, then \
-                         `otagw campaign resume` or `stop`",
-                        c.failed_counted,
-                        c.total,
-                        grp.name,
-                        c.executed()
-                    );
-                    self.pause_for(PauseKind::ErrorThreshold, now, reason);
-                    return;
-                }
+            if let Some(reason) = self.error_breach() {
+                self.pause_for(PauseKind::ErrorThreshold, now, reason);
+                return;
+            }
+            if awaiting_approval {
+                return;
             }
             let g = self.current_group;
             let grp = &self.groups[g];
@@ -934,21 +983,22 @@ impl Campaign {
                 }
                 return;
             }
-            let reached = c.succeeded * 100 >= self.plan.success_threshold as usize * c.total;
+            let total = c.counted_total();
+            let reached = c.succeeded * 100 >= self.plan.success_threshold as usize * total;
             let next = &self.groups[g + 1];
             if reached || (c.ended() && next.approved) {
                 if self.plan.approve && !next.approved {
                     let reason = format!(
                         "{} reached its success threshold ({} of {} succeeded); `otagw \
                          campaign approve` starts {}",
-                        grp.name, c.succeeded, c.total, next.name
+                        grp.name, c.succeeded, total, next.name
                     );
                     self.pause_for(PauseKind::Approval, now, reason);
                     return;
                 }
                 let reason = format!(
                     "{} opened: {} of {} in {} succeeded",
-                    next.name, c.succeeded, c.total, grp.name
+                    next.name, c.succeeded, total, grp.name
                 );
                 self.current_group += 1;
                 self.transitions.push(Transition {
@@ -963,7 +1013,7 @@ impl Campaign {
                 let reason = format!(
                     "{} ended below its success threshold: {} of {} succeeded (needs {}%); \
                      `otagw campaign approve` starts {} anyway, `retry` runs the failed again",
-                    grp.name, c.succeeded, c.total, self.plan.success_threshold, next.name
+                    grp.name, c.succeeded, total, self.plan.success_threshold, next.name
                 );
                 self.pause_for(PauseKind::Approval, now, reason);
             }
@@ -986,17 +1036,17 @@ impl Campaign {
         }
     }
 
-    /// `resume` after a pause by the operator or the error threshold (the
-    /// failures so far are taken as seen).
+    /// `resume` after a pause by the operator or the error threshold (then
+    /// the failures so far are taken as seen: only more of them pause again).
     pub fn resume(&mut self, now: u64, reason: &str) -> Result<(), Refused> {
         match (self.state, self.pause) {
             (CampaignState::Paused, Some(PauseKind::Approval)) => Err(Refused(format!(
                 "the campaign waits for an approval ({}): use approve",
                 self.pause_reason.as_deref().unwrap_or("")
             ))),
-            (CampaignState::Paused, _) => {
-                for g in 0..=self.current_group.min(self.groups.len().saturating_sub(1)) {
-                    self.groups[g].errors_acknowledged = true;
+            (CampaignState::Paused, kind) => {
+                if kind == Some(PauseKind::ErrorThreshold) {
+                    self.acknowledge_errors();
                 }
                 self.unpause(now, format!("resumed: {reason}"));
                 Ok(())
@@ -1023,8 +1073,10 @@ impl Campaign {
         self.advance(now);
     }
 
-    /// `approve`: the next group may start (whatever the current one's
-    /// success), and a pause for approval or errors ends.
+    /// `approve`: the next group may start once the current one reached its
+    /// success threshold or ended, whatever its success (at once when the
+    /// campaign waits for this approval); after an error-threshold pause the
+    /// failures so far are taken as seen and the campaign goes on.
     pub fn approve(&mut self, now: u64, reason: &str) -> Result<(), Refused> {
         if self.is_over() {
             return Err(Refused(format!(
@@ -1040,20 +1092,32 @@ impl Campaign {
             }
             None => "no further group".into(),
         };
-        for g in 0..=self.current_group.min(self.groups.len().saturating_sub(1)) {
-            self.groups[g].errors_acknowledged = true;
-        }
         let reason = format!("approved ({what}): {reason}");
-        if self.state == CampaignState::Paused {
-            self.unpause(now, reason);
-        } else {
-            self.transitions.push(Transition {
-                at_ms: now,
-                from: self.state,
-                to: self.state,
-                reason,
-            });
-            self.advance(now);
+        match self.pause {
+            Some(PauseKind::Operator) => {
+                // An approval does not end the operator's own pause.
+                self.transitions.push(Transition {
+                    at_ms: now,
+                    from: self.state,
+                    to: self.state,
+                    reason,
+                });
+            }
+            Some(kind) => {
+                if kind == PauseKind::ErrorThreshold {
+                    self.acknowledge_errors();
+                }
+                self.unpause(now, reason);
+            }
+            None => {
+                self.transitions.push(Transition {
+                    at_ms: now,
+                    from: self.state,
+                    to: self.state,
+                    reason,
+                });
+                self.advance(now);
+            }
         }
         Ok(())
     }
@@ -1080,14 +1144,15 @@ impl Campaign {
         Ok(())
     }
 
-    /// `retry`: the failed members of the open groups run again.
+    /// `retry`: the failed members of the open groups run again (their
+    /// failures no longer count); a pause for an approval or for errors ends
+    /// with it, an operator's pause stays.
     pub fn retry(&mut self, now: u64, reason: &str) -> Result<usize, Refused> {
         if self.state == CampaignState::Stopped {
             return Err(Refused("the campaign is stopped: start a new one".into()));
         }
-        let open = self.current_group.min(self.groups.len().saturating_sub(1));
         let mut n = 0;
-        for g in 0..=open {
+        for g in self.open_groups() {
             for m in &mut self.groups[g].members {
                 if matches!(m.state, MemberState::Failed { .. }) {
                     m.state = MemberState::Pending;
@@ -1095,21 +1160,23 @@ impl Campaign {
                     n += 1;
                 }
             }
-            self.groups[g].errors_acknowledged = false;
+            self.groups[g].errors_acknowledged = 0;
         }
         if n == 0 {
             return Err(Refused("no failed leaves to retry".into()));
         }
         let why = format!("retry of {n} failed leaves: {reason}");
-        if self.state == CampaignState::Finished {
-            self.set(CampaignState::Running, now, why);
-        } else {
-            self.transitions.push(Transition {
+        match (self.state, self.pause) {
+            (CampaignState::Finished, _) => self.set(CampaignState::Running, now, why),
+            (CampaignState::Paused, Some(PauseKind::Approval | PauseKind::ErrorThreshold)) => {
+                self.unpause(now, why)
+            }
+            _ => self.transitions.push(Transition {
                 at_ms: now,
                 from: self.state,
                 to: self.state,
                 reason: why,
-            });
+            }),
         }
         Ok(n)
     }

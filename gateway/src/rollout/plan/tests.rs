@@ -61,7 +61,7 @@ fn drive(c: &mut Campaign, mut end: impl FnMut(At) -> MemberState) -> Vec<At> {
     let mut order = Vec::new();
     let mut now = 2_000;
     loop {
-        let due = c.due(now, &mut free(1));
+        let due = c.due(now, &mut free(1), &mut usize::MAX.clone());
         if due.is_empty() {
             return order;
         }
@@ -173,19 +173,24 @@ fn no_wave_starts_before_the_canary_succeeded_and_a_bus_takes_one_at_a_time() {
         },
         &floor(),
     );
-    let due = c.due(2_000, &mut free(1));
+    let due = c.due(2_000, &mut free(1), &mut usize::MAX.clone());
     assert_eq!(due, [(0, 0), (0, 1)]);
     for at in &due {
         c.started(*at, 1, 2_000);
     }
-    assert!(c.due(2_000, &mut free(1)).is_empty(), "only the canary");
+    assert!(
+        c.due(2_000, &mut free(1), &mut usize::MAX.clone())
+            .is_empty(),
+        "only the canary"
+    );
     c.ended((0, 0), ok(), 2_001);
     assert!(
-        c.due(2_001, &mut free(1)).is_empty(),
+        c.due(2_001, &mut free(1), &mut usize::MAX.clone())
+            .is_empty(),
         "half the canary is not enough"
     );
     c.ended((0, 1), ok(), 2_002);
-    let wave = c.due(2_002, &mut free(1));
+    let wave = c.due(2_002, &mut free(1), &mut usize::MAX.clone());
     assert_eq!(wave.len(), 3, "one per bus: {wave:?}");
     assert!(wave.iter().all(|(g, _)| *g == 1));
     let buses: std::collections::BTreeSet<&str> =
@@ -228,7 +233,8 @@ fn failures_above_the_error_threshold_pause_the_campaign_with_the_reason() {
         "not before min_executed: {counted:?}"
     );
     assert!(
-        c.due(9_000, &mut free(1)).is_empty(),
+        c.due(9_000, &mut free(1), &mut usize::MAX.clone())
+            .is_empty(),
         "paused: nothing starts"
     );
     // Resume takes the failures as seen and goes on.
@@ -278,12 +284,15 @@ fn stop_leaves_the_rest_not_started_and_running_jobs_end_normally() {
         },
         &floor(),
     );
-    let due = c.due(2_000, &mut free(1));
+    let due = c.due(2_000, &mut free(1), &mut usize::MAX.clone());
     for at in &due {
         c.started(*at, 7, 2_000);
     }
     c.stop(2_100, "wrong image").unwrap();
-    assert!(c.due(2_200, &mut free(5)).is_empty());
+    assert!(
+        c.due(2_200, &mut free(5), &mut usize::MAX.clone())
+            .is_empty()
+    );
     // The running ones still end and are counted.
     c.ended(due[0], ok(), 2_300);
     let counts = c.counts();
@@ -324,13 +333,19 @@ fn the_rate_limits_starts_per_minute() {
         },
         &floor(),
     );
-    let first = c.due(0, &mut free(8));
+    let first = c.due(0, &mut free(8), &mut usize::MAX.clone());
     assert_eq!(first.len(), 2);
     for at in first {
         c.started(at, 1, 0);
     }
-    assert!(c.due(59_999, &mut free(8)).is_empty());
-    assert_eq!(c.due(60_000, &mut free(8)).len(), 2);
+    assert!(
+        c.due(59_999, &mut free(8), &mut usize::MAX.clone())
+            .is_empty()
+    );
+    assert_eq!(
+        c.due(60_000, &mut free(8), &mut usize::MAX.clone()).len(),
+        2
+    );
 }
 
 #[test]
@@ -421,11 +436,143 @@ fn a_paused_collection_goes_back_to_collecting() {
     c.state = CampaignState::Collecting;
     c.collect_until_ms = Some(5_000);
     c.pause(2_000, "wait").unwrap();
-    assert!(c.due(2_100, &mut free(1)).is_empty());
+    assert!(
+        c.due(2_100, &mut free(1), &mut usize::MAX.clone())
+            .is_empty()
+    );
     c.resume(2_200, "go").unwrap();
     assert_eq!(c.state, CampaignState::Collecting);
     assert!(
-        c.due(2_300, &mut free(1)).is_empty(),
+        c.due(2_300, &mut free(1), &mut usize::MAX.clone())
+            .is_empty(),
         "nothing starts while collecting"
+    );
+}
+
+/// Start and end one member at a time: `(g, i)`, with `state`.
+fn run_one(c: &mut Campaign, at: At, state: MemberState, now: u64) {
+    c.started(at, now, now);
+    c.ended(at, state, now + 1);
+}
+
+#[test]
+fn going_on_past_the_error_threshold_takes_the_failures_seen_not_all_to_come() {
+    let plan = PlanSpec {
+        waves: vec![Size::Count(10)],
+        error_threshold: Some(20),
+        ..PlanSpec::default()
+    };
+    let mut c = campaign(plan, &floor()[..10]);
+    // An operator's pause and resume acknowledge nothing.
+    c.pause(1_000, "lunch").unwrap();
+    c.resume(1_001, "back").unwrap();
+    for i in 0..3 {
+        run_one(&mut c, (0, i), device_failure(), 2_000 + i as u64);
+    }
+    assert_eq!(
+        c.pause,
+        Some(PauseKind::ErrorThreshold),
+        "{:?}",
+        c.transitions
+    );
+    c.resume(3_000, "seen them").unwrap();
+    // A success goes on; one more failure pauses again.
+    run_one(&mut c, (0, 3), ok(), 3_100);
+    assert_eq!(c.state, CampaignState::Running);
+    run_one(&mut c, (0, 4), device_failure(), 3_200);
+    assert_eq!(c.pause, Some(PauseKind::ErrorThreshold));
+    assert!(
+        c.pause_reason.as_deref().unwrap().contains("4 of 10"),
+        "{:?}",
+        c.pause_reason
+    );
+}
+
+#[test]
+fn the_error_threshold_holds_while_a_campaign_waits_for_an_approval() {
+    let plan = PlanSpec {
+        canary: Some(Size::Count(4)),
+        success_threshold: 50,
+        error_threshold: Some(25),
+        approve: true,
+        ..PlanSpec::default()
+    };
+    let mut c = campaign(plan, &floor()[..8]);
+    run_one(&mut c, (0, 0), ok(), 1_000);
+    run_one(&mut c, (0, 1), ok(), 1_100);
+    assert_eq!(c.pause, Some(PauseKind::Approval));
+    // Two canaries still under way fail: the error pause replaces it.
+    c.started((0, 2), 9, 1_200);
+    c.started((0, 3), 10, 1_200);
+    c.ended((0, 2), device_failure(), 1_300);
+    c.ended((0, 3), device_failure(), 1_400);
+    assert_eq!(
+        c.pause,
+        Some(PauseKind::ErrorThreshold),
+        "{:?}",
+        c.pause_reason
+    );
+    assert!(
+        c.due(1_500, &mut free(3), &mut usize::MAX.clone())
+            .is_empty()
+    );
+}
+
+#[test]
+fn retry_during_an_approval_wait_runs_the_failed_at_once() {
+    let mut c = campaign(
+        PlanSpec {
+            canary: Some(Size::Count(1)),
+            ..PlanSpec::default()
+        },
+        &floor()[..3],
+    );
+    run_one(&mut c, (0, 0), device_failure(), 1_000);
+    assert_eq!(c.pause, Some(PauseKind::Approval));
+    assert_eq!(c.retry(2_000, "cable fixed"), Ok(1));
+    assert_eq!(c.state, CampaignState::Running);
+    assert_eq!(
+        c.due(2_100, &mut free(1), &mut usize::MAX.clone()),
+        [(0, 0)]
+    );
+    // Approving while the canary runs lets wave 1 start as soon as it ends.
+    c.started((0, 0), 5, 2_100);
+    c.approve(2_200, "go on whatever").unwrap();
+    assert!(
+        c.due(2_300, &mut free(1), &mut usize::MAX.clone())
+            .is_empty()
+    );
+    c.ended((0, 0), device_failure(), 2_400);
+    assert_eq!(c.state, CampaignState::Running, "{:?}", c.pause_reason);
+    assert_eq!(c.current_group, 1);
+}
+
+#[test]
+fn no_more_start_than_the_global_limit_and_superseded_leaves_are_left_out() {
+    let mut c = campaign(PlanSpec::default(), &floor()[..6]);
+    let mut global = 2;
+    let due = c.due(1_000, &mut free(8), &mut global);
+    assert_eq!(due.len(), 2);
+    assert_eq!(global, 0);
+    for at in &due {
+        c.started(*at, 1, 1_000);
+    }
+    c.ended(due[0], ok(), 1_100);
+    c.ended(
+        due[1],
+        MemberState::Superseded {
+            reason: "replaced by 3.0".into(),
+        },
+        1_100,
+    );
+    for i in 2..6 {
+        run_one(&mut c, (0, i), ok(), 1_200 + i as u64);
+    }
+    assert_eq!(c.state, CampaignState::Finished);
+    let n = c.counts();
+    assert_eq!((n.succeeded, n.superseded, n.failed), (5, 1, 0));
+    assert!(
+        c.retry(2_000, "x").is_err(),
+        "a superseded leaf is not retried"
     );
 }
