@@ -21,7 +21,8 @@
 //! - [`config`]: the typed TOML configuration (binds and opens nothing).
 //! - [`store`]: the one sled database, handed out as named trees.
 //! - [`broker`]: the embedded MQTT broker (rumqttd), confined.
-//! - [`api`]: the local HTTP status API.
+//! - [`api`]: the local HTTP API and the dashboard it serves.
+//! - [`metrics`]: the Prometheus metrics behind `/metrics`.
 //! - [`tls`]: the process's rustls crypto provider.
 //! - [`cache`]: firmware images in files, their metadata in sled: content-addressed, one resumable,
 //!   verified download per image, LRU eviction that spares images in use.
@@ -42,6 +43,7 @@ pub mod flash;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod link;
+pub mod metrics;
 pub mod ota;
 pub mod plugin;
 pub mod progress;

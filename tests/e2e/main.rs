@@ -5,6 +5,7 @@ mod ble;
 mod cli;
 mod contract;
 mod daemon;
+mod dashboard;
 mod deploy;
 mod links;
 mod operator;

@@ -90,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
     children.push(gw);
     let broker = wait_line(&lines, "broker: ").await?;
     let api = wait_line(&lines, "api: ").await?;
-    println!("gateway: broker on {broker}, status API on http://{api}");
+    println!("gateway: broker on {broker}, status API and dashboard on http://{api}/");
 
     // Play the cloud: watch everything, push one notice per leaf.
     let (host, port) = broker.rsplit_once(':').context("broker address")?;

@@ -16,10 +16,18 @@
 //!   `POST /api/campaigns/{id}/{pause|resume|stop|approve|retry}` and
 //!   `POST /api/images` (an image's bytes, kept in the cache for a campaign).
 //!
+//! - `GET /api/overview`, `GET /api/cache`: the dashboard's overview and
+//!   the firmware cache with the leaves using each image;
+//! - `GET /api/events`: server-sent events of every change (see [`events`]);
+//! - `GET /metrics`: Prometheus text format; `GET /healthz`, `GET /readyz`;
+//! - `GET /`: the dashboard (see [`dashboard`]), `GET /api/session`,
+//!   `POST /api/login`, `POST /api/logout`.
+//!
 //! Every `POST` needs the API token (`Authorization: Bearer TOKEN`, the
-//! contents of `[api] token_file`): 401 without it, 403 with another one.
-//! Errors are JSON `{"error": "..."}` saying what to do; an unknown path
-//! answers 404 listing the paths.
+//! contents of `[api] token_file`) or a dashboard session: 401 without it,
+//! 403 with another one; reads need one when the API listens beyond
+//! loopback ([`auth`]). Errors are JSON `{"error": "..."}` saying what to
+//! do; an unknown path answers 404 listing the paths.
 //!
 //! Devices and jobs name a leaf the same way: `product_key`, `device_name`
 //! and `device` (`pk/dn`), and `module`.
@@ -28,6 +36,9 @@
 //! It binds nothing itself (the caller hands it a listener, so tests use
 //! port 0).
 
+pub mod auth;
+pub mod dashboard;
+pub mod events;
 pub mod tls;
 
 use std::sync::Arc;
@@ -67,6 +78,9 @@ pub struct DeviceStatus {
     pub target_version: Option<String>,
     /// Why the last job failed.
     pub last_error: Option<String>,
+    /// When its current or last job last changed (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_job_ms: Option<u64>,
     /// Where the leaf stands with the platform (aliyun mode only: a plain
     /// broker needs no topology or login).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,6 +136,15 @@ pub struct PluginStatus {
     pub contract: String,
     pub path: String,
     pub sha256: String,
+    #[serde(default)]
+    pub description: String,
+    /// The kinds of link it works over (serial, tcp, ble).
+    #[serde(default)]
+    pub transports: Vec<String>,
+    /// Its device options' schema (name, kind, default, required, secret,
+    /// doc); `null` for a contract 0.1 plugin, which has none.
+    #[serde(default)]
+    pub options: serde_json::Value,
 }
 
 /// A plugin file that did not load, and why.
@@ -160,6 +183,87 @@ pub struct UpstreamStatus {
     pub since_ms: Option<u64>,
     /// Why the last connection ended.
     pub last_error: Option<String>,
+}
+
+/// The outbox of durable messages for the upstream broker.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct OutboxStatus {
+    pub depth: usize,
+    /// How long the oldest has waited (since this start at most).
+    pub oldest_age_s: Option<f64>,
+}
+
+/// One image in the firmware cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedImageStatus {
+    /// `sha256:HEX` or `md5:HEX`: what the cache keys it by.
+    pub digest: String,
+    pub size: u64,
+    pub sha256: Option<String>,
+    pub md5: Option<String>,
+    /// Where it came from (the query string, which may hold a signature,
+    /// is left out).
+    pub url: String,
+    /// complete or partial.
+    pub state: String,
+    pub last_use_ms: u64,
+    /// Jobs holding it now.
+    pub pins: usize,
+    pub downloading: bool,
+    /// The leaves whose current or last job is this image (`pk/dn`).
+    pub devices: Vec<String>,
+    /// The versions notices named it by.
+    pub versions: Vec<String>,
+}
+
+/// The firmware cache.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub cap_bytes: u64,
+    /// Bytes of complete images.
+    pub bytes: u64,
+    pub images: Vec<CachedImageStatus>,
+}
+
+/// The dashboard's first view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Overview {
+    pub gateway: GatewayStatus,
+    /// How many leaves are in each state.
+    pub states: std::collections::BTreeMap<String, usize>,
+    pub versions: Vec<VersionCount>,
+    pub outbox: OutboxStatus,
+    pub cache: CacheUse,
+    pub plugins: PluginCounts,
+    pub jobs: JobCounts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheUse {
+    pub bytes: u64,
+    pub images: usize,
+    pub cap_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginCounts {
+    pub loaded: usize,
+    pub broken: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCounts {
+    /// Holding their link: downloading to identifying.
+    pub running: usize,
+    pub queued: usize,
+}
+
+/// One readiness check of `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
 }
 
 /// One module's history of a leaf.
@@ -210,6 +314,60 @@ pub trait StatusSource: Send + Sync + 'static {
     /// The largest image `POST /api/images` takes.
     fn max_upload(&self) -> usize {
         0
+    }
+    fn cache(&self) -> CacheStatus {
+        CacheStatus::default()
+    }
+    fn outbox(&self) -> OutboxStatus {
+        OutboxStatus::default()
+    }
+    /// `/metrics` in Prometheus text format.
+    fn metrics(&self) -> String {
+        String::new()
+    }
+    /// Changes on every change of what the API shows (`None`: never).
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+    /// What `/readyz` checks.
+    fn ready(&self) -> Vec<Check> {
+        Vec::new()
+    }
+}
+
+/// The overview of `source`'s state.
+pub fn overview(source: &dyn StatusSource) -> Overview {
+    let devices = source.devices();
+    let mut states = std::collections::BTreeMap::new();
+    for d in &devices {
+        *states.entry(d.state.clone()).or_insert(0) += 1;
+    }
+    let queued = states.get("queued").copied().unwrap_or(0);
+    let running = ["downloading", "verifying", "flashing", "identifying"]
+        .iter()
+        .map(|s| states.get(*s).copied().unwrap_or(0))
+        .sum();
+    let cache = source.cache();
+    let plugins = source.plugins();
+    Overview {
+        gateway: source.gateway(),
+        versions: versions(&devices),
+        states,
+        outbox: source.outbox(),
+        cache: CacheUse {
+            bytes: cache.bytes,
+            images: cache
+                .images
+                .iter()
+                .filter(|i| i.state == "complete")
+                .count(),
+            cap_bytes: cache.cap_bytes,
+        },
+        plugins: PluginCounts {
+            loaded: plugins.loaded.len(),
+            broken: plugins.broken.len(),
+        },
+        jobs: JobCounts { running, queued },
     }
 }
 
@@ -274,88 +432,113 @@ pub fn versions(devices: &[DeviceStatus]) -> Vec<VersionCount> {
 }
 
 /// The API's paths, for the 404 answer.
-const PATHS: &str = "GET /api/gateway, /api/devices, /api/devices/{pk}/{dn}/history, /api/jobs, \
-                     /api/plugins, /api/versions, /api/campaigns[/{id}]; POST /api/campaigns, \
-                     /api/campaigns/{id}/{pause|resume|stop|approve|retry}, /api/images";
+const PATHS: &str = "GET / (the dashboard), /api/gateway, /api/overview, /api/devices, \
+                     /api/devices/{pk}/{dn}/history, /api/jobs, /api/plugins, /api/cache, \
+                     /api/versions, /api/campaigns[/{id}], /api/events, /api/session, /metrics, \
+                     /healthz, /readyz; POST /api/campaigns, \
+                     /api/campaigns/{id}/{pause|resume|stop|approve|retry}, /api/images, \
+                     /api/login, /api/logout";
 
 /// What the API's handlers share.
 #[derive(Clone)]
 struct Api {
     source: Arc<dyn StatusSource>,
-    /// What `POST` requests must carry; `None`: every `POST` is refused.
-    token: Option<Arc<str>>,
+    /// Cancelled at shutdown: event streams end so the server can stop.
+    stop: CancellationToken,
 }
 
-/// The API's routes over a source; changing requests need `token`.
-pub fn router(source: Arc<dyn StatusSource>, token: Option<String>) -> Router {
+/// The API's routes over a source, behind `auth`; event streams end when
+/// `stop` is cancelled.
+pub fn router(
+    source: Arc<dyn StatusSource>,
+    auth: Arc<auth::Auth>,
+    stop: CancellationToken,
+) -> Router {
     let max = source.max_upload();
-    let api = Api {
-        source,
-        token: token.map(Arc::from),
-    };
-    let changing = Router::new()
-        .route("/api/campaigns", post(create_campaign))
+    let api = Api { source, stop };
+    let gated = Router::new()
+        .route("/api/campaigns", post(create_campaign).get(campaigns))
         .route("/api/campaigns/{id}/{verb}", post(campaign_verb))
         .route(
             "/api/images",
             post(upload_image).layer(axum::extract::DefaultBodyLimit::max(max)),
         )
-        .route_layer(axum::middleware::from_fn_with_state(
-            api.clone(),
-            require_token,
-        ));
-    Router::new()
         .route("/api/gateway", get(gateway))
+        .route("/api/overview", get(overview_of))
         .route("/api/devices", get(devices))
         .route("/api/devices/{pk}/{dn}/history", get(history))
         .route("/api/jobs", get(jobs))
         .route("/api/plugins", get(plugins))
+        .route("/api/cache", get(cache))
         .route("/api/versions", get(versions_of))
-        .route("/api/campaigns", get(campaigns))
         .route("/api/campaigns/{id}", get(campaign))
-        .merge(changing)
-        .fallback(not_found)
+        .route("/api/events", get(events::events))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth.clone(),
+            auth::gate,
+        ))
+        .with_state(api.clone());
+    let open = Router::new()
+        .route("/api/session", get(auth::session))
+        .route("/api/login", post(auth::login))
+        .route("/api/logout", post(auth::logout))
+        .with_state(auth);
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .with_state(api)
+        .merge(dashboard::routes())
+        .merge(open)
+        .merge(gated)
+        .fallback(not_found)
+        .layer(
+            tower_http::set_header::SetResponseHeaderLayer::if_not_present(
+                axum::http::header::X_CONTENT_TYPE_OPTIONS,
+                axum::http::HeaderValue::from_static("nosniff"),
+            ),
+        )
+        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
 }
 
-/// Compare without an early exit (the token's length is not secret).
-fn same_token(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+async fn overview_of(State(api): State<Api>) -> Json<Overview> {
+    Json(overview(api.source.as_ref()))
 }
 
-async fn require_token(
-    State(api): State<Api>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let Some(token) = &api.token else {
-        return error(
-            StatusCode::FORBIDDEN,
-            "this API has no token configured: changing requests are refused".into(),
-        );
+async fn cache(State(api): State<Api>) -> Json<CacheStatus> {
+    Json(api.source.cache())
+}
+
+async fn metrics(State(api): State<Api>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        api.source.metrics(),
+    )
+        .into_response()
+}
+
+/// The process answers: for a supervisor's liveness probe.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// 200 when every check passes, 503 naming the ones that fail.
+async fn readyz(State(api): State<Api>) -> Response {
+    let checks = api.source.ready();
+    let ready = checks.iter().all(|c| c.ok);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    let given = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            // The scheme is case-insensitive (RFC 9110 11.1).
-            let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then_some(token)
-        });
-    match given {
-        None => error(
-            StatusCode::UNAUTHORIZED,
-            "this request needs the API token: send `Authorization: Bearer TOKEN` with the \
-             contents of [api] token_file (otagw upgrade and otagw campaign read it)"
-                .into(),
-        ),
-        Some(t) if same_token(t.trim().as_bytes(), token.as_bytes()) => next.run(req).await,
-        Some(_) => error(
-            StatusCode::FORBIDDEN,
-            "wrong API token: use the contents of [api] token_file of this gateway".into(),
-        ),
-    }
+    (
+        status,
+        Json(serde_json::json!({ "ready": ready, "checks": checks })),
+    )
+        .into_response()
 }
 
 async fn versions_of(State(api): State<Api>) -> Json<Vec<VersionCount>> {
@@ -475,7 +658,10 @@ pub async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(source, token);
+    // Reads are open only while nothing beyond this machine can connect.
+    let reads_open = listener.local_addr()?.ip().is_loopback();
+    let auth = Arc::new(auth::Auth::new(token, reads_open, tls.is_some()));
+    let app = router(source, auth, shutdown.clone());
     let stop = shutdown.clone();
     let stopped = async move { stop.cancelled().await };
     match tls {

@@ -107,7 +107,9 @@ fn init_logging(format: LogFormat, default: &str) {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the gateway daemon.
+    /// Run the gateway daemon. It prints the addresses it serves: the
+    /// embedded broker, the API, and the dashboard (open it in a browser;
+    /// log in with the contents of [api] token_file to steer campaigns).
     Run(run::RunArgs),
     /// Flash one leaf by hand, without any cloud.
     Flash(flash::FlashArgs),

@@ -94,12 +94,7 @@ pub async fn run(a: PluginsArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn transports(p: &LoadedPlugin) -> Vec<String> {
-    p.info
-        .transports
-        .iter()
-        .map(|t| format!("{t:?}").to_lowercase())
-        .chain(p.info.other_transports.iter().cloned())
-        .collect()
+    p.transport_names()
 }
 
 /// One family as text: a header line, then its options, one per line.
@@ -165,14 +160,7 @@ fn plugin_json(p: &LoadedPlugin) -> serde_json::Value {
         "transports": transports(p),
         "path": p.path.display().to_string(),
         "sha256": p.sha256,
-        "options": i.options.as_ref().map(|specs| specs.iter().map(|s| json!({
-            "name": s.name,
-            "kind": s.kind.describe(),
-            "default": s.default.as_ref().map(|v| schema::shown(s, v)),
-            "required": s.required,
-            "secret": s.secret,
-            "doc": s.doc,
-        })).collect::<Vec<_>>()),
+        "options": i.options_json(),
     })
 }
 

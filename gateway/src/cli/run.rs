@@ -1,5 +1,5 @@
 //! `otagw run --config FILE`: the daemon. Prints the addresses it bound
-//! (`api: ADDR`, `broker: ADDR`) on stdout, serves until SIGINT or SIGTERM,
+//! (`broker: ADDR`, `api: ADDR`, `dashboard: URL`) on stdout, serves until SIGINT or SIGTERM,
 //! then drains for up to `--grace` seconds.
 
 use std::path::PathBuf;
@@ -37,6 +37,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(addr) = gw.api_addr() {
         println!("api: {addr}");
+    }
+    if let Some(url) = gw.dashboard_url() {
+        println!("dashboard: {url}");
     }
     // SIGHUP: read the configuration again; a bad one is refused with the
     // reason and the running one stays.

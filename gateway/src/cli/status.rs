@@ -134,6 +134,7 @@ mod tests {
             progress: Some(40),
             target_version: Some("2.0.0".into()),
             last_error: Some("device timeout".into()),
+            last_job_ms: None,
             platform: None,
             model: None,
             bus: "serial:/dev/pts/3".into(),
@@ -170,6 +171,7 @@ mod tests {
             progress: None,
             target_version: None,
             last_error: None,
+            last_job_ms: None,
             platform: Some(crate::api::DevicePlatform {
                 state: crate::api::PlatformState::InTopology,
                 last_error: Some("batch_login refused: 6287 invalid sign".into()),

@@ -179,7 +179,7 @@ impl Core {
             }
         };
         self.keep_pin(c);
-        self.table.changed().notify_one();
+        self.table.touch();
         self.campaigns.kick.notify_one();
         saved
     }
@@ -454,7 +454,7 @@ impl Core {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        self.table.changed().notify_one();
+        self.table.touch();
         self.campaigns.kick.notify_one();
         Ok(self.campaign_view(&c))
     }
@@ -813,7 +813,7 @@ impl Core {
         offers.retain(|(cid, ..)| !unsaved.contains(cid));
         drop(w);
         if !changed.is_empty() {
-            self.table.changed().notify_one();
+            self.table.touch();
         }
         for (cid, at, id, notice) in offers {
             let module = notice.module.clone();

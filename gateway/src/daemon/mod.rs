@@ -146,6 +146,10 @@ pub(crate) struct Core {
     pub bytes_downloaded: AtomicU64,
     /// The upstream session as the API shows it.
     pub upstream_status: Mutex<crate::api::UpstreamStatus>,
+    /// What `/metrics` shows.
+    pub metrics: crate::metrics::Metrics,
+    /// Connections to the upstream so far (the first is no reconnect).
+    connects: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -906,6 +910,8 @@ impl Gateway {
             upstream_stop,
             bytes_downloaded: AtomicU64::new(0),
             upstream_status: Mutex::new(Default::default()),
+            metrics: crate::metrics::Metrics::new(),
+            connects: AtomicU64::new(0),
         });
         Ok(Gateway {
             core,
@@ -929,6 +935,16 @@ impl Gateway {
     /// The address the status API listens on.
     pub fn api_addr(&self) -> Option<SocketAddr> {
         self.api_addr
+    }
+
+    /// The dashboard's address (`https` when the API speaks TLS).
+    pub fn dashboard_url(&self) -> Option<String> {
+        let scheme = if self.api_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        self.api_addr.map(|a| format!("{scheme}://{a}/"))
     }
 
     /// The address of the embedded broker.
@@ -1026,15 +1042,22 @@ impl Gateway {
                             u.connected = true;
                             u.since_ms = Some(core.table.now_ms());
                         }
+                        if core.connects.fetch_add(1, Ordering::Relaxed) > 0 {
+                            core.metrics.upstream_reconnects.inc();
+                        }
+                        core.table.touch();
                         core.on_connected().await;
                     }
                     Some(UpstreamEvent::Message { topic, payload }) => core.on_message(&topic, &payload).await,
                     Some(UpstreamEvent::Disconnected { reason, .. }) => {
                         tracing::warn!("upstream disconnected: {reason}");
-                        let mut u = lock(&core.upstream_status);
-                        u.connected = false;
-                        u.since_ms = Some(core.table.now_ms());
-                        u.last_error = Some(reason.to_string());
+                        {
+                            let mut u = lock(&core.upstream_status);
+                            u.connected = false;
+                            u.since_ms = Some(core.table.now_ms());
+                            u.last_error = Some(reason.to_string());
+                        }
+                        core.table.touch();
                     }
                     // The session logs what it does about them.
                     Some(UpstreamEvent::SubDevices { .. }) => {}
@@ -1102,14 +1125,15 @@ async fn watch_plugins(core: Arc<Core>, options: crate::plugin::watch::WatchOpti
         (follow, &core.plugins_rescan),
         core.shutdown.clone(),
         move |changes| {
-            if !changes.loaded.is_empty() {
-                let _ = tx.send(());
-            }
+            let _ = tx.send(!changes.loaded.is_empty());
         },
     );
     let inform = async {
-        while rx.recv().await.is_some() {
-            core.inform_plugins().await;
+        while let Some(loaded) = rx.recv().await {
+            core.table.touch();
+            if loaded {
+                core.inform_plugins().await;
+            }
         }
     };
     tokio::join!(watch, inform);

@@ -377,6 +377,7 @@ async fn update_once(core: &Arc<Core>, family: &str) {
         tracing::warn!(device = %gw, %module, "plugin update failed: {desc}");
         return report(core, &module, Step::FlashFailed, desc, Some(report_id)).await;
     }
+    core.table.touch();
     let watch = if policy.watches() {
         format!(
             "; on probation for {} job(s) or {}",

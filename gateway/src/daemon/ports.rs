@@ -32,11 +32,20 @@ pub(crate) trait Publisher: Send + Sync {
     fn subscribe(&self, _topics: Vec<String>) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
+
+    /// Durable messages waiting for the broker, and the oldest one's age.
+    fn outbox(&self) -> (usize, Option<std::time::Duration>) {
+        (0, None)
+    }
 }
 
 impl Publisher for Upstream {
     fn platform(&self) -> Option<Vec<LeafPlatform>> {
         Upstream::platform(self)
+    }
+
+    fn outbox(&self) -> (usize, Option<std::time::Duration>) {
+        (self.outbox_len(), self.outbox_oldest())
     }
 
     fn subscribe(&self, topics: Vec<String>) -> BoxFuture<'_, Result<(), String>> {

@@ -71,6 +71,19 @@ pub(super) async fn supervise(core: Arc<Core>, ticket: Ticket, first: Option<Eve
     let ended = core.table.record(&ticket).filter(|r| r.job.is_terminal());
     if let Some(r) = &ended {
         core.table.remember_end(r);
+        let (id, module) = &ticket.key;
+        let family = core
+            .devices()
+            .find(id, module)
+            .map_or_else(|| "unknown".to_string(), |l| l.family.clone());
+        let step = match r.job.state() {
+            State::Failed { step, .. } => Some(step.code()),
+            _ => None,
+        };
+        core.metrics
+            .jobs_ended
+            .with_label_values(&[family.as_str(), crate::metrics::outcome_label(step)])
+            .inc();
     }
     let next = core.table.end(&ticket).await;
     // Its campaign (if one started it) learns the end now; a crash before
@@ -169,6 +182,10 @@ async fn run(core: Arc<Core>, ticket: Ticket, first: Option<Event>) -> Result<Ou
     if !core.table.begin(&ticket) {
         return Ok(Outcome::Superseded);
     }
+    core.metrics
+        .jobs_started
+        .with_label_values(&[leaf.family.as_str()])
+        .inc();
     if let Some(r) = core.table.record(&ticket) {
         tracing::info!(
             state = %r.job.state(),
@@ -319,6 +336,11 @@ impl Ctx {
             Ok(r) => r,
             Err(ev) => return Ok(vec![ev]),
         };
+        let metrics = &self.core.metrics;
+        match self.core.cache.get(&req.digest) {
+            Ok(Some(_)) => metrics.cache_hits.inc(),
+            _ => metrics.cache_misses.inc(),
+        }
         let (tx, mut rx) = mpsc::unbounded_channel();
         let cache = self.core.cache.clone();
         let fetch = cache.fetch(req, move |done, total| {
@@ -332,12 +354,27 @@ impl Ctx {
                 Some((done, total)) = rx.recv() => {
                     if done > last {
                         self.core.bytes_downloaded.fetch_add(done - last, Ordering::Relaxed);
+                        self.core.metrics.download_bytes.inc_by(done - last);
                         last = done;
                     }
                     self.progress(Event::DownloadProgress { done, total }).await?;
                 }
             }
         };
+        if let Err(e) = &result {
+            let reason = if e.url_expired() {
+                "expired_url"
+            } else if e.step_code() == -3 {
+                "digest"
+            } else {
+                "http"
+            };
+            self.core
+                .metrics
+                .download_failures
+                .with_label_values(&[reason])
+                .inc();
+        }
         Ok(vec![match result {
             Ok(img) => {
                 self.image = Some(img);
@@ -388,13 +425,19 @@ impl Ctx {
         match self.session.take() {
             Some(s) => Ok(s),
             None => {
+                let started = std::time::Instant::now();
                 let s = self
                     .core
                     .plugins
                     .session(&self.leaf.family, Some(self.events_tx.clone()))
                     .await;
                 match &s {
-                    Ok(s) => self.plugin_sha = Some(s.plugin().sha256.clone()),
+                    Ok(s) => {
+                        self.core
+                            .metrics
+                            .instantiated(&self.leaf.family, started.elapsed().as_secs_f64());
+                        self.plugin_sha = Some(s.plugin().sha256.clone())
+                    }
                     Err(e) => self.observe(e),
                 }
                 s
@@ -404,7 +447,11 @@ impl Ctx {
 
     /// Note a failure of the plugin itself (not of the device or link).
     fn observe(&mut self, e: &PluginError) {
+        if let PluginError::Link(_) = e {
+            self.core.metrics.link_error(&self.leaf.link);
+        }
         if e.is_plugin_fault() {
+            self.core.metrics.plugin_fault(&self.leaf.family, e);
             self.fault = Some(e.to_string());
             if self.plugin_sha.is_none() {
                 self.plugin_sha = self
@@ -483,6 +530,8 @@ impl Ctx {
             }
         };
         let mut rx = self.events_rx.take();
+        let size = img.size();
+        let started = std::time::Instant::now();
         let (link, result) = {
             let fut = session.flash(link, Arc::new(img), &meta);
             tokio::pin!(fut);
@@ -506,8 +555,13 @@ impl Ctx {
         self.events_rx = rx;
         self.session = Some(session);
         self.link = Some(link);
-        if let Err(e) = &result {
-            self.observe(e);
+        match &result {
+            Ok(_) => {
+                self.core
+                    .metrics
+                    .flashed(&self.leaf.family, size, started.elapsed().as_secs_f64())
+            }
+            Err(e) => self.observe(e),
         }
         Ok(match result {
             Ok(_) => Event::Flashed,
@@ -522,11 +576,10 @@ impl Ctx {
     async fn take_link(&mut self) -> Result<Link, String> {
         match self.link.take() {
             Some(l) => Ok(l),
-            None => self
-                .core
-                .open_link(&self.leaf)
-                .await
-                .map_err(|e| e.to_string()),
+            None => self.core.open_link(&self.leaf).await.map_err(|e| {
+                self.core.metrics.link_error(&self.leaf.link);
+                e.to_string()
+            }),
         }
     }
 

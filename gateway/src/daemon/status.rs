@@ -41,6 +41,9 @@ impl StatusSource for Status {
                     contract: p.info.contract.to_string(),
                     path: p.path.display().to_string(),
                     sha256: p.sha256.clone(),
+                    description: p.info.description.clone(),
+                    transports: p.transport_names(),
+                    options: p.info.options_json(),
                 })
                 .collect(),
             broken: host
@@ -109,6 +112,7 @@ impl StatusSource for Status {
                         _ => j.percent(),
                     }),
                     target_version: job.map(|j| j.version().to_string()),
+                    last_job_ms: job.and_then(|j| j.history().last().map(|t| t.at_ms)),
                     last_error: job
                         .and_then(|j| step_desc(j.state()).1)
                         .or_else(|| live.and_then(|l| l.last_error.clone())),
@@ -176,6 +180,143 @@ impl StatusSource for Status {
 
     fn max_upload(&self) -> usize {
         usize::try_from(self.0.limits.max_image_bytes).unwrap_or(usize::MAX)
+    }
+
+    fn cache(&self) -> crate::api::CacheStatus {
+        let core = &self.0;
+        // Which leaves' current or last job is which image.
+        let mut users: std::collections::HashMap<String, (Vec<String>, Vec<String>)> =
+            Default::default();
+        for l in core.table.snapshot().values() {
+            let n = &l.record.notice;
+            if let Ok(d) = crate::cache::Digest::from_sign(n.sign_method.wire_name(), &n.sign) {
+                let (devices, versions) = users.entry(d.to_string()).or_default();
+                devices.push(l.record.leaf.to_string());
+                if !versions.contains(&n.version) {
+                    versions.push(n.version.clone());
+                }
+            }
+        }
+        let list = core.cache.list();
+        let (bytes, _) = core.cache.usage();
+        crate::api::CacheStatus {
+            cap_bytes: core.cache.cap(),
+            bytes,
+            images: list
+                .into_iter()
+                .map(|i| {
+                    let key = i.digest.to_string();
+                    // An uploaded image is found by its SHA-256 as well.
+                    let (mut devices, mut versions) = users.remove(&key).unwrap_or_default();
+                    if let Some(sha) = &i.sha256
+                        && sha.to_string() != key
+                        && let Some((d, v)) = users.remove(&sha.to_string())
+                    {
+                        devices.extend(d);
+                        versions.extend(v);
+                    }
+                    devices.sort();
+                    devices.dedup();
+                    crate::api::CachedImageStatus {
+                        digest: key,
+                        size: i.size,
+                        sha256: i.sha256.map(|d| d.hex().to_string()),
+                        md5: i.md5.map(|d| d.hex().to_string()),
+                        url: crate::rollout::without_query(&i.url),
+                        state: match i.state {
+                            crate::cache::ImageState::Complete => "complete",
+                            _ => "partial",
+                        }
+                        .into(),
+                        last_use_ms: i.last_use_ms,
+                        pins: i.pins,
+                        downloading: i.downloading,
+                        devices,
+                        versions,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    fn outbox(&self) -> crate::api::OutboxStatus {
+        let (depth, oldest) = self.0.publisher.outbox();
+        crate::api::OutboxStatus {
+            depth,
+            oldest_age_s: oldest.map(|d| d.as_secs_f64()),
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let core = &self.0;
+        let devices = self.devices();
+        let (cache_bytes, cache_images) = core.cache.usage();
+        let (outbox_messages, oldest) = core.publisher.outbox();
+        let plugins = self.plugins();
+        let g = crate::metrics::Gauges {
+            leaves: devices.into_iter().map(|d| (d.family, d.state)).collect(),
+            cache_bytes,
+            cache_images,
+            cache_cap_bytes: core.cache.cap(),
+            upstream_connected: Some(super::lock(&core.upstream_status).connected),
+            outbox_messages,
+            outbox_oldest_seconds: oldest.map(|d| d.as_secs_f64()),
+            plugins_loaded: plugins.loaded.len(),
+            plugins_broken: plugins.broken.len(),
+            campaigns: core
+                .campaigns
+                .all()
+                .iter()
+                .map(|c| c.state.name().to_string())
+                .collect(),
+        };
+        core.metrics.render(&g)
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.0.table.watch())
+    }
+
+    fn ready(&self) -> Vec<crate::api::Check> {
+        let core = &self.0;
+        let families = core.plugins.families();
+        let broken = core.plugins.broken().len();
+        let upstream = super::lock(&core.upstream_status).clone();
+        vec![
+            crate::api::Check {
+                name: "store".into(),
+                ok: true,
+                detail: "open".into(),
+            },
+            crate::api::Check {
+                name: "plugins".into(),
+                ok: !families.is_empty(),
+                detail: format!(
+                    "{} loaded, {broken} broken{}",
+                    families.len(),
+                    if families.is_empty() {
+                        ": copy the device families' .wasm files into the plugins directory"
+                    } else {
+                        ""
+                    }
+                ),
+            },
+            crate::api::Check {
+                name: "upstream".into(),
+                ok: upstream.connected,
+                detail: if upstream.connected {
+                    "connected".into()
+                } else {
+                    format!(
+                        "not connected{}",
+                        upstream
+                            .last_error
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    )
+                },
+            },
+        ]
     }
 
     fn jobs(&self) -> Vec<JobStatus> {

@@ -112,6 +112,8 @@ pub(crate) struct JobTable {
     clock: Arc<dyn Clock>,
     /// Woken whenever something the summary or the status API shows changed.
     changed: Notify,
+    /// Counts those changes, for every watcher (the dashboard's events).
+    revision: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for JobTable {
@@ -174,6 +176,7 @@ impl JobTable {
                 journal,
                 clock,
                 changed: Notify::new(),
+                revision: tokio::sync::watch::Sender::new(0),
             },
             resume,
         ))
@@ -192,6 +195,18 @@ impl JobTable {
     /// Woken when jobs changed (for the summary).
     pub fn changed(&self) -> &Notify {
         &self.changed
+    }
+
+    /// Something the status API shows changed (a job, a campaign, the
+    /// upstream session, the plugins): wake the summary and every watcher.
+    pub fn touch(&self) {
+        self.changed.notify_one();
+        self.revision.send_modify(|r| *r = r.wrapping_add(1));
+    }
+
+    /// A receiver that sees every [`JobTable::touch`].
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revision.subscribe()
     }
 
     /// Take a notice for a managed leaf: dedupe, replace, persist.
@@ -238,7 +253,7 @@ impl JobTable {
                 "the gateway cannot store the job ({e}); check the disk of data_dir"
             ));
         }
-        self.changed.notify_one();
+        self.touch();
         match self.lock().claim(&key) {
             Some(t) => Intake::Run(t),
             None => Intake::Held(offer),
@@ -255,7 +270,7 @@ impl JobTable {
         live.active = true;
         inner.queue.started(&ticket.key.0, &ticket.key.1);
         drop(inner);
-        self.changed.notify_one();
+        self.touch();
         true
     }
 
@@ -288,7 +303,7 @@ impl JobTable {
         };
         if let Some(r) = record {
             self.journal.put(&r).await?;
-            self.changed.notify_one();
+            self.touch();
         }
         Ok(Some(actions))
     }
@@ -315,7 +330,7 @@ impl JobTable {
             }
             record
         };
-        self.changed.notify_one();
+        self.touch();
         if !record.job.is_terminal() {
             return Ok(None);
         }
@@ -357,7 +372,7 @@ impl JobTable {
         );
         let ticket = inner.claim(&key).expect("just inserted");
         drop(inner);
-        self.changed.notify_one();
+        self.touch();
         Intake::Run(ticket)
     }
 
@@ -419,6 +434,7 @@ impl JobTable {
         if let Err(e) = self.journal.set_model(&leaf.id, &leaf.module, model) {
             tracing::warn!(device = %leaf.id, module = %leaf.module, "{e}");
         }
+        self.touch();
     }
 
     /// The hardware id or model last read from `leaf`, if any.
@@ -449,9 +465,12 @@ impl JobTable {
 
     /// Remember the version read back from `leaf` outside a job.
     pub async fn record_version(&self, leaf: &Leaf, version: &str) -> Result<(), JournalError> {
-        self.journal
+        let r = self
+            .journal
             .set_version(&leaf.id, &leaf.module, version)
-            .await
+            .await;
+        self.touch();
+        r
     }
 
     /// The jobs under way now (holding their link): device, module and
@@ -520,6 +539,7 @@ impl JobTable {
         if let Err(e) = self.journal.add_history(leaf, module, entry) {
             tracing::warn!("{e}");
         }
+        self.touch();
     }
 
     /// A leaf's history, oldest first.

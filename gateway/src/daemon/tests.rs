@@ -95,6 +95,8 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
         upstream_stop: CancellationToken::new(),
         bytes_downloaded: AtomicU64::new(0),
         upstream_status: Mutex::new(Default::default()),
+        metrics: crate::metrics::Metrics::new(),
+        connects: AtomicU64::new(0),
     });
     Fixture {
         core,

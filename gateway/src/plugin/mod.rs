@@ -360,6 +360,27 @@ impl GattDefaults {
 }
 
 impl FamilyInfo {
+    /// The options' schema as JSON (`null` without one): name, kind,
+    /// default (a secret's shown masked), required, secret, doc.
+    pub fn options_json(&self) -> serde_json::Value {
+        match &self.options {
+            None => serde_json::Value::Null,
+            Some(specs) => specs
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "name": s.name,
+                        "kind": s.kind.describe(),
+                        "default": s.default.as_ref().map(|v| schema::shown(s, v)),
+                        "required": s.required,
+                        "secret": s.secret,
+                        "doc": s.doc,
+                    })
+                })
+                .collect(),
+        }
+    }
+
     /// How a BLE link of this family opens, when the family works over BLE.
     pub fn gatt_plan(&self) -> Option<crate::link::ble::GattPlan> {
         self.default_gatt.as_ref().and_then(GattDefaults::plan)
@@ -403,6 +424,18 @@ pub struct LoadedPlugin {
     pub loaded_from: LoadedFrom,
     pub load_time: Duration,
     pre: FamilyPre,
+}
+
+impl LoadedPlugin {
+    /// The kinds of link it works over, as operators write them.
+    pub fn transport_names(&self) -> Vec<String> {
+        self.info
+            .transports
+            .iter()
+            .map(|t| format!("{t:?}").to_lowercase())
+            .chain(self.info.other_transports.iter().cloned())
+            .collect()
+    }
 }
 
 impl std::fmt::Debug for LoadedPlugin {

@@ -184,6 +184,14 @@ pub struct VerbRequest {
     pub reason: Option<String>,
 }
 
+/// `url` without its query (a signed URL's signature is a credential).
+pub fn without_query(url: &str) -> String {
+    match url.split_once('?') {
+        Some((bare, _)) => format!("{bare}?…"),
+        None => url.to_string(),
+    }
+}
+
 /// One member as the API shows it, with its job's progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberView {
@@ -306,10 +314,8 @@ impl CampaignView {
         // A platform URL is signed (a credential for a day): the view shows
         // where it points, not its query.
         let mut image = c.image.clone();
-        if let Some(u) = &mut image.url
-            && let Some((bare, _)) = u.split_once('?')
-        {
-            *u = format!("{bare}?…");
+        if let Some(u) = &mut image.url {
+            *u = without_query(u);
         }
         CampaignView {
             id: c.id.clone(),

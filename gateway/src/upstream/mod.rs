@@ -330,6 +330,11 @@ impl Upstream {
         self.shared.outbox.len()
     }
 
+    /// How long the oldest durable message has waited for the broker.
+    pub fn outbox_oldest(&self) -> Option<std::time::Duration> {
+        self.shared.outbox.oldest_age()
+    }
+
     /// Resolves once the session has stopped (shutdown cancelled, or every
     /// handle dropped) and released the store. Holds no handle, so it can
     /// outlive the last one.

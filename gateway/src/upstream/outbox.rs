@@ -31,6 +31,9 @@ pub struct OutboxEntry {
 pub struct Outbox {
     tree: sled::Tree,
     next: std::sync::Arc<AtomicU64>,
+    /// When each waiting message was stored, in memory: entries found at
+    /// `open` count from then (their age before a restart is not kept).
+    stamps: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u64, std::time::Instant>>>,
 }
 
 impl Outbox {
@@ -44,15 +47,24 @@ impl Outbox {
             .last()
             .map_err(|e| sled_err("read the outbox", e))?
             .and_then(|(k, _)| key_to_seq(&k));
+        let now = std::time::Instant::now();
+        let stamps = tree
+            .iter()
+            .keys()
+            .filter_map(|k| k.ok().and_then(|k| key_to_seq(&k)))
+            .map(|seq| (seq, now))
+            .collect();
         Ok(Outbox {
             tree,
             next: std::sync::Arc::new(AtomicU64::new(last.map_or(1, |s| s + 1))),
+            stamps: std::sync::Arc::new(std::sync::Mutex::new(stamps)),
         })
     }
 
     /// Store a message and flush it to disk; returns its sequence number.
     pub async fn push(&self, topic: &str, payload: &[u8]) -> Result<u64, UpstreamError> {
         let seq = self.next.fetch_add(1, Ordering::SeqCst);
+        self.stamps().insert(seq, std::time::Instant::now());
         self.tree
             .insert(seq.to_be_bytes(), encode(topic, payload))
             .map_err(|e| sled_err("write to the outbox", e))?;
@@ -64,6 +76,7 @@ impl Outbox {
 
     /// Forget an acknowledged message (not flushed: see the module doc).
     pub fn remove(&self, seq: u64) -> Result<bool, UpstreamError> {
+        self.stamps().remove(&seq);
         self.tree
             .remove(seq.to_be_bytes())
             .map(|old| old.is_some())
@@ -115,6 +128,26 @@ impl Outbox {
 
     pub fn len(&self) -> usize {
         self.tree.len()
+    }
+
+    /// How long the oldest waiting message has waited (since this start
+    /// at most); `None` when none waits.
+    pub fn oldest_age(&self) -> Option<std::time::Duration> {
+        let mut stamps = self.stamps();
+        // Entries dropped another way (undecodable) leave stale stamps.
+        while let Some((&seq, &at)) = stamps.first_key_value() {
+            if self.contains(seq) {
+                return Some(at.elapsed());
+            }
+            stamps.remove(&seq);
+        }
+        None
+    }
+
+    fn stamps(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, std::time::Instant>> {
+        self.stamps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn is_empty(&self) -> bool {
