@@ -54,7 +54,9 @@ pub struct Gauges {
 
 pub struct Metrics {
     registry: Registry,
-    pub jobs_started: IntCounterVec,
+    /// One scrape at a time: the gauges are reset and refilled for each.
+    scrape: std::sync::Mutex<()>,
+    pub job_runs: IntCounterVec,
     pub jobs_ended: IntCounterVec,
     pub flash_seconds: HistogramVec,
     pub flash_bytes: HistogramVec,
@@ -153,7 +155,13 @@ impl Metrics {
         r.register(Box::new(oldest.clone()))
             .expect("registered once");
         Metrics {
-            jobs_started: counter(&r, "jobs_started_total", "Jobs that began", &["family"]),
+            job_runs: counter(
+                &r,
+                "job_runs_total",
+                "Times a job took its link and began work (a job resumed after a restart or \
+                 a fresh URL begins again)",
+                &["family"],
+            ),
             jobs_ended: counter(
                 &r,
                 "jobs_ended_total",
@@ -202,7 +210,7 @@ impl Metrics {
             link_errors: counter(
                 &r,
                 "link_errors_total",
-                "Errors opening or using a leaf's link, by transport (serial, tcp, ble)",
+                "Errors opening or using a leaf's link, by transport (serial, tcp, ble, other)",
                 &["transport"],
             ),
             leaves: gauge_vec(
@@ -244,11 +252,13 @@ impl Metrics {
             ),
             campaigns: gauge_vec(&r, "campaigns", "Rollout campaigns by state", &["state"]),
             registry: r,
+            scrape: std::sync::Mutex::new(()),
         }
     }
 
     /// Set the gauges from `g` and render everything.
     pub fn render(&self, g: &Gauges) -> String {
+        let _one = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.leaves.reset();
         self.jobs.reset();
         for (family, state) in &g.leaves {
@@ -326,7 +336,8 @@ impl Metrics {
         let transport = match link_url.split_once("://").map(|(s, _)| s) {
             Some("ble") => "ble",
             Some("tcp") => "tcp",
-            _ => "serial",
+            Some("serial") => "serial",
+            _ => "other",
         };
         self.link_errors.with_label_values(&[transport]).inc();
     }
@@ -343,7 +354,7 @@ mod tests {
     #[test]
     fn gauges_follow_the_snapshot_and_counters_accumulate() {
         let m = Metrics::new();
-        m.jobs_started.with_label_values(&["xmodem"]).inc();
+        m.job_runs.with_label_values(&["xmodem"]).inc();
         m.jobs_ended
             .with_label_values(&["xmodem", outcome_label(Some(-4))])
             .inc();
@@ -358,7 +369,7 @@ mod tests {
         };
         let text = m.render(&g);
         assert!(
-            text.contains("otagw_jobs_started_total{family=\"xmodem\"} 1"),
+            text.contains("otagw_job_runs_total{family=\"xmodem\"} 1"),
             "{text}"
         );
         assert!(

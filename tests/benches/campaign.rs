@@ -780,7 +780,7 @@ async fn api_get(addr: SocketAddr, path: &str) -> Option<Value> {
     let get = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
         s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await
         .ok()?;

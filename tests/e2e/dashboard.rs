@@ -141,6 +141,59 @@ async fn http(
     (status, headers, body.to_string())
 }
 
+/// A GET naming `host` in its `Host` header (as a browser at that name).
+async fn http_raw_host(
+    addr: std::net::SocketAddr,
+    path: &str,
+    host: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.unwrap();
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, Vec::new(), body)
+}
+
+/// The first batch of `/api/events` (the whole state), read until the
+/// `cache` event that ends it.
+async fn sse_first_batch(addr: std::net::SocketAddr, bearer: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {bearer}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(LIMIT, async {
+        while !String::from_utf8_lossy(&got).contains("event: cache") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the stream ended early");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the first batch within the limit");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
         .iter()
@@ -167,8 +220,14 @@ where
 /// Headless Chromium driven through chromedriver; both die with it.
 struct Chrome {
     client: fantoccini::Client,
+    _procs: Procs,
+}
+
+/// chromedriver and the browser it starts, killed when dropped (also when
+/// the session never came up).
+struct Procs {
     driver: tokio::process::Child,
-    _profile: tempfile::TempDir,
+    profile: tempfile::TempDir,
 }
 
 impl Chrome {
@@ -191,7 +250,10 @@ impl Chrome {
                 .ok()
         })
         .await;
-        let profile = tempfile::tempdir().unwrap();
+        let procs = Procs {
+            driver,
+            profile: tempfile::tempdir().unwrap(),
+        };
         let caps = serde_json::json!({
             "goog:chromeOptions": {
                 "binary": "/usr/bin/chromium",
@@ -200,7 +262,7 @@ impl Chrome {
                     "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync",
                     "--window-size=1280,900",
-                    format!("--user-data-dir={}", profile.path().display()),
+                    format!("--user-data-dir={}", procs.profile.path().display()),
                 ]
             }
         });
@@ -213,8 +275,7 @@ impl Chrome {
         .expect("a Chromium session");
         Chrome {
             client,
-            driver,
-            _profile: profile,
+            _procs: procs,
         }
     }
 
@@ -272,13 +333,12 @@ impl Chrome {
         .to_string()
     }
 
-    async fn close(mut self) {
+    async fn close(self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill().await;
     }
 }
 
-impl Drop for Chrome {
+impl Drop for Procs {
     fn drop(&mut self) {
         // chromedriver's process group, and every browser process of this
         // profile (the browser may set up groups of its own).
@@ -290,7 +350,7 @@ impl Drop for Chrome {
         }
         let _ = std::process::Command::new("pkill")
             .args(["-KILL", "-f"])
-            .arg(format!("user-data-dir={}", self._profile.path().display()))
+            .arg(format!("user-data-dir={}", self.profile.path().display()))
             .status();
     }
 }
@@ -409,8 +469,9 @@ async fn the_dashboard_follows_an_upgrade_live_in_a_real_browser() {
         .as_str()
         .unwrap()
         .to_string();
+    let start: String = reason.chars().take(20).collect();
     assert!(
-        failed["error"].as_str().unwrap().contains(&reason[..20]),
+        failed["error"].as_str().unwrap().contains(&start),
         "{failed} vs {reason}"
     );
     // Back to the overview: the chart moved, and nothing was reloaded.
@@ -525,8 +586,12 @@ async fn the_dashboard_follows_an_upgrade_live_in_a_real_browser() {
             .then_some(())
     })
     .await;
+    // The gateway stops with the page still following its events: the
+    // stream ends, it does not hold the shutdown.
+    tokio::time::timeout(LIMIT, gw.stop())
+        .await
+        .expect("the gateway stops while a dashboard is open");
     chrome.close().await;
-    gw.stop().await;
     drop(f);
 }
 
@@ -554,7 +619,17 @@ async fn metrics_pass_promtool_and_count_the_jobs_that_ran() {
             .map(|j| j["step"].as_i64().unwrap())
     })
     .await;
-    let (status, headers, text) = http(gw.api, "GET", "/metrics", &[], b"").await;
+    // The counters follow the job's end (its report goes out first).
+    let (status, headers, text) = until("both ends counted", || async {
+        let r = http(gw.api, "GET", "/metrics", &[], b"").await;
+        r.2.lines()
+            .filter(|l| l.starts_with("otagw_jobs_ended_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>()
+            .eq(&2.0)
+            .then_some(r)
+    })
+    .await;
     assert_eq!(status, 200);
     assert!(
         header(&headers, "content-type")
@@ -603,7 +678,7 @@ async fn metrics_pass_promtool_and_count_the_jobs_that_ran() {
         _ => "failed",
     };
     let x = ("family", "xmodem");
-    assert_eq!(value("otagw_jobs_started_total", &[x]), 2.0, "{text}");
+    assert_eq!(value("otagw_job_runs_total", &[x]), 2.0, "{text}");
     assert_eq!(
         value("otagw_jobs_ended_total", &[x, ("outcome", "succeeded")]),
         1.0
@@ -700,6 +775,15 @@ async fn beyond_loopback_every_view_needs_the_token_and_nothing_secret_is_shown(
     }
     let (status, _, _) = http(api, "GET", "/api/events", &[], b"").await;
     assert_eq!(status, 401);
+    // The event stream's first batch (the whole state) and the readiness
+    // details hold nothing secret either.
+    let first = sse_first_batch(api, &bearer).await;
+    assert!(first.contains("event: devices"), "{first}");
+    let (_, _, ready) = http(api, "GET", "/readyz", &[("Authorization", &bearer)], b"").await;
+    for secret in [LEAF_SECRET, UPSTREAM_PASSWORD, token.as_str()] {
+        assert!(!first.contains(secret), "the events show a secret");
+        assert!(!ready.contains(secret), "/readyz shows a secret");
+    }
     // A login: JSON only, the right token only.
     let json = ("Content-Type", "application/json");
     let login = |t: &str| serde_json::json!({ "token": t }).to_string();
@@ -777,6 +861,19 @@ async fn beyond_loopback_every_view_needs_the_token_and_nothing_secret_is_shown(
         .config()
         .replace(&f.broker.url(), &format!("mqtt://127.0.0.1:{port}"));
     let gw = Daemon::start(&config).await;
+    // On loopback reads are open, to requests for a loopback name only: a
+    // page that re-points its own name at 127.0.0.1 is refused.
+    let (status, _, _) = http(gw.api, "GET", "/api/devices", &[], b"").await;
+    assert_eq!(status, 200);
+    let evil = [("Host", "evil.example:8080")];
+    let (status, _, body) = http_raw_host(gw.api, "/api/devices", "evil.example:8080").await;
+    assert_eq!(status, 403, "{body}");
+    let (status, _, body) = http_raw_host(gw.api, "/readyz", evil[0].1).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        !body.contains("127.0.0.1"),
+        "no details for strangers: {body}"
+    );
     let (status, _, body) = http(gw.api, "GET", "/readyz", &[], b"").await;
     assert_eq!(status, 503, "{body}");
     let r: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -293,9 +293,11 @@ pub async fn http_get_json(addr: std::net::SocketAddr, path: &str) -> serde_json
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect to the API");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("send");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("send");
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).await.expect("read");
     let text = String::from_utf8_lossy(&resp);
@@ -320,7 +322,7 @@ pub async fn http_request(
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );

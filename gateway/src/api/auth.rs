@@ -2,8 +2,11 @@
 //! sent as `Authorization: Bearer TOKEN` by the CLI, or turned into a
 //! session cookie by the dashboard's login.
 //!
-//! - Reads (`GET`) are open while the API listens on loopback only; beyond
-//!   loopback every read needs the token or a session too.
+//! - Reads (`GET`) are open while the API listens on loopback only, and
+//!   then only to requests naming a loopback host (`localhost`, `127.x`,
+//!   `[::1]`): a web page that re-points its own name at 127.0.0.1 (DNS
+//!   rebinding) is refused. Beyond loopback every read needs the token or a
+//!   session too.
 //! - Changes (`POST`) always need one. A request carried by the session
 //!   cookie must also carry the session's CSRF token in `X-Otagw-Csrf`
 //!   (a header a cross-site form cannot set, and a cross-site script cannot
@@ -108,6 +111,15 @@ impl Auth {
         }
     }
 
+    /// Whether a read carrying `headers` may see the gateway's data.
+    pub fn may_read(&self, headers: &HeaderMap) -> bool {
+        match self.who(headers) {
+            Who::Bearer | Who::Session { .. } => true,
+            Who::WrongToken => false,
+            Who::Nobody => self.reads_open && loopback_host(headers),
+        }
+    }
+
     fn status(&self, headers: &HeaderMap) -> SessionStatus {
         let (authenticated, csrf) = match self.who(headers) {
             Who::Bearer => (true, None),
@@ -183,6 +195,22 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Whether the `Host` header names this machine's loopback (any port).
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        // HTTP/1.0 without Host: no browser sends that.
+        return true;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Whether the `Origin` (when sent) names the host the request went to.
 fn same_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
@@ -232,7 +260,18 @@ pub async fn gate(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Re
             }
             next.run(req).await
         }
-        Who::Nobody if !changing && auth.reads_open => next.run(req).await,
+        Who::Nobody if !changing && auth.reads_open => {
+            if loopback_host(req.headers()) {
+                next.run(req).await
+            } else {
+                error(
+                    StatusCode::FORBIDDEN,
+                    "refused: without the API token this gateway answers only requests to \
+                     localhost or 127.0.0.1 (open it by that address, or log in)"
+                        .into(),
+                )
+            }
+        }
         Who::Nobody => error(StatusCode::UNAUTHORIZED, NEEDS_TOKEN.into()),
     }
 }
@@ -346,6 +385,31 @@ mod tests {
         assert_eq!(auth.sessions().len(), MAX_SESSIONS);
         assert!(!auth.sessions().contains_key(&first));
         assert!(auth.set_cookie("x", 1).ends_with("; Secure"));
+    }
+
+    #[test]
+    fn open_reads_are_for_loopback_names_only() {
+        let auth = Auth::new(Some("t".into()), true, false);
+        for host in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "LOCALHOST",
+            "[::1]:8080",
+            "127.1.2.3",
+        ] {
+            assert!(auth.may_read(&headers(&[("host", host)])), "{host}");
+        }
+        for host in [
+            "evil.example:8080",
+            "10.0.0.2:8080",
+            "[fe80::1]:80",
+            "localhost.evil.example",
+        ] {
+            assert!(!auth.may_read(&headers(&[("host", host)])), "{host}");
+        }
+        let closed = Auth::new(Some("t".into()), false, false);
+        assert!(!closed.may_read(&headers(&[("host", "127.0.0.1")])));
+        assert!(closed.may_read(&headers(&[("host", "x"), ("authorization", "Bearer t")])));
     }
 
     #[test]

@@ -26,8 +26,10 @@ use super::{Api, StatusSource};
 
 /// The shortest time between two batches of events.
 const COALESCE: Duration = Duration::from_millis(250);
-/// How often the state is looked at when the source cannot say it changed.
-const FALLBACK: Duration = Duration::from_secs(2);
+/// How often the state is looked at anyway: a few things change without
+/// telling (the outbox, the leaves' presence at the platform), and a
+/// reader's login may have ended.
+const RECHECK: Duration = Duration::from_secs(5);
 
 /// What one connection last sent, serialized.
 #[derive(Default)]
@@ -95,6 +97,8 @@ impl Sent {
 
 struct Conn {
     api: Api,
+    /// The request's credentials, checked again before every batch.
+    headers: axum::http::HeaderMap,
     changes: Option<tokio::sync::watch::Receiver<u64>>,
     sent: Sent,
     first: bool,
@@ -103,10 +107,12 @@ struct Conn {
 /// The event stream of one client.
 pub(super) async fn events(
     State(api): State<Api>,
+    headers: axum::http::HeaderMap,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let changes = api.source.changes();
     let conn = Conn {
         api,
+        headers,
         changes,
         sent: Sent::default(),
         first: true,
@@ -124,9 +130,12 @@ pub(super) async fn events(
         loop {
             let changed = async {
                 match &mut c.changes {
-                    Some(rx) => rx.changed().await.is_ok(),
+                    Some(rx) => tokio::select! {
+                        r = rx.changed() => r.is_ok(),
+                        _ = tokio::time::sleep(RECHECK) => true,
+                    },
                     None => {
-                        tokio::time::sleep(FALLBACK).await;
+                        tokio::time::sleep(RECHECK).await;
                         true
                     }
                 }
@@ -139,6 +148,10 @@ pub(super) async fn events(
             tokio::select! {
                 _ = c.api.stop.cancelled() => return None,
                 _ = tokio::time::sleep(COALESCE) => {}
+            }
+            // A logout, an expired or evicted session ends the stream.
+            if !c.api.auth.may_read(&c.headers) {
+                return None;
             }
             if let Some(rx) = &mut c.changes {
                 rx.mark_unchanged();

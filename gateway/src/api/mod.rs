@@ -186,11 +186,12 @@ pub struct UpstreamStatus {
 }
 
 /// The outbox of durable messages for the upstream broker.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct OutboxStatus {
     pub depth: usize,
-    /// How long the oldest has waited (since this start at most).
-    pub oldest_age_s: Option<f64>,
+    /// Since when (ms since the epoch) the oldest has waited (since this
+    /// start at most).
+    pub oldest_since_ms: Option<u64>,
 }
 
 /// One image in the firmware cache.
@@ -445,6 +446,8 @@ struct Api {
     source: Arc<dyn StatusSource>,
     /// Cancelled at shutdown: event streams end so the server can stop.
     stop: CancellationToken,
+    /// Who may read: an event stream ends when its reader may no longer.
+    auth: Arc<auth::Auth>,
 }
 
 /// The API's routes over a source, behind `auth`; event streams end when
@@ -455,7 +458,11 @@ pub fn router(
     stop: CancellationToken,
 ) -> Router {
     let max = source.max_upload();
-    let api = Api { source, stop };
+    let api = Api {
+        source,
+        stop,
+        auth: auth.clone(),
+    };
     let gated = Router::new()
         .route("/api/campaigns", post(create_campaign).get(campaigns))
         .route("/api/campaigns/{id}/{verb}", post(campaign_verb))
@@ -525,9 +532,15 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// 200 when every check passes, 503 naming the ones that fail.
-async fn readyz(State(api): State<Api>) -> Response {
-    let checks = api.source.ready();
+/// 200 when every check passes, 503 naming the ones that fail; the
+/// details (an upstream error names the broker) only to who may read.
+async fn readyz(State(api): State<Api>, headers: axum::http::HeaderMap) -> Response {
+    let mut checks = api.source.ready();
+    if !api.auth.may_read(&headers) {
+        for c in &mut checks {
+            c.detail.clear();
+        }
+    }
     let ready = checks.iter().all(|c| c.ok);
     let status = if ready {
         StatusCode::OK

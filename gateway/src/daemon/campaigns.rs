@@ -266,6 +266,7 @@ impl Core {
             .add(bytes, "uploaded")
             .await
             .map_err(|e| RolloutError::Internal(e.to_string()))?;
+        self.table.touch();
         Ok(UploadedImage {
             sha256: image.digest().hex().to_string(),
             size,

@@ -1031,6 +1031,7 @@ impl Gateway {
                     }
                     notify_systemd(&reloading);
                     core.reload(cfg).await;
+                    core.table.touch();
                     notify_systemd(&[sd_notify::NotifyState::Ready]);
                 }
                 ev = self.events.recv() => match ev {

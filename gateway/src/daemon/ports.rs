@@ -33,8 +33,9 @@ pub(crate) trait Publisher: Send + Sync {
         Box::pin(async { Ok(()) })
     }
 
-    /// Durable messages waiting for the broker, and the oldest one's age.
-    fn outbox(&self) -> (usize, Option<std::time::Duration>) {
+    /// Durable messages waiting for the broker, and since when (Unix ms)
+    /// the oldest has waited.
+    fn outbox(&self) -> (usize, Option<u64>) {
         (0, None)
     }
 }
@@ -44,7 +45,7 @@ impl Publisher for Upstream {
         Upstream::platform(self)
     }
 
-    fn outbox(&self) -> (usize, Option<std::time::Duration>) {
+    fn outbox(&self) -> (usize, Option<u64>) {
         (self.outbox_len(), self.outbox_oldest())
     }
 

@@ -183,7 +183,7 @@ async fn run(core: Arc<Core>, ticket: Ticket, first: Option<Event>) -> Result<Ou
         return Ok(Outcome::Superseded);
     }
     core.metrics
-        .jobs_started
+        .job_runs
         .with_label_values(&[leaf.family.as_str()])
         .inc();
     if let Some(r) = core.table.record(&ticket) {

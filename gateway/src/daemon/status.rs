@@ -54,7 +54,19 @@ impl StatusSource for Status {
                     error,
                 })
                 .collect(),
-            updates: self.0.updates.snapshot().families,
+            updates: {
+                // A platform URL is signed (a credential for a day): the
+                // view shows where it points, not its query.
+                let mut families = self.0.updates.snapshot().families;
+                for f in families.values_mut() {
+                    if let Some(u) = &mut f.update
+                        && let crate::ota::protocol::Download::Http { url } = &mut u.notice.download
+                    {
+                        *url = crate::rollout::without_query(url);
+                    }
+                }
+                families
+            },
         }
     }
 
@@ -240,10 +252,10 @@ impl StatusSource for Status {
     }
 
     fn outbox(&self) -> crate::api::OutboxStatus {
-        let (depth, oldest) = self.0.publisher.outbox();
+        let (depth, oldest_since_ms) = self.0.publisher.outbox();
         crate::api::OutboxStatus {
             depth,
-            oldest_age_s: oldest.map(|d| d.as_secs_f64()),
+            oldest_since_ms,
         }
     }
 
@@ -260,7 +272,8 @@ impl StatusSource for Status {
             cache_cap_bytes: core.cache.cap(),
             upstream_connected: Some(super::lock(&core.upstream_status).connected),
             outbox_messages,
-            outbox_oldest_seconds: oldest.map(|d| d.as_secs_f64()),
+            outbox_oldest_seconds: oldest
+                .map(|since| core.table.now_ms().saturating_sub(since) as f64 / 1000.0),
             plugins_loaded: plugins.loaded.len(),
             plugins_broken: plugins.broken.len(),
             campaigns: core
@@ -283,10 +296,17 @@ impl StatusSource for Status {
         let broken = core.plugins.broken().len();
         let upstream = super::lock(&core.upstream_status).clone();
         vec![
-            crate::api::Check {
-                name: "store".into(),
-                ok: true,
-                detail: "open".into(),
+            match core.table.store_ok() {
+                Ok(()) => crate::api::Check {
+                    name: "store".into(),
+                    ok: true,
+                    detail: "open".into(),
+                },
+                Err(e) => crate::api::Check {
+                    name: "store".into(),
+                    ok: false,
+                    detail: e.to_string(),
+                },
             },
             crate::api::Check {
                 name: "plugins".into(),

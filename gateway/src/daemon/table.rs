@@ -204,6 +204,11 @@ impl JobTable {
         self.revision.send_modify(|r| *r = r.wrapping_add(1));
     }
 
+    /// Whether the store answers.
+    pub fn store_ok(&self) -> Result<(), JournalError> {
+        self.journal.ping()
+    }
+
     /// A receiver that sees every [`JobTable::touch`].
     pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
         self.revision.subscribe()

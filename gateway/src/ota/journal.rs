@@ -349,6 +349,14 @@ impl Journal {
             })
     }
 
+    /// Whether the store answers: reads this run's marker (`/readyz`).
+    pub fn ping(&self) -> Result<(), JournalError> {
+        self.lifecycle
+            .get(RUN_KEY)
+            .map(|_| ())
+            .map_err(Self::store_error("read", "the run marker".to_string()))
+    }
+
     /// A run starts: returns whether the previous one stopped cleanly (a new
     /// store counts as clean), and records that this one is running.
     pub async fn begin_run(&self) -> Result<bool, JournalError> {

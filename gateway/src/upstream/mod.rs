@@ -330,9 +330,10 @@ impl Upstream {
         self.shared.outbox.len()
     }
 
-    /// How long the oldest durable message has waited for the broker.
-    pub fn outbox_oldest(&self) -> Option<std::time::Duration> {
-        self.shared.outbox.oldest_age()
+    /// Since when (Unix ms) the oldest durable message has waited for the
+    /// broker.
+    pub fn outbox_oldest(&self) -> Option<u64> {
+        self.shared.outbox.oldest_since_ms()
     }
 
     /// Resolves once the session has stopped (shutdown cancelled, or every

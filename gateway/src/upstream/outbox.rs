@@ -33,7 +33,8 @@ pub struct Outbox {
     next: std::sync::Arc<AtomicU64>,
     /// When each waiting message was stored, in memory: entries found at
     /// `open` count from then (their age before a restart is not kept).
-    stamps: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u64, std::time::Instant>>>,
+    /// Unix milliseconds.
+    stamps: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<u64, u64>>>,
 }
 
 impl Outbox {
@@ -47,7 +48,7 @@ impl Outbox {
             .last()
             .map_err(|e| sled_err("read the outbox", e))?
             .and_then(|(k, _)| key_to_seq(&k));
-        let now = std::time::Instant::now();
+        let now = now_ms();
         let stamps = tree
             .iter()
             .keys()
@@ -64,10 +65,10 @@ impl Outbox {
     /// Store a message and flush it to disk; returns its sequence number.
     pub async fn push(&self, topic: &str, payload: &[u8]) -> Result<u64, UpstreamError> {
         let seq = self.next.fetch_add(1, Ordering::SeqCst);
-        self.stamps().insert(seq, std::time::Instant::now());
         self.tree
             .insert(seq.to_be_bytes(), encode(topic, payload))
             .map_err(|e| sled_err("write to the outbox", e))?;
+        self.stamps().insert(seq, now_ms());
         crate::store::flush_tree(&self.tree)
             .await
             .map_err(|e| sled_err("flush the outbox", e))?;
@@ -97,6 +98,9 @@ impl Outbox {
                 }),
                 _ => {
                     tracing::error!(key = ?k, "dropping an undecodable outbox entry");
+                    if let Some(seq) = key_to_seq(&k) {
+                        self.stamps().remove(&seq);
+                    }
                     let _ = self.tree.remove(k);
                 }
             }
@@ -130,29 +134,30 @@ impl Outbox {
         self.tree.len()
     }
 
-    /// How long the oldest waiting message has waited (since this start
-    /// at most); `None` when none waits.
-    pub fn oldest_age(&self) -> Option<std::time::Duration> {
-        let mut stamps = self.stamps();
-        // Entries dropped another way (undecodable) leave stale stamps.
-        while let Some((&seq, &at)) = stamps.first_key_value() {
-            if self.contains(seq) {
-                return Some(at.elapsed());
-            }
-            stamps.remove(&seq);
-        }
-        None
+    /// Since when (Unix ms) the oldest waiting message has waited (since
+    /// this start at most); `None` when none waits.
+    pub fn oldest_since_ms(&self) -> Option<u64> {
+        // A stamp whose entry is gone another way (undecodable) is passed
+        // over; `remove` and `entries` drop them.
+        self.stamps()
+            .iter()
+            .find(|(seq, _)| self.contains(**seq))
+            .map(|(_, at)| *at)
     }
 
-    fn stamps(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, std::time::Instant>> {
+    fn stamps(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, u64>> {
         self.stamps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn is_empty(&self) -> bool {
         self.tree.is_empty()
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn sled_err(phase: &'static str, e: sled::Error) -> UpstreamError {

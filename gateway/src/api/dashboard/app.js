@@ -206,7 +206,7 @@ function overview() {
 		T(r.upErr, u.last_error || 'none');
 		r.upErr.classList.toggle('error-text', !!u.last_error);
 		T(r.depth, ob.depth ?? DASH);
-		T(r.oldest, ob.oldest_age_s == null ? 'none' : age(ob.oldest_age_s));
+		r.oldest.replaceChildren(ob.oldest_since_ms == null ? 'none' : timeEl(ob.oldest_since_ms));
 		T(r.use, `${bytes(c.bytes)} of ${bytes(c.cap_bytes)}`);
 		T(r.images, c.images ?? DASH);
 		bar.value = c.cap_bytes ? Math.min(100, (100 * c.bytes) / c.cap_bytes) : 0;
