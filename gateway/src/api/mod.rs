@@ -705,6 +705,9 @@ pub fn read_token(path: &std::path::Path) -> std::io::Result<String> {
     Ok(t)
 }
 
+/// The shortest API token the gateway accepts (the one it makes has 64).
+pub const MIN_TOKEN_CHARS: usize = 16;
+
 /// The API token in `path`, made when the file is missing: 32 random
 /// bytes from the kernel, as hex, in a file only its owner can read.
 /// Returns whether it was made.
@@ -712,6 +715,17 @@ pub fn load_or_create_token(path: &std::path::Path) -> std::io::Result<(String, 
     use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
     match read_token(path) {
+        Ok(t) if t.chars().count() < MIN_TOKEN_CHARS => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "it holds {} characters, and an API token needs at least {MIN_TOKEN_CHARS} \
+                     (anyone who can reach the API could guess a short one): delete the file \
+                     and the gateway makes a random one",
+                    t.chars().count()
+                ),
+            ));
+        }
         Ok(t) => return Ok((t, false)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
@@ -730,4 +744,22 @@ pub fn load_or_create_token(path: &std::path::Path) -> std::io::Result<(String, 
     f.write_all(format!("{token}\n").as_bytes())?;
     f.sync_all()?;
     Ok((token, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_made_once_and_a_short_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/api-token");
+        let (made, fresh) = load_or_create_token(&path).unwrap();
+        assert!(fresh);
+        assert_eq!(made.len(), 64);
+        assert_eq!(load_or_create_token(&path).unwrap(), (made, false));
+        std::fs::write(&path, "hunter2\n").unwrap();
+        let e = load_or_create_token(&path).unwrap_err();
+        assert!(e.to_string().contains("at least 16"), "{e}");
+    }
 }
