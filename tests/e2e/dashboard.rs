@@ -169,17 +169,24 @@ async fn http_raw_host(
     (status, Vec::new(), body)
 }
 
-/// The first batch of `/api/events` (the whole state), read until the
-/// `cache` event that ends it.
-async fn sse_first_batch(addr: std::net::SocketAddr, bearer: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// `/api/events` opened with the header line `auth`.
+async fn sse_open(addr: std::net::SocketAddr, auth: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(
-        format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {bearer}\r\n\r\n")
+        format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\r\n\r\n")
             .as_bytes(),
     )
     .await
     .unwrap();
+    s
+}
+
+/// The first batch of `/api/events` (the whole state), read until the
+/// `cache` event that ends it.
+async fn sse_first_batch(addr: std::net::SocketAddr, bearer: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut s = sse_open(addr, &format!("Authorization: {bearer}")).await;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     tokio::time::timeout(LIMIT, async {
@@ -845,9 +852,33 @@ async fn beyond_loopback_every_view_needs_the_token_and_nothing_secret_is_shown(
     .await;
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("no campaign c9"), "{body}");
-    // After the logout the cookie is worth nothing.
+    // After the logout the cookie is worth nothing, and an event stream it
+    // opened ends.
+    let mut stream = sse_open(api, &format!("Cookie: {cookie}")).await;
+    {
+        // Under way first: its answer began with the state.
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("event: reset") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "the stream was refused: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
     let (status, _, _) = http(api, "POST", "/api/logout", &[with_cookie], b"").await;
     assert_eq!(status, 204);
+    tokio::time::timeout(LIMIT, async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    })
+    .await
+    .expect("the logged-out stream ends");
     let (status, _, _) = http(api, "GET", "/api/devices", &[with_cookie], b"").await;
     assert_eq!(status, 401);
     gw.stop().await;

@@ -667,8 +667,15 @@ async fn read_version(core: &Core, leaf: &Leaf) -> Option<Result<String, PluginE
             d.version
         })
     };
-    tokio::select! {
+    let r = tokio::select! {
         _ = core.abort.cancelled() => None,
         r = work => Some(r),
+    };
+    if let Some(Err(e)) = &r {
+        core.metrics.plugin_fault(&leaf.family, e);
+        if let PluginError::Link(_) = e {
+            core.metrics.link_error(&leaf.link);
+        }
     }
+    r
 }
