@@ -172,8 +172,8 @@ impl Metrics {
             flash_seconds: histogram(
                 &r,
                 "flash_duration_seconds",
-                "Time a successful flash took",
-                &["family"],
+                "Time a flash took, by outcome (succeeded, failed)",
+                &["family", "outcome"],
                 FLASH_SECONDS,
             ),
             flash_bytes: histogram(
@@ -322,14 +322,18 @@ impl Metrics {
             .inc();
     }
 
-    /// A flash of `bytes` that succeeded in `seconds`.
-    pub fn flashed(&self, family: &str, bytes: u64, seconds: f64) {
+    /// A flash that ended after `seconds`; its image's `bytes` count when
+    /// it succeeded.
+    pub fn flashed(&self, family: &str, ok: bool, bytes: u64, seconds: f64) {
+        let outcome = if ok { "succeeded" } else { "failed" };
         self.flash_seconds
-            .with_label_values(&[family])
+            .with_label_values(&[family, outcome])
             .observe(seconds);
-        self.flash_bytes
-            .with_label_values(&[family])
-            .observe(bytes as f64);
+        if ok {
+            self.flash_bytes
+                .with_label_values(&[family])
+                .observe(bytes as f64);
+        }
     }
 
     pub fn link_error(&self, link_url: &str) {

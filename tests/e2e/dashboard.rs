@@ -704,12 +704,17 @@ async fn metrics_pass_promtool_and_count_the_jobs_that_ran() {
     assert_eq!(value("otagw_leaves", &[x, ("state", "failed")]), 1.0);
     assert_eq!(value("otagw_upstream_connected", &[]), 1.0);
     assert_eq!(value("otagw_plugins", &[("status", "loaded")]), 1.0);
-    // The histograms: one successful flash of 8 KiB; a plugin per job.
-    let hist = |name: &str| {
+    // The histograms: one successful flash of 8 KiB, one failed; a plugin
+    // per job.
+    let hist = |name: &str, outcome: Option<&str>| {
         scrape
             .samples
             .iter()
-            .find(|s| s.metric == name && s.labels.get("family") == Some("xmodem"))
+            .find(|s| {
+                s.metric == name
+                    && s.labels.get("family") == Some("xmodem")
+                    && s.labels.get("outcome") == outcome
+            })
             .and_then(|s| match &s.value {
                 prometheus_parse::Value::Histogram(h) => {
                     Some(h.iter().map(|c| c.count).fold(0.0, f64::max))
@@ -718,9 +723,11 @@ async fn metrics_pass_promtool_and_count_the_jobs_that_ran() {
             })
             .unwrap_or_else(|| panic!("no histogram {name}: {text}"))
     };
-    assert_eq!(hist("otagw_flash_duration_seconds"), 1.0);
-    assert_eq!(hist("otagw_flash_image_bytes"), 1.0);
-    assert!(hist("otagw_plugin_instantiate_seconds") >= 2.0);
+    let ok = Some("succeeded");
+    assert_eq!(hist("otagw_flash_duration_seconds", ok), 1.0);
+    assert_eq!(hist("otagw_flash_duration_seconds", Some("failed")), 1.0);
+    assert_eq!(hist("otagw_flash_image_bytes", None), 1.0);
+    assert!(hist("otagw_plugin_instantiate_seconds", None) >= 2.0);
     gw.stop().await;
 }
 

@@ -555,13 +555,14 @@ impl Ctx {
         self.events_rx = rx;
         self.session = Some(session);
         self.link = Some(link);
-        match &result {
-            Ok(_) => {
-                self.core
-                    .metrics
-                    .flashed(&self.leaf.family, size, started.elapsed().as_secs_f64())
-            }
-            Err(e) => self.observe(e),
+        self.core.metrics.flashed(
+            &self.leaf.family,
+            result.is_ok(),
+            size,
+            started.elapsed().as_secs_f64(),
+        );
+        if let Err(e) = &result {
+            self.observe(e);
         }
         Ok(match result {
             Ok(_) => Event::Flashed,
