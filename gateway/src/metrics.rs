@@ -43,8 +43,7 @@ pub struct Gauges {
     pub cache_bytes: u64,
     pub cache_images: usize,
     pub cache_cap_bytes: u64,
-    /// `None`: standalone or not started.
-    pub upstream_connected: Option<bool>,
+    pub upstream_connected: bool,
     pub outbox_messages: usize,
     pub outbox_oldest_seconds: Option<f64>,
     pub plugins_loaded: usize,
@@ -273,8 +272,7 @@ impl Metrics {
         self.cache_bytes.set(clamp(g.cache_bytes));
         self.cache_images.set(g.cache_images as i64);
         self.cache_cap.set(clamp(g.cache_cap_bytes));
-        self.upstream_connected
-            .set(i64::from(g.upstream_connected.unwrap_or(false)));
+        self.upstream_connected.set(i64::from(g.upstream_connected));
         self.outbox_messages.set(g.outbox_messages as i64);
         self.outbox_oldest
             .set(g.outbox_oldest_seconds.unwrap_or(0.0));

@@ -171,6 +171,22 @@ impl Floor {
         self.cli(api, &args).await
     }
 
+    /// The platform's 2.0.0 notice for every leaf, ids from `first_id`:
+    /// the image's URL and bytes.
+    async fn notify_all(&self, first_id: u64) -> (String, Vec<u8>) {
+        let img = versioned_image(8_192, "2.0.0");
+        let url = self.files.add("fw-2.0.0.bin", img.clone());
+        for i in 0..self.sims.len() {
+            self.probe
+                .publish(
+                    &topic("upgrade", &name(i)),
+                    notice(first_id + i as u64, "2.0.0", &url, &img),
+                )
+                .await;
+        }
+        (url, img)
+    }
+
     /// [`Floor::upgrade`] without `--follow`: the campaign's id it prints.
     async fn start_campaign(&self, api: std::net::SocketAddr, plan: &[&str]) -> String {
         let (code, out, err) = self.upgrade(api, plan).await;
@@ -178,6 +194,24 @@ impl Floor {
         let id = out.trim().to_string();
         assert!(id.starts_with('c'), "prints the campaign id: {out}");
         id
+    }
+}
+
+/// The first campaign the gateway shows paused (within `LIMIT`).
+async fn first_paused(api: std::net::SocketAddr) -> serde_json::Value {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let all = http_get_json(api, "/api/campaigns").await;
+        if let Some(c) = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["state"] == "paused")
+        {
+            return c.clone();
+        }
+        assert!(Instant::now() < deadline, "no paused campaign: {all:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -887,34 +921,12 @@ async fn platform_notices_under_a_plan_wait_for_the_canary_and_an_approval() {
         f.config()
     );
     let gw = Daemon::start(&config).await;
-    let img = versioned_image(8_192, "2.0.0");
-    let url = f.files.add("fw-2.0.0.bin", img.clone());
-    for i in 0..4 {
-        f.probe
-            .publish(
-                &topic("upgrade", &name(i)),
-                notice(20 + i as u64, "2.0.0", &url, &img),
-            )
-            .await;
-    }
+    let (url, img) = f.notify_all(20).await;
     // A redelivery of one of them joins nothing twice.
     f.probe
         .publish(&topic("upgrade", &name(1)), notice(21, "2.0.0", &url, &img))
         .await;
-    let deadline = Instant::now() + LIMIT;
-    let c = loop {
-        let all = gw.api_get("/api/campaigns").await;
-        if let Some(c) = all
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["state"] == "paused")
-        {
-            break c.clone();
-        }
-        assert!(Instant::now() < deadline, "no paused campaign: {all:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let c = first_paused(gw.api).await;
     let id = c["id"].as_str().unwrap().to_string();
     assert_eq!(c["origin"], "platform");
     assert_eq!(c["counts"]["total"], 4, "{c:#}");
@@ -1091,30 +1103,11 @@ async fn stopping_a_platform_campaign_tells_the_platform_which_leaves_were_not_s
         f.config()
     );
     let gw = Daemon::start(&config).await;
-    let img = versioned_image(8_192, "2.0.0");
-    let url = f.files.add("fw-2.0.0.bin", img.clone());
-    for i in 0..3 {
-        f.probe
-            .publish(
-                &topic("upgrade", &name(i)),
-                notice(30 + i as u64, "2.0.0", &url, &img),
-            )
-            .await;
-    }
-    let deadline = Instant::now() + LIMIT;
-    let id = loop {
-        let all = gw.api_get("/api/campaigns").await;
-        if let Some(c) = all
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["state"] == "paused")
-        {
-            break c["id"].as_str().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "no paused campaign: {all:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    f.notify_all(30).await;
+    let id = first_paused(gw.api).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (code, out, err) = f
         .cli(
             gw.api,

@@ -94,8 +94,3 @@ pub fn routes() -> Router {
     }
     r
 }
-
-/// The bytes of every asset, uncompressed (for the size check).
-pub fn total_bytes() -> usize {
-    ASSETS.iter().map(|a| a.body.len()).sum()
-}

@@ -142,11 +142,9 @@ pub(crate) struct Core {
     /// Stops the upstream session, last, so what the jobs report during the
     /// grace still goes out.
     upstream_stop: CancellationToken,
-    /// Image bytes received, for the summary.
-    pub bytes_downloaded: AtomicU64,
     /// The upstream session as the API shows it.
     pub upstream_status: Mutex<crate::api::UpstreamStatus>,
-    /// What `/metrics` shows.
+    /// What `/metrics` shows (the summary's downloaded bytes too).
     pub metrics: crate::metrics::Metrics,
     /// Connections to the upstream so far (the first is no reconnect).
     connects: AtomicU64,
@@ -642,7 +640,7 @@ impl Core {
             "id": self.next_id().to_string(),
             "params": {
                 "jobs": counts,
-                "bytesDownloaded": self.bytes_downloaded.load(Ordering::Relaxed),
+                "bytesDownloaded": self.metrics.download_bytes.get(),
                 "etaSeconds": eta_ms / 1000,
                 "campaigns": campaigns::summary(self),
             }
@@ -908,7 +906,6 @@ impl Gateway {
             shutdown,
             abort: CancellationToken::new(),
             upstream_stop,
-            bytes_downloaded: AtomicU64::new(0),
             upstream_status: Mutex::new(Default::default()),
             metrics: crate::metrics::Metrics::new(),
             connects: AtomicU64::new(0),

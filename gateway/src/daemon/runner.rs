@@ -16,7 +16,6 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
@@ -353,7 +352,6 @@ impl Ctx {
                 r = &mut fetch => break r,
                 Some((done, total)) = rx.recv() => {
                     if done > last {
-                        self.core.bytes_downloaded.fetch_add(done - last, Ordering::Relaxed);
                         self.core.metrics.download_bytes.inc_by(done - last);
                         last = done;
                     }

@@ -270,7 +270,7 @@ impl StatusSource for Status {
             cache_bytes,
             cache_images,
             cache_cap_bytes: core.cache.cap(),
-            upstream_connected: Some(super::lock(&core.upstream_status).connected),
+            upstream_connected: super::lock(&core.upstream_status).connected,
             outbox_messages,
             outbox_oldest_seconds: oldest
                 .map(|since| core.table.now_ms().saturating_sub(since) as f64 / 1000.0),

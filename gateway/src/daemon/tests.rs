@@ -93,7 +93,6 @@ async fn fixture_with(devices: &[DeviceConfig], prepare: impl AsyncFnOnce(&Journ
         shutdown: CancellationToken::new(),
         abort: CancellationToken::new(),
         upstream_stop: CancellationToken::new(),
-        bytes_downloaded: AtomicU64::new(0),
         upstream_status: Mutex::new(Default::default()),
         metrics: crate::metrics::Metrics::new(),
         connects: AtomicU64::new(0),
